@@ -1,0 +1,55 @@
+# Two commands a newcomer needs: `make demo` (the main job) and `make test` (the suite).
+# Nothing is assumed installed but python3, make and git.
+#
+# TORCH_SPEC pins PyTorch in one place. The default is the CPU wheel this project is developed
+# on; on a GPU machine override it, e.g. `make demo TORCH_SPEC="torch==2.5.1"` or with an index:
+# `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_ARGS ?=
+
+.PHONY: demo test lint format bench clean help
+
+help:
+	@echo "make demo   - create $(VENV), install hdee, run the built-in HDEE demo on a CPU"
+	@echo "make test   - create $(VENV), install hdee with dev extras, run the test suite"
+	@echo "make lint   - ruff check + format check"
+	@echo "make bench  - run the benchmarks in benchmarks/ (minutes)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamp files make the install idempotent: re-running make does not reinstall.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/hdee demo $(DEMO_ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_evaluate.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

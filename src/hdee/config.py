@@ -1,0 +1,467 @@
+"""The experiment spec: one YAML file, validated once, here, with errors that name the key.
+
+Every other module takes these typed objects and never re-reads YAML. Field docstrings
+(`description=`) double as the reference in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DIFFICULTY_CLASSES = ("easy", "moderate", "difficult")
+STAGES = ("prepare", "seeds", "difficulty", "plan", "experts", "evaluate", "report")
+
+
+class ConfigError(ValueError):
+    """A config file is wrong. The message names the file, the key and what was expected."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are almost always typos; refuse them instead of silently ignoring.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+class HFSource(_Strict):
+    """A Hugging Face dataset, loaded with `datasets.load_dataset`."""
+
+    type: Literal["hf"] = "hf"
+    path: str = Field(description="Dataset name on the hub or a local dataset script/directory.")
+    name: str | None = Field(None, description="Dataset configuration name.")
+    split: str | None = Field(
+        None,
+        description="Split to read. Leave empty to use the dataset's own train/validation/test "
+        "splits where it has them.",
+    )
+    text_field: str = Field("text", description="Column holding the document text.")
+    streaming: bool = Field(False, description="Stream instead of downloading everything.")
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+
+
+class LocalSource(_Strict):
+    """Local files: globs of .txt/.md (one document per file), .jsonl/.json/.parquet (one
+    document per record, text in `text_field`), or directories of text files."""
+
+    type: Literal["local"] = "local"
+    paths: list[str] = Field(min_length=1, description="Files, directories or glob patterns.")
+    text_field: str = Field("text", description="Field holding the text in jsonl/json/parquet.")
+    max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+
+
+Source = Annotated[HFSource | LocalSource, Field(discriminator="type")]
+
+
+class SplitRatios(_Strict):
+    train: float = Field(0.8, ge=0, le=1)
+    validation: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitRatios:
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(
+                f"split ratios must sum to 1, got train={self.train} + validation="
+                f"{self.validation} + test={self.test} = {total:g}"
+            )
+        if self.train <= 0:
+            raise ValueError("split ratio 'train' must be > 0")
+        return self
+
+
+class Corpus(_Strict):
+    name: str = Field(description="Short name, used in file names and reports.")
+    source: Source
+    split: SplitRatios | None = Field(
+        None, description="Overrides data.split for this corpus (when it has no own splits)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+        if not value or not set(value) <= allowed or value.startswith("."):
+            raise ValueError(
+                f"corpus name {value!r} must be non-empty and use only letters, digits, '_', '-', '.'"
+            )
+        return value
+
+
+class TokenizerConfig(_Strict):
+    kind: Literal["bpe", "pretrained"] = Field(
+        "bpe",
+        description="'bpe': train a byte-level BPE on the training splits; 'pretrained': load "
+        "`name_or_path` with transformers.",
+    )
+    vocab_size: int = Field(8192, ge=260, description="Vocabulary size of a trained BPE.")
+    name_or_path: str | None = Field(None, description="Pretrained tokenizer (hub name or path).")
+    train_max_bytes: int = Field(
+        200_000_000, gt=0, description="Train the BPE on at most this many bytes of text."
+    )
+
+    @model_validator(mode="after")
+    def _pretrained_needs_name(self) -> TokenizerConfig:
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise ValueError("tokenizer.kind 'pretrained' needs tokenizer.name_or_path")
+        return self
+
+
+class DataConfig(_Strict):
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    seq_len: int = Field(1024, ge=2, description="Tokens per training/evaluation sequence.")
+    split: SplitRatios = SplitRatios()
+    general: Corpus = Field(description="The general corpus the seed models train on.")
+    domains: list[Corpus] = Field(min_length=1, description="The domains, trained and held-out.")
+    num_workers: int = Field(0, ge=0, description="Tokenizer processes (0: one per CPU core).")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        seen: set[str] = {self.general.name}
+        for domain in self.domains:
+            if domain.name in seen:
+                raise ValueError(
+                    f"duplicate corpus name {domain.name!r} (domain names must be unique and "
+                    f"differ from the general corpus {self.general.name!r})"
+                )
+            seen.add(domain.name)
+        return self
+
+    @property
+    def domain_names(self) -> list[str]:
+        return [d.name for d in self.domains]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and training
+
+
+class ModelConfig(_Strict):
+    """Llama architecture. Sizes differ only in FFN width (`intermediate_size`)."""
+
+    preset: Literal["tiny", "small-close", "none"] = Field(
+        "tiny", description="Named family; explicit fields below override it."
+    )
+    hidden_size: int | None = Field(None, gt=0)
+    num_layers: int | None = Field(None, gt=0)
+    num_heads: int | None = Field(None, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    ffn_sizes: dict[str, int] | None = Field(
+        None, description="Size name -> intermediate_size, e.g. {S: 2304, M: 3072, L: 3840}."
+    )
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+
+class TrainingConfig(_Strict):
+    steps: int = Field(1000, gt=0, description="Optimizer steps (experts: set by the plan).")
+    batch_size: int = Field(8, gt=0, description="Sequences per micro-batch per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(6e-4, gt=0)
+    min_lr: float = Field(6e-5, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm (0: off).")
+    eval_every: int = Field(100, gt=0, description="Validation perplexity every N steps.")
+    eval_batches: int = Field(8, gt=0, description="Validation batches per evaluation.")
+    checkpoint_every: int = Field(100, gt=0)
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last K step checkpoints.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the model.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainingConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class SeedsConfig(_Strict):
+    sizes: list[str] | None = Field(
+        None, description="Which sizes get a seed (default: every size a configuration uses)."
+    )
+    training: TrainingConfig = TrainingConfig()
+
+
+class ExpertsConfig(_Strict):
+    training: TrainingConfig = TrainingConfig(
+        steps=400, lr=6e-5, min_lr=3e-5, warmup_steps=50, eval_every=100
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Method
+
+
+class DifficultyConfig(_Strict):
+    method: Literal["tercile", "thresholds", "fixed"] = Field(
+        "tercile", description="How seed perplexities become classes."
+    )
+    seed_size: str | None = Field(
+        None, description="Which seed's perplexity ranks the domains (default: all, averaged "
+        "in log space)."
+    )
+    thresholds: tuple[float, float] | None = Field(
+        None, description="Perplexity cut points [easy/moderate, moderate/difficult]."
+    )
+    fixed: dict[str, Literal["easy", "moderate", "difficult"]] | None = Field(
+        None, description="Domain -> class, for every trained domain ('fixed' method)."
+    )
+    eval_batches: int = Field(16, gt=0, description="Validation batches per domain.")
+
+    @model_validator(mode="after")
+    def _method_inputs(self) -> DifficultyConfig:
+        if self.method == "thresholds":
+            if self.thresholds is None:
+                raise ValueError("difficulty.method 'thresholds' needs difficulty.thresholds")
+            if not self.thresholds[0] < self.thresholds[1]:
+                raise ValueError("difficulty.thresholds must be increasing")
+        if self.method == "fixed" and not self.fixed:
+            raise ValueError("difficulty.method 'fixed' needs difficulty.fixed")
+        return self
+
+
+class Configuration(_Strict):
+    """One ensemble configuration: the size and the step count of each lane's experts."""
+
+    name: str
+    sizes: dict[str, str] = Field(description="Difficulty class -> model size name.")
+    steps: dict[str, int] = Field(description="Difficulty class -> training steps per iteration.")
+
+    @model_validator(mode="after")
+    def _positive_steps(self) -> Configuration:
+        for cls, steps in self.steps.items():
+            if steps <= 0:
+                raise ValueError(f"configuration {self.name!r}: steps[{cls!r}] must be > 0")
+        return self
+
+
+PAPER_CONFIGURATIONS = (
+    Configuration(
+        name="MHo-IHo",
+        sizes={"easy": "M", "moderate": "M", "difficult": "M"},
+        steps={"easy": 400, "moderate": 400, "difficult": 400},
+    ),
+    Configuration(
+        name="MHo-IHe",
+        sizes={"easy": "M", "moderate": "M", "difficult": "M"},
+        steps={"easy": 300, "moderate": 400, "difficult": 500},
+    ),
+    Configuration(
+        name="MHe-IHo",
+        sizes={"easy": "S", "moderate": "M", "difficult": "L"},
+        steps={"easy": 400, "moderate": 400, "difficult": 400},
+    ),
+)
+
+
+class PlanConfig(_Strict):
+    iterations: int = Field(3, gt=0, description="BTM iterations (new domain per lane each).")
+    schedule: Literal["auto"] | dict[str, list[str]] = Field(
+        "auto",
+        description="'auto': each iteration takes the next unused domain of each class in a "
+        "seeded order; or class -> list of domains, one per iteration.",
+    )
+    held_out: list[str] = Field(
+        default_factory=list, description="Domains evaluated but never trained."
+    )
+    configurations: list[Configuration] = Field(
+        default_factory=lambda: list(PAPER_CONFIGURATIONS)
+    )
+    baseline: str = Field("MHo-IHo", description="The configuration others are compared with.")
+    equalise: Literal["none", "proxy", "flops"] = Field(
+        "none",
+        description="Adjust steps so every configuration's budget equals the baseline's, in the "
+        "paper's |FFN| x steps proxy or in training FLOPs.",
+    )
+    budget_tolerance: float = Field(
+        0.01, ge=0, description="Largest allowed relative budget difference from the baseline."
+    )
+    budget_measure: Literal["proxy", "flops"] = Field(
+        "proxy", description="Which budget the tolerance is checked in."
+    )
+    allow_unequal_budgets: bool = False
+
+    @model_validator(mode="after")
+    def _names(self) -> PlanConfig:
+        names = [c.name for c in self.configurations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"plan.configurations: duplicate names in {names}")
+        if self.baseline not in names:
+            raise ValueError(f"plan.baseline {self.baseline!r} is not one of {names}")
+        return self
+
+
+class EvaluationConfig(_Strict):
+    methods: list[Literal["simple_average", "uniform_prior", "cached_prior", "single_experts"]] = (
+        Field(default_factory=lambda: ["simple_average", "uniform_prior", "cached_prior",
+                                       "single_experts"])
+    )
+    posterior: Literal["prefix", "updating"] = Field(
+        "prefix",
+        description="'prefix': P(j|x<t) from the whole prefix (HDEE); 'updating': from the "
+        "previous token's likelihood only (BTM/DEMix code).",
+    )
+    cached_prior_sequences: int = Field(100, gt=0, description="Validation sequences for the prior.")
+    cached_prior_decay: float = Field(0.3, gt=0, le=1, description="EWMA weight of each new one.")
+    max_test_sequences: int | None = Field(None, gt=0, description="Cap on test sequences/domain.")
+    batch_size: int = Field(8, gt=0)
+    every_iteration: bool = Field(False, description="Also evaluate earlier iterations' ensembles.")
+
+
+class RunnerConfig(_Strict):
+    kind: Literal["local", "ray"] = "local"
+    workers: int = Field(0, ge=0, description="Concurrent jobs (0: one per GPU, or by CPU cores).")
+    gpus_per_job: int = Field(1, ge=0, description="GPUs per training job (>1 launches torchrun).")
+    address: str | None = Field(None, description="Ray cluster address (ray runner).")
+
+
+class ExperimentConfig(_Strict):
+    run_dir: str = Field(description="Directory that holds everything this run produces.")
+    seed: int = Field(0, description="Global seed: splits, data order, initialisation.")
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    seeds: SeedsConfig = SeedsConfig()
+    experts: ExpertsConfig = ExpertsConfig()
+    difficulty: DifficultyConfig = DifficultyConfig()
+    plan: PlanConfig = PlanConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _domains_referenced_exist(self) -> ExperimentConfig:
+        names = set(self.data.domain_names)
+        for name in self.plan.held_out:
+            if name not in names:
+                raise ValueError(f"plan.held_out: {name!r} is not a domain in data.domains")
+        if isinstance(self.plan.schedule, dict):
+            for cls, lane in self.plan.schedule.items():
+                if cls not in DIFFICULTY_CLASSES:
+                    raise ValueError(
+                        f"plan.schedule: unknown class {cls!r}, expected one of {DIFFICULTY_CLASSES}"
+                    )
+                if len(lane) != self.plan.iterations:
+                    raise ValueError(
+                        f"plan.schedule.{cls}: {len(lane)} domains for {self.plan.iterations} "
+                        "iterations"
+                    )
+                for name in lane:
+                    if name not in names:
+                        raise ValueError(f"plan.schedule.{cls}: {name!r} is not in data.domains")
+                    if name in self.plan.held_out:
+                        raise ValueError(f"plan.schedule.{cls}: {name!r} is also held out")
+        if self.difficulty.fixed:
+            for name in self.difficulty.fixed:
+                if name not in names:
+                    raise ValueError(f"difficulty.fixed: {name!r} is not in data.domains")
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a JSON-able object that does not depend on key order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    lines = [f"{path}: invalid experiment config"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see docs/config.md)"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        lines.append(f"  {location}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_local_paths(raw: dict[str, Any], base: Path) -> None:
+    """Relative paths in a config are relative to the config file, not the working directory."""
+    if isinstance(raw.get("run_dir"), str) and not Path(raw["run_dir"]).is_absolute():
+        raw["run_dir"] = str((base / raw["run_dir"]).resolve())
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return
+    corpora = [data.get("general")] + list(data.get("domains") or [])
+    for corpus in corpora:
+        if not isinstance(corpus, dict):
+            continue
+        source = corpus.get("source")
+        if isinstance(source, dict) and source.get("type") == "local":
+            paths = source.get("paths")
+            if isinstance(paths, list):
+                source["paths"] = [
+                    p if not isinstance(p, str) or Path(p).is_absolute() else str(base / p)
+                    for p in paths
+                ]
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("name_or_path"), str):
+        candidate = base / tokenizer["name_or_path"]
+        if candidate.exists():
+            tokenizer["name_or_path"] = str(candidate)
+
+
+def parse_config(raw: Any, source: Path | str = "<config>", base_dir: Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Validate a config given as a dict. `base_dir` anchors relative paths."""
+    path = Path(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
+    if overrides:
+        for dotted, value in overrides.items():
+            _set_dotted(raw, dotted, value)
+    if base_dir is not None:
+        _resolve_local_paths(raw, base_dir)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(path, error)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML experiment config. Raises ConfigError with a precise message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not valid UTF-8 ({error})") from None
+    return parse_config(raw, path, base_dir=path.parent.resolve(), overrides=overrides)
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a mapping")
+    node[keys[-1]] = value

@@ -1,0 +1,1 @@
+"""Data preparation: sources, splits, tokenizer, packing, loaders."""
