@@ -1,0 +1,178 @@
+"""Domain-posterior ensembling of expert language models, on label log-probabilities only.
+
+Everything the ensembling methods need is each expert's log-probability of each *label* token,
+`lp[j, n, t] = log p_j(x_{t+1} | x_<=t)` for expert j, sequence n and position t: a tensor
+`[E experts, N sequences, T positions]`. No method needs the full vocabulary distribution, so an
+evaluator runs each expert once, keeps `[N, T]` floats per expert, and mixes afterwards.
+
+The methods (see DESIGN.md, "Ensembling with a domain posterior"):
+
+    simple average:   p(x_t | x_<t) = 1/E * sum_j p_j(x_t | x_<t)
+    domain posterior: p(x_t | x_<t) = sum_j p_j(x_t | x_<t) * P(j | x_<t)
+        prefix (HDEE, default):    P(j | x_<t) ∝ P(j) * prod_{s<t} p_j(x_s | x_<s)
+        updating (BTM/DEMix code): P(j | x_<t) ∝ P(j) * p_j(x_{t-1} | x_<t-1)   (prior at t=0)
+
+All of it is computed in log space with log-sum-exp, so no product of probabilities underflows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+PosteriorMode = Literal["prefix", "updating"]
+POSTERIOR_MODES: tuple[str, ...] = ("prefix", "updating")
+
+
+# ----------------------------------------------------------------------------------------------
+# Label log-probabilities of one model
+
+
+@torch.inference_mode()
+def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int = 512) -> Tensor:
+    """log p(label_t | inputs_<=t) of a causal LM, float32 `[B, T]`, for `batch` `[B, T + 1]`.
+
+    Inputs are `batch[:, :-1]`, labels `batch[:, 1:]`. The base model runs once; the LM head,
+    log-sum-exp and label gather then run on `chunk_size` token positions at a time, so at most
+    `chunk_size x vocabulary` logits exist at once instead of `B x T x vocabulary` (which is
+    4 GB for 32 x 1024 tokens with Llama-3's 128K vocabulary).
+    """
+    if batch.dim() != 2 or batch.shape[1] < 2:
+        raise ValueError(f"batch must be [B, T + 1] with T >= 1, got shape {tuple(batch.shape)}")
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    head = model.get_output_embeddings()
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=device)
+    for start in range(0, flat_labels.shape[0], chunk_size):
+        stop = start + chunk_size
+        # float32 for the normaliser: a bf16 log-sum-exp over 32K+ logits loses ~2 digits.
+        logits = head(flat_hidden[start:stop]).float()
+        label_logit = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
+        out[start:stop] = label_logit - torch.logsumexp(logits, dim=1)
+    return out.reshape(labels.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixing
+
+
+def _as_log_prior(log_prior: Tensor | None, lp: Tensor) -> Tensor:
+    """The log prior broadcast against `lp` `[E, N, T]`; None means uniform.
+
+    A 1-D prior `[E]` is shared by all sequences; a 2-D prior `[E, N]` is one per sequence.
+    """
+    num_experts = lp.shape[0]
+    if log_prior is None:
+        return torch.full(
+            (num_experts, 1, 1), -math.log(num_experts), dtype=lp.dtype, device=lp.device
+        )
+    log_prior = torch.as_tensor(log_prior, dtype=lp.dtype, device=lp.device)
+    if log_prior.shape[0] != num_experts:
+        raise ValueError(f"prior has {log_prior.shape[0]} entries for {num_experts} experts")
+    # Normalise so callers may pass unnormalised log weights.
+    log_prior = log_prior - torch.logsumexp(log_prior, dim=0, keepdim=True)
+    return log_prior.reshape(log_prior.shape + (1,) * (lp.dim() - log_prior.dim()))
+
+
+def _check(lp: Tensor) -> Tensor:
+    if lp.dim() != 3:
+        raise ValueError(f"label log-probs must be [experts, sequences, positions], got {lp.shape}")
+    if lp.shape[0] == 0:
+        raise ValueError("need at least one expert")
+    # float64 inside: the prefix posterior sums up to thousands of log-probs per position, and
+    # float32 cumulative sums would drift by more than the differences between experts.
+    return lp.to(torch.float64)
+
+
+def simple_average(lp: Tensor) -> Tensor:
+    """log of the uniform mixture of the experts' probabilities, `[N, T]`.
+
+    This is log(1/E * sum_j p_j), a real probability distribution; the public reference's
+    mean of log-probabilities is a geometric mean that does not sum to one.
+    """
+    lp64 = _check(lp)
+    return (torch.logsumexp(lp64, dim=0) - math.log(lp64.shape[0])).to(lp.dtype)
+
+
+def posterior_weights(
+    lp: Tensor, log_prior: Tensor | None = None, mode: PosteriorMode = "prefix"
+) -> Tensor:
+    """log P(j | x_<t) `[E, N, T]`: the weight of expert j when predicting label t.
+
+    prefix:   log P(j) + sum_{s<t} lp[j, :, s], normalised over experts (at t = 0: the prior).
+    updating: log P(j) + lp[j, :, t-1], normalised over experts (at t = 0: the prior).
+    `log_prior` is `[E]` or `[E, N]` log-probabilities (None: uniform).
+    """
+    lp64 = _check(lp)
+    log_prior64 = _as_log_prior(log_prior, lp64)
+    if mode == "prefix":
+        evidence = torch.cumsum(lp64, dim=-1)
+    elif mode == "updating":
+        evidence = lp64
+    else:
+        raise ValueError(f"unknown posterior mode {mode!r}, expected one of {POSTERIOR_MODES}")
+    # Shift by one position: the weight for label t may only use labels before t.
+    evidence = torch.nn.functional.pad(evidence[..., :-1], (1, 0), value=0.0)
+    log_weights = log_prior64 + evidence
+    log_weights = log_weights - torch.logsumexp(log_weights, dim=0, keepdim=True)
+    return log_weights.to(lp.dtype)
+
+
+def mixture_log_probs(
+    lp: Tensor, log_prior: Tensor | None = None, mode: PosteriorMode = "prefix"
+) -> Tensor:
+    """log sum_j p_j(x_t | x_<t) P(j | x_<t), `[N, T]` (see `posterior_weights`)."""
+    lp64 = _check(lp)
+    log_weights = posterior_weights(lp64, log_prior, mode)
+    return torch.logsumexp(lp64 + log_weights, dim=0).to(lp.dtype)
+
+
+def estimate_cached_prior(sequence_log_likelihoods: Tensor, decay: float = 0.3) -> Tensor:
+    """The BTM/DEMix "cached" domain prior, as probabilities `[E]` summing to one.
+
+    `sequence_log_likelihoods[n, j]` is the total log-likelihood of (validation) sequence n
+    under expert j. Each sequence's posterior under a uniform prior is
+    `posterior_n = softmax_j(sequence_log_likelihoods[n])`, and the prior is their
+    exponentially weighted moving average, starting from uniform:
+
+        pi_0 = uniform;   pi_n = (1 - decay) * pi_{n-1} + decay * posterior_n
+
+    Unrolled, `pi_N = (1-a)^N * uniform + sum_n a (1-a)^(N-n) posterior_n`: recent sequences
+    weigh most, and with a = 0.3 the last ~10 sequences carry ~97% of the weight. Estimate it on
+    validation sequences only: estimating it on the scored test sequences leaks labels.
+    """
+    if sequence_log_likelihoods.dim() != 2:
+        raise ValueError("sequence_log_likelihoods must be [num_sequences, num_experts]")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    ll = sequence_log_likelihoods.to(torch.float64)
+    count, num_experts = ll.shape
+    posteriors = torch.softmax(ll, dim=1)  # [N, E]
+    # Weight of sequence n (1-based) in pi_N is a * (1-a)^(N-n); of the uniform start, (1-a)^N.
+    powers = torch.arange(count - 1, -1, -1, dtype=torch.float64)
+    weights = decay * (1.0 - decay) ** powers
+    prior = (1.0 - decay) ** count / num_experts + weights @ posteriors
+    return prior / prior.sum()  # only rounding separates the sum from one
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+def perplexity(log_probs: Tensor) -> float:
+    """exp(- mean log-probability) over every label position given."""
+    if log_probs.numel() == 0:
+        raise ValueError("perplexity of zero tokens is undefined")
+    return math.exp(-log_probs.to(torch.float64).mean().item())
+
+
+def mean_posterior(log_weights: Tensor) -> Tensor:
+    """The average weight of each expert over all positions, `[E]` (for the report's plot)."""
+    return log_weights.to(torch.float64).exp().flatten(1).mean(dim=1)
