@@ -1,0 +1,220 @@
+"""`evaluate_run` on a tiny fake run directory: results, caching, and the cached prior's data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import hdee.evaluate as evaluate_module
+from hdee.atomic import read_json, write_json
+from hdee.config import ExperimentConfig, parse_config
+from hdee.data.loaders import eval_batches
+from hdee.data.tokens import load_tokens, write_tokens
+from hdee.ensemble import label_log_probs, perplexity
+from hdee.evaluate import evaluate_run
+from hdee.layout import RunLayout
+
+VOCAB = 48
+SEQ_LEN = 8
+TRAINED = ["alpha", "beta"]
+HELD_OUT = ["gamma"]
+METHODS = ["simple_average", "uniform_prior", "cached_prior", "single_experts"]
+# Two configurations that share the moderate expert (as MHo-IHo and MHe-IHo share M-400).
+PLAN_CONFIGURATIONS = {
+    "homo": {"easy": "m_easy", "moderate": "m_mod", "difficult": "m_diff"},
+    "hetero": {"easy": "s_easy", "moderate": "m_mod", "difficult": "l_diff"},
+}
+
+
+def write_split(layout: RunLayout, domain: str, split: str, seed: int, count: int = 60) -> None:
+    # Each domain favours a different band of token ids, so experts and posteriors differ.
+    rng = np.random.default_rng(seed)
+    offset = 16 * (["alpha", "beta", "gamma"].index(domain))
+    tokens = (offset + rng.integers(0, 16, size=count)).astype(np.uint16)
+    write_tokens(layout.tokens(domain, split), tokens, {"vocab_size": VOCAB, "eos_token_id": 0})
+
+
+def save_expert(layout: RunLayout, job_id: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    LlamaForCausalLM(config).save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
+
+
+def make_config(run_dir: Path, **evaluation: Any) -> ExperimentConfig:
+    corpus = {"source": {"type": "local", "paths": ["unused.txt"]}}
+    raw = {
+        "run_dir": str(run_dir),
+        "data": {
+            "seq_len": SEQ_LEN,
+            "general": {"name": "general", **corpus},
+            "domains": [{"name": name, **corpus} for name in TRAINED + HELD_OUT],
+        },
+        "plan": {"held_out": HELD_OUT},
+        "evaluation": {
+            "batch_size": 2,
+            "cached_prior_sequences": 3,
+            "max_test_sequences": 5,
+            **evaluation,
+        },
+    }
+    return parse_config(raw)
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    layout = RunLayout.of(tmp_path / "run")
+    for i, domain in enumerate(TRAINED + HELD_OUT):
+        for j, split in enumerate(["validation", "test"]):
+            write_split(layout, domain, split, seed=10 * i + j)
+    jobs = sorted({job for ensemble in PLAN_CONFIGURATIONS.values() for job in ensemble.values()})
+    for seed, job_id in enumerate(jobs):
+        save_expert(layout, job_id, seed)
+    plan = {
+        "classes": {"alpha": "easy", "beta": "difficult"},
+        "lanes": ["easy", "moderate", "difficult"],
+        "trained_domains": TRAINED,
+        "held_out_domains": HELD_OUT,
+        "configurations": {
+            name: {"sizes": {}, "steps": {}, "ensembles": [ensemble]}
+            for name, ensemble in PLAN_CONFIGURATIONS.items()
+        },
+    }
+    write_json(layout.plan, plan)
+    return layout.root
+
+
+@pytest.fixture()
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the job id of every expert model the evaluator loads."""
+    loads: list[str] = []
+    original = evaluate_module.load_expert
+
+    def load_expert(model_dir: Path, device: torch.device) -> LlamaForCausalLM:
+        loads.append(model_dir.parent.name)
+        return original(model_dir, device)
+
+    monkeypatch.setattr(evaluate_module, "load_expert", load_expert)
+    return loads
+
+
+def test_results_for_every_configuration_domain_and_method(
+    run_dir: Path, counted: list[str]
+) -> None:
+    results = evaluate_run(run_dir, make_config(run_dir), progress=False)
+    assert results["posterior"] == "prefix"
+    assert set(results["configurations"]) == set(PLAN_CONFIGURATIONS)
+    assert results["domains"]["gamma"]["kind"] == "held_out"
+    assert results["domains"]["alpha"] == {
+        "kind": "trained",
+        "test_windows": 5,
+        "validation_windows": 3,
+    }
+    for name, ensemble in PLAN_CONFIGURATIONS.items():
+        entry = results["configurations"][name]["iterations"]["1"]
+        assert entry["experts"] == ensemble
+        for domain in TRAINED + HELD_OUT:
+            scores = entry["domains"][domain]
+            assert set(scores["methods"]) == {
+                "simple_average",
+                "uniform_prior",
+                "cached_prior",
+                "best_single",
+            }
+            for score in scores["methods"].values():
+                assert score["tokens"] == 5 * SEQ_LEN
+                assert 1.0 < score["perplexity"] < 10 * VOCAB
+            assert list(scores["single_experts"]) == ["easy", "moderate", "difficult"]
+            best = min(s["perplexity"] for s in scores["single_experts"].values())
+            assert scores["methods"]["best_single"]["perplexity"] == best
+            assert sum(scores["cached_prior"].values()) == pytest.approx(1.0)
+            for weights in scores["mean_posterior"].values():
+                assert sum(weights.values()) == pytest.approx(1.0)
+
+    # The tidy CSV: per configuration and domain, 4 methods + 3 single experts.
+    rows = list(csv.DictReader((run_dir / "evaluation" / "results.csv").open()))
+    assert len(rows) == 2 * 3 * (4 + 3)
+    assert set(rows[0]) == set(evaluate_module.CSV_COLUMNS)
+    assert read_json(run_dir / "evaluation" / "results.json") == results
+
+
+def test_each_expert_runs_once_and_cache_is_reused(run_dir: Path, counted: list[str]) -> None:
+    config = make_config(run_dir)
+    first = evaluate_run(run_dir, config, progress=False)
+    jobs = {job for ensemble in PLAN_CONFIGURATIONS.values() for job in ensemble.values()}
+    # The shared moderate expert is loaded once, like every other expert.
+    assert sorted(counted) == sorted(jobs)
+    files = list((run_dir / "evaluation" / "logprobs").rglob("*.safetensors"))
+    assert len(files) == len(jobs) * 3 * 2  # 3 domains x (test, validation)
+
+    counted.clear()
+    second = evaluate_run(run_dir, config, progress=False)
+    assert counted == []  # everything came from the cache
+    assert second == first
+
+
+def test_single_expert_perplexity_matches_a_direct_computation(run_dir: Path) -> None:
+    results = evaluate_run(run_dir, make_config(run_dir), progress=False)
+    layout = RunLayout.of(run_dir)
+    model = LlamaForCausalLM.from_pretrained(layout.job("m_mod") / "final", use_safetensors=True)
+    tokens = load_tokens(layout.tokens("beta", "test"))
+    lp = torch.cat([label_log_probs(model.eval(), b) for b in eval_batches(tokens, SEQ_LEN, 3, 5)])
+    score = results["configurations"]["hetero"]["iterations"]["1"]["domains"]["beta"]
+    assert score["single_experts"]["moderate"]["perplexity"] == pytest.approx(perplexity(lp))
+
+
+def test_cached_prior_uses_validation_data_only(run_dir: Path) -> None:
+    config = make_config(run_dir)
+    before = evaluate_run(run_dir, config, progress=False)
+    # New test data for every domain: test perplexities change, the cached prior must not.
+    layout = RunLayout.of(run_dir)
+    for i, domain in enumerate(TRAINED + HELD_OUT):
+        write_split(layout, domain, "test", seed=1000 + i)
+    after = evaluate_run(run_dir, config, progress=False)
+    for name in PLAN_CONFIGURATIONS:
+        old = before["configurations"][name]["iterations"]["1"]["domains"]
+        new = after["configurations"][name]["iterations"]["1"]["domains"]
+        for domain in TRAINED + HELD_OUT:
+            assert new[domain]["cached_prior"] == old[domain]["cached_prior"]
+            assert (
+                new[domain]["methods"]["simple_average"]["perplexity"]
+                != old[domain]["methods"]["simple_average"]["perplexity"]
+            )
+
+
+def test_config_from_run_dir_methods_posterior_and_every_iteration(run_dir: Path) -> None:
+    layout = RunLayout.of(run_dir)
+    plan = read_json(layout.plan)
+    first = plan["configurations"]["homo"]["ensembles"][0]
+    plan["configurations"]["homo"]["ensembles"] = [
+        {**first, "difficult": "l_diff"},
+        first,  # iteration 1 uses another difficult expert
+    ]
+    write_json(layout.plan, plan)
+    config = make_config(
+        run_dir, methods=["uniform_prior"], posterior="updating", every_iteration=True
+    )
+    layout.config.write_text(yaml.safe_dump(config.to_dict()))
+    results = evaluate_run(run_dir, progress=False)
+    assert results["posterior"] == "updating"
+    homo = results["configurations"]["homo"]
+    assert homo["final_iteration"] == 2 and set(homo["iterations"]) == {"1", "2"}
+    assert set(results["configurations"]["hetero"]["iterations"]) == {"1"}
+    scores = homo["iterations"]["2"]["domains"]["alpha"]
+    assert set(scores["methods"]) == {"uniform_prior"}
+    # No cached prior: the validation split was never read or cached.
+    assert not list((run_dir / "evaluation" / "logprobs").rglob("*.validation.safetensors"))
