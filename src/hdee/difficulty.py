@@ -1,0 +1,190 @@
+"""Domain difficulty: seed-model perplexity on each domain's validation split -> a ranking ->
+easy / moderate / difficult.
+
+`classify` is pure (tested on its own); `measure_difficulty` runs the seed models and writes
+`RUN/difficulty/difficulty.json` with the numbers behind the classes, plus a plot.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdee.atomic import atomic_path, write_json
+from hdee.config import DIFFICULTY_CLASSES, DifficultyConfig
+
+HELD_OUT = "held-out"
+
+
+def tercile_groups(ranked: list[str], classes: tuple[str, ...] = DIFFICULTY_CLASSES) -> dict:
+    """Split domains ranked from easiest to hardest into len(classes) near-equal groups (the
+    middle classes take the remainder first, as numpy.array_split does from the front)."""
+    groups = np.array_split(np.array(ranked, dtype=object), len(classes))
+    return {str(domain): cls for cls, group in zip(classes, groups, strict=True) for domain in group}
+
+
+def classify(
+    perplexity: dict[str, float],
+    config: DifficultyConfig,
+    trainable: list[str],
+) -> tuple[dict[str, str], list[float]]:
+    """Classes of the trainable domains and the perplexity cut points between classes.
+
+    Terciles are taken over the trainable domains only: held-out domains must not move the
+    boundaries of what gets trained. Cut points are the geometric means of the neighbours
+    across each boundary (for the report and to place held-out domains).
+    """
+    missing = [d for d in trainable if d not in perplexity]
+    if missing:
+        raise ValueError(f"no seed perplexity for domain(s) {missing}")
+    ranked = sorted(trainable, key=lambda d: (perplexity[d], d))
+    if config.method == "fixed":
+        assert config.fixed is not None
+        unclassified = [d for d in trainable if d not in config.fixed]
+        if unclassified:
+            raise ValueError(
+                f"difficulty.fixed gives no class for trained domain(s) {unclassified}"
+            )
+        classes = {d: config.fixed[d] for d in trainable}
+        cuts = _cut_points_from_classes(ranked, classes, perplexity)
+    elif config.method == "thresholds":
+        assert config.thresholds is not None
+        low, high = config.thresholds
+        classes = {
+            d: "easy" if perplexity[d] < low else "moderate" if perplexity[d] < high
+            else "difficult"
+            for d in trainable
+        }
+        cuts = [low, high]
+    else:
+        if len(ranked) < len(DIFFICULTY_CLASSES):
+            raise ValueError(
+                f"tercile classification needs at least {len(DIFFICULTY_CLASSES)} trainable "
+                f"domains, got {len(ranked)}"
+            )
+        classes = tercile_groups(ranked)
+        cuts = _cut_points_from_classes(ranked, classes, perplexity)
+    return classes, cuts
+
+
+def _cut_points_from_classes(
+    ranked: list[str], classes: dict[str, str], perplexity: dict[str, float]
+) -> list[float]:
+    cuts = []
+    for left, right in zip(DIFFICULTY_CLASSES, DIFFICULTY_CLASSES[1:], strict=False):
+        below = [perplexity[d] for d in ranked if classes[d] == left]
+        above = [perplexity[d] for d in ranked if classes[d] == right]
+        if below and above:
+            cuts.append(math.sqrt(max(below) * min(above)))
+        else:
+            cuts.append(float("nan"))
+    return cuts
+
+
+def class_by_cut_points(value: float, cuts: list[float]) -> str:
+    for cls, cut in zip(DIFFICULTY_CLASSES, cuts, strict=False):
+        if not math.isnan(cut) and value < cut:
+            return cls
+    return DIFFICULTY_CLASSES[-1]
+
+
+def combine_seed_perplexities(per_seed: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Several seeds rank together by the geometric mean of their perplexities (a mean of
+    losses), so no single size dominates the ranking."""
+    if len(per_seed) == 1:
+        return dict(next(iter(per_seed.values())))
+    domains = next(iter(per_seed.values())).keys()
+    return {
+        d: math.exp(sum(math.log(p[d]) for p in per_seed.values()) / len(per_seed))
+        for d in domains
+    }
+
+
+def difficulty_record(
+    per_seed: dict[str, dict[str, float]],
+    config: DifficultyConfig,
+    trainable: list[str],
+    held_out: list[str],
+) -> dict[str, Any]:
+    """Everything behind the classes, as written to difficulty.json."""
+    used = {config.seed_size: per_seed[config.seed_size]} if config.seed_size else per_seed
+    perplexity = combine_seed_perplexities(used)
+    classes, cuts = classify(perplexity, config, trainable)
+    return {
+        "method": config.method,
+        "seed_sizes": sorted(used),
+        "perplexity": perplexity,
+        "seed_perplexity": per_seed,
+        "ranking": sorted(perplexity, key=lambda d: (perplexity[d], d)),
+        "classes": classes,
+        "cut_points": cuts,
+        "held_out_classes": {d: class_by_cut_points(perplexity[d], cuts) for d in held_out},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring (runs models)
+
+
+def measure_difficulty(
+    seed_dirs: dict[str, Path],
+    validation_tokens: dict[str, Path],
+    seq_len: int,
+    config: DifficultyConfig,
+    trainable: list[str],
+    held_out: list[str],
+    out_dir: Path,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Seed perplexity of every domain's validation split; writes difficulty.json + a plot."""
+    from hdee.ensemble import sequence_perplexity
+    from hdee.model import load_model, resolve_device
+
+    torch_device = resolve_device(device)
+    per_seed: dict[str, dict[str, float]] = {}
+    for size, seed_dir in sorted(seed_dirs.items()):
+        if config.seed_size and size != config.seed_size:
+            continue
+        model = load_model(seed_dir).to(torch_device).eval()
+        per_seed[size] = {
+            domain: sequence_perplexity(
+                model, path, seq_len, batch_size, config.eval_batches, torch_device
+            )
+            for domain, path in sorted(validation_tokens.items())
+        }
+        del model
+    record = difficulty_record(per_seed, config, trainable, held_out)
+    write_json(out_dir / "difficulty.json", record)
+    plot_difficulty(record, out_dir / "difficulty.png")
+    return record
+
+
+def plot_difficulty(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"easy": "#4c9f70", "moderate": "#e0a030", "difficult": "#c0504d", HELD_OUT: "#888"}
+    ranking = record["ranking"]
+    values = [record["perplexity"][d] for d in ranking]
+    labels = [record["classes"].get(d, HELD_OUT) for d in ranking]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(ranking) + 1.2))
+    ax.barh(ranking, values, color=[colours[c] for c in labels])
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("seed validation perplexity (log scale)")
+    for cut in record["cut_points"]:
+        if not math.isnan(cut):
+            ax.axvline(cut, color="black", linestyle=":", linewidth=1)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in colours]
+    ax.legend(handles, list(colours), loc="lower right", fontsize=8)
+    ax.set_title("Domain difficulty")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,477 @@
+"""The planner: lanes, iterations, configurations and compute budgets -> a job graph.
+
+Pure arithmetic over the config, the difficulty classes and the model shapes: nothing here
+trains or reads token files, so `hdee plan` can print everything before anything runs.
+
+Budgets. A configuration trains, in each of `iterations` BTM iterations, one expert per lane
+(difficulty class). Its cost is the sum over those expert jobs of
+
+    proxy:  |FFN| x steps                                  (the paper's constraint)
+    flops:  training FLOPs per token x tokens per step x steps   (model.py's count)
+
+The seeds (one per size) are reported beside the expert budget, not hidden.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from hdee.config import DIFFICULTY_CLASSES, Configuration, ExperimentConfig, stable_hash
+from hdee.model import ModelShape, llama_config, model_shapes, training_flops_per_token
+
+
+class PlanError(ValueError):
+    """The config cannot be planned as asked (the message says why and what to change)."""
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One training job. Its id is a hash of everything that determines its result."""
+
+    job_id: str
+    kind: Literal["seed", "expert"]
+    size: str
+    steps: int
+    domain: str
+    lane: str | None = None
+    iteration: int | None = None
+    init_from: str | None = None
+
+    @property
+    def depends_on(self) -> list[str]:
+        return [self.init_from] if self.init_from else []
+
+
+@dataclass(frozen=True)
+class Budget:
+    proxy: float
+    flops: float
+
+    def measure(self, name: str) -> float:
+        return self.proxy if name == "proxy" else self.flops
+
+
+@dataclass
+class PlannedConfiguration:
+    name: str
+    sizes: dict[str, str]
+    steps: dict[str, int]
+    budget: Budget
+    # ensembles[k] is the ensemble after iteration k + 1: lane -> expert job id
+    ensembles: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    lanes: list[str]
+    classes: dict[str, str] | None
+    schedule: dict[str, list[str]]
+    trained_domains: list[str]
+    held_out_domains: list[str]
+    seeds: dict[str, str]
+    jobs: dict[str, PlannedJob]
+    configurations: dict[str, PlannedConfiguration]
+    seed_budget: Budget
+    baseline: str
+    budget_measure: str
+    provisional: bool = False  # True when classes were not known yet (domains are placeholders)
+
+    def expert_jobs(self) -> list[PlannedJob]:
+        return [job for job in self.jobs.values() if job.kind == "expert"]
+
+    def relative_budget_gap(self, name: str, measure: str | None = None) -> float:
+        measure = measure or self.budget_measure
+        base = self.configurations[self.baseline].budget.measure(measure)
+        return self.configurations[name].budget.measure(measure) / base - 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lanes": self.lanes,
+            "classes": self.classes,
+            "schedule": self.schedule,
+            "trained_domains": self.trained_domains,
+            "held_out_domains": self.held_out_domains,
+            "seeds": self.seeds,
+            "jobs": {
+                job_id: {**asdict(job), "depends_on": job.depends_on}
+                for job_id, job in self.jobs.items()
+            },
+            "configurations": {
+                name: {
+                    "sizes": c.sizes,
+                    "steps": c.steps,
+                    "budget": asdict(c.budget),
+                    "relative_budget_gap": {
+                        m: self.relative_budget_gap(name, m) for m in ("proxy", "flops")
+                    },
+                    "ensembles": c.ensembles,
+                }
+                for name, c in self.configurations.items()
+            },
+            "seed_budget": asdict(self.seed_budget),
+            "baseline": self.baseline,
+            "budget_measure": self.budget_measure,
+            "provisional": self.provisional,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets (pure)
+
+
+def job_budget(shape: ModelShape, steps: int, flops_per_step: float) -> Budget:
+    return Budget(proxy=float(shape.intermediate_size * steps), flops=flops_per_step * steps)
+
+
+def configuration_budget(
+    configuration: Configuration,
+    lanes: list[str],
+    iterations: int,
+    shapes: dict[str, ModelShape],
+    flops_per_step: dict[str, float],
+) -> Budget:
+    """Sum over lanes and iterations of each expert job's cost."""
+    proxy = flops = 0.0
+    for lane in lanes:
+        size = configuration.sizes[lane]
+        budget = job_budget(shapes[size], configuration.steps[lane], flops_per_step[size])
+        proxy += budget.proxy * iterations
+        flops += budget.flops * iterations
+    return Budget(proxy=proxy, flops=flops)
+
+
+def equalise_steps(
+    steps: dict[str, int], cost_per_step: dict[str, float], target: float
+) -> dict[str, int]:
+    """Scale every lane's steps by one factor so that sum(cost x steps) hits `target`, then
+    nudge single lanes by +-1 step while that brings the total closer (integers rarely allow an
+    exact match; the remaining gap is at most about one step of the cheapest lane)."""
+    current = sum(cost_per_step[lane] * s for lane, s in steps.items())
+    factor = target / current
+    new = {lane: max(1, round(s * factor)) for lane, s in steps.items()}
+
+    def gap(candidate: dict[str, int]) -> float:
+        return abs(target - sum(cost_per_step[lane] * s for lane, s in candidate.items()))
+
+    improved = True
+    while improved:
+        improved = False
+        for lane in sorted(new, key=lambda name: cost_per_step[name]):
+            for delta in (1, -1):
+                trial = {**new, lane: new[lane] + delta}
+                if trial[lane] >= 1 and gap(trial) < gap(new) - 1e-9:
+                    new, improved = trial, True
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# Lanes and schedule (pure)
+
+
+def auto_schedule(
+    classes: dict[str, str], lanes: list[str], iterations: int, seed: int
+) -> dict[str, list[str]]:
+    """Every iteration takes the next unused domain of each class, in a seeded order."""
+    schedule: dict[str, list[str]] = {}
+    for lane in lanes:
+        candidates = sorted(domain for domain, cls in classes.items() if cls == lane)
+        random.Random(f"{seed}:{lane}").shuffle(candidates)
+        if len(candidates) < iterations:
+            raise PlanError(
+                f"class {lane!r} has {len(candidates)} trainable domain(s) {candidates} but "
+                f"plan.iterations is {iterations}: add domains, lower plan.iterations, or give "
+                "plan.schedule explicitly"
+            )
+        schedule[lane] = candidates[:iterations]
+    return schedule
+
+
+def placeholder_schedule(lanes: list[str], iterations: int) -> dict[str, list[str]]:
+    """Domains are chosen after the seeds rank them; until then name the slots."""
+    return {lane: [f"<{lane} #{k + 1}>" for k in range(iterations)] for lane in lanes}
+
+
+# ----------------------------------------------------------------------------------------------
+# Job identity
+
+
+def corpus_fingerprints(config: ExperimentConfig, manifests: dict[str, str] | None) -> dict[str, str]:
+    """What a job's data is: the content hash of the prepared tokens where known, else a hash
+    of everything `hdee prepare` would read (so a plan made before preparing is stable)."""
+    prepare_inputs = {
+        "tokenizer": config.data.tokenizer.model_dump(mode="json"),
+        "split": config.data.split.model_dump(mode="json"),
+        "seed": config.seed,
+    }
+    fingerprints = {}
+    for corpus in [config.data.general, *config.data.domains]:
+        if manifests and corpus.name in manifests:
+            fingerprints[corpus.name] = manifests[corpus.name]
+        else:
+            fingerprints[corpus.name] = stable_hash(
+                {"corpus": corpus.model_dump(mode="json"), **prepare_inputs}
+            )
+    return fingerprints
+
+
+def _job_id(kind: str, size: str, label: str, identity: dict[str, Any]) -> str:
+    return f"{kind}-{size}-{label}-{stable_hash(identity, 10)}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+
+def lanes_of(config: ExperimentConfig) -> list[str]:
+    if isinstance(config.plan.schedule, dict):
+        return [cls for cls in DIFFICULTY_CLASSES if cls in config.plan.schedule]
+    return list(DIFFICULTY_CLASSES)
+
+
+def seed_sizes(config: ExperimentConfig) -> list[str]:
+    used = {size for c in config.plan.configurations for size in c.sizes.values()}
+    if config.seeds.sizes:
+        used |= set(config.seeds.sizes)
+    if config.difficulty.seed_size:
+        used.add(config.difficulty.seed_size)
+    return sorted(used)
+
+
+def trainable_domains(config: ExperimentConfig) -> list[str]:
+    return [name for name in config.data.domain_names if name not in config.plan.held_out]
+
+
+def tokens_per_step(config: ExperimentConfig, training) -> int:
+    world = max(1, config.runner.gpus_per_job)
+    return training.batch_size * training.grad_accum * config.data.seq_len * world
+
+
+def _check_configurations(config: ExperimentConfig, lanes: list[str], shapes: dict) -> None:
+    for c in config.plan.configurations:
+        for lane in lanes:
+            if lane not in c.sizes or lane not in c.steps:
+                raise PlanError(
+                    f"plan.configurations[{c.name!r}]: no size/steps for lane {lane!r} "
+                    f"(needs sizes and steps for {lanes})"
+                )
+            if c.sizes[lane] not in shapes:
+                raise PlanError(
+                    f"plan.configurations[{c.name!r}].sizes.{lane}: unknown size "
+                    f"{c.sizes[lane]!r}, the model defines {sorted(shapes)}"
+                )
+
+
+def build_plan(
+    config: ExperimentConfig,
+    vocab_size: int,
+    classes: dict[str, str] | None = None,
+    manifests: dict[str, str] | None = None,
+) -> Plan:
+    """Plan every job of the experiment.
+
+    `classes` (domain -> difficulty class) comes from difficulty.py; without it (and without an
+    explicit schedule) the plan is provisional: budgets and seeds are final, expert domains are
+    placeholders. `manifests` maps corpus name -> content hash of its prepared training tokens.
+    """
+    lanes = lanes_of(config)
+    iterations = config.plan.iterations
+    shapes = model_shapes(config.model)
+    _check_configurations(config, lanes, shapes)
+    seq_len = config.data.seq_len
+    fingerprints = corpus_fingerprints(config, manifests)
+
+    def flops_per_step(size: str, training) -> float:
+        cfg = llama_config(shapes[size], vocab_size=vocab_size, seq_len=seq_len)
+        return training_flops_per_token(cfg, seq_len) * tokens_per_step(config, training)
+
+    expert_training = config.experts.training
+    expert_flops = {size: flops_per_step(size, expert_training) for size in shapes}
+
+    # Schedule: explicit, or from classes, or placeholders until the seeds have ranked domains.
+    provisional = False
+    if isinstance(config.plan.schedule, dict):
+        schedule = {lane: list(config.plan.schedule[lane]) for lane in lanes}
+        classes = classes or {d: lane for lane, ds in schedule.items() for d in ds}
+    elif classes is not None:
+        trainable = {d: c for d, c in classes.items() if d in trainable_domains(config)}
+        schedule = auto_schedule(trainable, lanes, iterations, config.seed)
+    else:
+        schedule = placeholder_schedule(lanes, iterations)
+        provisional = True
+    trained = [d for lane in lanes for d in schedule[lane]]
+    held_out = [d for d in config.data.domain_names if d not in trained]
+
+    # Seeds: one per size any configuration uses.
+    jobs: dict[str, PlannedJob] = {}
+    seeds: dict[str, str] = {}
+    seed_training = config.seeds.training
+    seed_budget = Budget(0.0, 0.0)
+    for size in seed_sizes(config):
+        if size not in shapes:
+            raise PlanError(f"seed size {size!r} is not a model size {sorted(shapes)}")
+        identity = {
+            "kind": "seed", "shape": asdict(shapes[size]), "vocab": vocab_size, "seq_len": seq_len,
+            "training": seed_training.model_dump(mode="json"),
+            "data": fingerprints[config.data.general.name], "seed": config.seed,
+        }
+        job_id = _job_id("seed", size, config.data.general.name, identity)
+        seeds[size] = job_id
+        jobs[job_id] = PlannedJob(job_id, "seed", size, seed_training.steps,
+                                  config.data.general.name)
+        cost = job_budget(shapes[size], seed_training.steps, flops_per_step(size, seed_training))
+        seed_budget = Budget(seed_budget.proxy + cost.proxy, seed_budget.flops + cost.flops)
+
+    # Budgets, equalised if asked, checked against the baseline.
+    measure = config.plan.budget_measure
+    planned_steps = {c.name: dict(c.steps) for c in config.plan.configurations}
+    by_name = {c.name: c for c in config.plan.configurations}
+
+    def budget_of(name: str) -> Budget:
+        c = by_name[name].model_copy(update={"steps": planned_steps[name]})
+        return configuration_budget(c, lanes, iterations, shapes, expert_flops)
+
+    if config.plan.equalise != "none":
+        measure = config.plan.equalise
+        target = budget_of(config.plan.baseline).measure(measure)
+        for name, c in by_name.items():
+            if name == config.plan.baseline:
+                continue
+            cost = {
+                lane: (shapes[c.sizes[lane]].intermediate_size if measure == "proxy"
+                       else expert_flops[c.sizes[lane]]) * iterations
+                for lane in lanes
+            }
+            planned_steps[name] = equalise_steps(
+                {lane: planned_steps[name][lane] for lane in lanes}, cost, target
+            )
+
+    configurations: dict[str, PlannedConfiguration] = {}
+    for name, c in by_name.items():
+        configurations[name] = PlannedConfiguration(
+            name=name, sizes={lane: c.sizes[lane] for lane in lanes},
+            steps={lane: planned_steps[name][lane] for lane in lanes}, budget=budget_of(name),
+        )
+
+    plan = Plan(
+        lanes=lanes, classes=classes, schedule=schedule, trained_domains=trained,
+        held_out_domains=held_out, seeds=seeds, jobs=jobs, configurations=configurations,
+        seed_budget=seed_budget, baseline=config.plan.baseline, budget_measure=measure,
+        provisional=provisional,
+    )
+
+    tolerance = config.plan.budget_tolerance
+    unequal = {
+        name: plan.relative_budget_gap(name, measure)
+        for name in configurations
+        if abs(plan.relative_budget_gap(name, measure)) > tolerance
+    }
+    if unequal and not config.plan.allow_unequal_budgets:
+        listing = ", ".join(f"{name} {gap:+.2%}" for name, gap in unequal.items())
+        raise PlanError(
+            f"configurations differ from the baseline {config.plan.baseline!r} by more than "
+            f"plan.budget_tolerance={tolerance:g} in the {measure} budget: {listing}. Set "
+            "plan.equalise to 'proxy' or 'flops' to adjust steps, or "
+            "plan.allow_unequal_budgets: true to run them anyway"
+        )
+
+    # Experts: every lane of every configuration, iteration by iteration, branching from the
+    # lane's own previous expert (iteration 1: the seed of the lane's size). Identical jobs
+    # (same size, steps, domain and parent) get the same id and so run once.
+    for name, c in configurations.items():
+        previous: dict[str, str] = {lane: seeds[c.sizes[lane]] for lane in lanes}
+        for k in range(iterations):
+            ensemble: dict[str, str] = {}
+            for lane in lanes:
+                size, steps, domain = c.sizes[lane], c.steps[lane], schedule[lane][k]
+                training = expert_training.model_copy(update={"steps": steps})
+                identity = {
+                    "kind": "expert", "shape": asdict(shapes[size]), "vocab": vocab_size,
+                    "seq_len": seq_len, "training": training.model_dump(mode="json"),
+                    "data": fingerprints.get(domain, domain), "init_from": previous[lane],
+                    "seed": config.seed,
+                }
+                job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
+                jobs.setdefault(job_id, PlannedJob(
+                    job_id, "expert", size, steps, domain, lane, k + 1, previous[lane]
+                ))
+                ensemble[lane] = previous[lane] = job_id
+            c.ensembles.append(ensemble)
+    return plan
+
+
+def plan_from_json(data: dict[str, Any]) -> Plan:
+    """Read back a plan written by `Plan.to_json` (the run directory's plan.json)."""
+    jobs = {
+        job_id: PlannedJob(**{k: v for k, v in job.items() if k != "depends_on"})
+        for job_id, job in data["jobs"].items()
+    }
+    configurations = {
+        name: PlannedConfiguration(
+            name=name, sizes=c["sizes"], steps=c["steps"], budget=Budget(**c["budget"]),
+            ensembles=c["ensembles"],
+        )
+        for name, c in data["configurations"].items()
+    }
+    return Plan(
+        lanes=data["lanes"], classes=data["classes"], schedule=data["schedule"],
+        trained_domains=data["trained_domains"], held_out_domains=data["held_out_domains"],
+        seeds=data["seeds"], jobs=jobs, configurations=configurations,
+        seed_budget=Budget(**data["seed_budget"]), baseline=data["baseline"],
+        budget_measure=data["budget_measure"], provisional=data.get("provisional", False),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Showing a plan (what `hdee plan` prints)
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
+    """Tables of configurations (budgets) and jobs; job status when a run directory is given."""
+    from rich.table import Table
+
+    if plan.provisional:
+        console.print(
+            "[yellow]Provisional plan:[/] domains are assigned to lanes after the seeds rank "
+            "them (stage 'difficulty'); budgets and seeds below are final."
+        )
+    table = Table(title="Configurations (budget of all expert jobs)")
+    for column in ("configuration", *[f"{lane} size/steps" for lane in plan.lanes],
+                   "|FFN| x steps", "train FLOPs", "vs baseline (proxy / FLOPs)"):
+        table.add_column(column)
+    for name, c in plan.configurations.items():
+        gap = f"{plan.relative_budget_gap(name, 'proxy'):+.2%} / " \
+              f"{plan.relative_budget_gap(name, 'flops'):+.2%}"
+        table.add_row(
+            name + (" (baseline)" if name == plan.baseline else ""),
+            *[f"{c.sizes[lane]} / {c.steps[lane]}" for lane in plan.lanes],
+            _si(c.budget.proxy), _si(c.budget.flops), gap,
+        )
+    console.print(table)
+    console.print(
+        f"Seeds ({', '.join(plan.seeds)}), not in the expert budget: "
+        f"|FFN| x steps {_si(plan.seed_budget.proxy)}, train FLOPs {_si(plan.seed_budget.flops)}"
+    )
+    jobs = Table(title=f"Jobs ({len(plan.jobs)} unique)")
+    for column in ("job", "kind", "size", "steps", "domain", "lane", "iter", "branches from",
+                   "status"):
+        jobs.add_column(column)
+    for job in plan.jobs.values():
+        status = ""
+        if layout is not None:
+            job_dir = layout.job(job.job_id)
+            status = ("done" if (job_dir / "result.json").is_file()
+                      else "partial" if (job_dir / "checkpoints").is_dir() else "pending")
+        jobs.add_row(
+            job.job_id, job.kind, job.size, str(job.steps), job.domain, job.lane or "",
+            str(job.iteration or ""), job.init_from or "", status,
+        )
+    console.print(jobs)

@@ -1,0 +1,162 @@
+"""The planner: budgets, lanes across iterations, shared jobs, equalising."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdee.config import parse_config
+from hdee.plan import PlanError, auto_schedule, build_plan, equalise_steps, plan_from_json
+
+VOCAB = 300
+CLASSES = {f"d{i}": ("easy", "moderate", "difficult")[i % 3] for i in range(9)}
+
+
+def plan_for(raw, classes=CLASSES, vocab=VOCAB):
+    return build_plan(parse_config(raw), vocab, classes=classes)
+
+
+def test_paper_budgets_are_equal_in_proxy_and_flops(config_dict):
+    config_dict["model"] = {"preset": "small-close"}
+    plan = plan_for(config_dict, vocab=128256)
+    budgets = {name: c.budget for name, c in plan.configurations.items()}
+    # 3 iterations x 3 lanes x 3072 x 400 = the baseline's proxy budget.
+    assert budgets["MHo-IHo"].proxy == 3 * 3 * 3072 * 400
+    for name in ("MHo-IHe", "MHe-IHo"):
+        assert budgets[name].proxy == budgets["MHo-IHo"].proxy
+        # FLOPs are affine in |FFN| with equal shared parts, so S + L = 2 M holds exactly too.
+        assert budgets[name].flops == pytest.approx(budgets["MHo-IHo"].flops, rel=1e-12)
+    assert plan.seed_budget.proxy == (2304 + 3072 + 3840) * 1000
+
+
+def test_every_expert_branches_from_its_own_lane(config_dict):
+    plan = plan_for(config_dict)
+    for name, configuration in plan.configurations.items():
+        assert len(configuration.ensembles) == 3
+        for k, ensemble in enumerate(configuration.ensembles):
+            assert sorted(ensemble) == ["difficult", "easy", "moderate"]
+            for lane, job_id in ensemble.items():
+                job = plan.jobs[job_id]
+                assert (job.lane, job.iteration) == (lane, k + 1)
+                assert job.size == configuration.sizes[lane]
+                assert job.steps == configuration.steps[lane]
+                assert job.domain == plan.schedule[lane][k]
+                assert CLASSES[job.domain] == lane
+                if k == 0:
+                    assert job.init_from == plan.seeds[job.size], name
+                else:
+                    parent = plan.jobs[job.init_from]
+                    assert job.init_from == configuration.ensembles[k - 1][lane]
+                    assert (parent.lane, parent.iteration, parent.size) == (lane, k, job.size)
+
+
+def test_shared_jobs_run_once(config_dict):
+    plan = plan_for(config_dict)
+    # The moderate lane (M, 400 steps) is the same in all three paper configurations.
+    moderate = {tuple(e["moderate"] for e in c.ensembles) for c in plan.configurations.values()}
+    assert len(moderate) == 1
+    # 3 seeds + per iteration: easy {M400, M300, S400}, moderate {M400}, difficult {M400,
+    # M500, L400} = 7 experts, so 21 experts instead of 27.
+    assert len(plan.seeds) == 3
+    assert len(plan.expert_jobs()) == 21
+    assert len(plan.jobs) == 24
+
+
+def test_job_ids_depend_on_what_determines_the_result(config_dict):
+    base = plan_for(config_dict)
+    again = plan_for(config_dict)
+    assert base.jobs.keys() == again.jobs.keys()
+    config_dict["experts"] = {"training": {"lr": 1e-4, "min_lr": 1e-5}}
+    changed = plan_for(config_dict)
+    assert set(base.seeds.values()) == set(changed.seeds.values())  # seeds untouched
+    assert not set(j.job_id for j in base.expert_jobs()) & set(changed.jobs)
+
+
+def test_auto_schedule_is_seeded_and_never_reuses_a_domain():
+    classes = {f"d{i}": ("easy", "moderate", "difficult")[i % 3] for i in range(12)}
+    lanes = ["easy", "moderate", "difficult"]
+    first = auto_schedule(classes, lanes, 3, seed=0)
+    assert first == auto_schedule(classes, lanes, 3, seed=0)
+    used = [d for lane in lanes for d in first[lane]]
+    assert len(used) == len(set(used)) == 9
+    assert any(auto_schedule(classes, lanes, 3, seed=s) != first for s in range(1, 6))
+    with pytest.raises(PlanError, match="class 'easy' has 4 trainable domain"):
+        auto_schedule(classes, lanes, 5, seed=0)
+
+
+def test_held_out_and_unscheduled_domains_are_evaluated_not_trained(config_dict):
+    plan = plan_for(config_dict)
+    assert set(plan.held_out_domains) == {"d9", "d10", "d11"}
+    assert not set(plan.held_out_domains) & set(plan.trained_domains)
+    assert {job.domain for job in plan.expert_jobs()} == set(plan.trained_domains)
+
+
+def test_explicit_schedule(config_dict):
+    config_dict["plan"]["schedule"] = {
+        "easy": ["d0", "d3", "d6"], "moderate": ["d1", "d4", "d7"],
+        "difficult": ["d2", "d5", "d8"],
+    }
+    plan = plan_for(config_dict, classes=None)
+    assert not plan.provisional
+    assert plan.schedule["difficult"] == ["d2", "d5", "d8"]
+    assert plan.classes["d5"] == "difficult"
+
+
+def test_provisional_plan_before_difficulty_is_known(config_dict):
+    plan = plan_for(config_dict, classes=None)
+    assert plan.provisional
+    assert plan.schedule["easy"][0] == "<easy #1>"
+    assert plan.configurations["MHo-IHo"].budget == plan_for(config_dict).configurations[
+        "MHo-IHo"].budget
+
+
+def test_unequal_budgets_are_refused_unless_allowed(config_dict):
+    config_dict["plan"]["configurations"] = [
+        {"name": "MHo-IHo", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+        {"name": "big", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "L"),
+         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+    ]
+    with pytest.raises(PlanError, match=r"big \+25.00%"):
+        plan_for(config_dict)
+    config_dict["plan"]["allow_unequal_budgets"] = True
+    assert plan_for(config_dict).relative_budget_gap("big") == pytest.approx(0.25)
+    config_dict["plan"].update(allow_unequal_budgets=False, equalise="proxy")
+    plan = plan_for(config_dict)
+    assert plan.configurations["big"].steps == dict.fromkeys(("easy", "moderate", "difficult"), 320)
+    assert plan.relative_budget_gap("big", "proxy") == 0
+
+
+def test_equalise_flops_closes_the_gap(config_dict):
+    config_dict["plan"].update(equalise="flops", configurations=[
+        {"name": "MHo-IHo", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+        {"name": "small", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "S"),
+         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+    ])
+    plan = plan_for(config_dict)
+    steps = plan.configurations["small"].steps
+    assert all(s > 400 for s in steps.values())  # smaller models get more steps
+    assert abs(plan.relative_budget_gap("small", "flops")) < 1e-3
+
+
+def test_equalise_steps_math():
+    assert equalise_steps({"a": 100, "b": 100}, {"a": 1.0, "b": 1.0}, 300.0) == {"a": 150, "b": 150}
+    result = equalise_steps({"a": 10, "b": 10}, {"a": 3.0, "b": 7.0}, 201.0)
+    assert abs(3 * result["a"] + 7 * result["b"] - 201) <= 1
+
+
+def test_unknown_size_in_a_configuration(config_dict):
+    config_dict["plan"]["configurations"] = [
+        {"name": "MHo-IHo", "sizes": {"easy": "XL", "moderate": "M", "difficult": "M"},
+         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+    ]
+    with pytest.raises(PlanError, match="unknown size 'XL'"):
+        plan_for(config_dict)
+
+
+def test_plan_json_round_trip(config_dict):
+    plan = plan_for(config_dict)
+    again = plan_from_json(plan.to_json())
+    assert again.jobs == plan.jobs
+    assert again.configurations["MHe-IHo"].ensembles == plan.configurations["MHe-IHo"].ensembles
+    assert again.to_json() == plan.to_json()
