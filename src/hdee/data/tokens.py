@@ -6,12 +6,16 @@ what it came from, so a stale or truncated file is caught before training reads 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from hdee.atomic import atomic_path, read_json, write_json
+from hdee.atomic import read_json, write_json
 
 TOKEN_FORMAT = "hdee-tokens"
 TOKEN_FORMAT_VERSION = 1
@@ -60,17 +64,86 @@ def load_tokens(bin_path: str | Path) -> np.memmap:
     return np.memmap(bin_path, dtype=dtype, mode="r")
 
 
+class TokenWriter:
+    """Stream a token array into `bin_path` chunk by chunk, with bounded memory.
+
+    Chunks go to a hidden temporary file beside the target; `commit` renames it into place and
+    then writes the manifest (with the SHA-256 `content_hash` of the bytes), so a manifest never
+    describes an incomplete file. Leaving the `with` block without `commit` (an error) deletes
+    the temporary file: nothing half-written stays behind.
+    """
+
+    def __init__(self, bin_path: str | Path, dtype: np.dtype | str) -> None:
+        self.bin_path = Path(bin_path)
+        self.dtype = np.dtype(dtype)
+        self.num_tokens = 0
+        self._hash = hashlib.sha256()
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{self.bin_path.name}.", suffix=".tmp", dir=self.bin_path.parent
+        )
+        self._tmp = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._done = False
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        if ids.size and int(ids.max()) > np.iinfo(self.dtype).max:
+            raise ValueError(
+                f"{self.bin_path}: token id {int(ids.max())} does not fit {self.dtype}"
+            )
+        data = ids.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
+        self._hash.update(data)
+        self._file.write(data)
+        self.num_tokens += int(ids.size)
+
+    @property
+    def content_hash(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Finish the file, move it into place, write and return the full manifest."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.bin_path)
+        self._done = True
+        full = {
+            "format": TOKEN_FORMAT,
+            "version": TOKEN_FORMAT_VERSION,
+            "dtype": str(self.dtype),
+            "num_tokens": self.num_tokens,
+            **manifest,
+            "content_hash": self.content_hash,
+        }
+        write_json(manifest_path(self.bin_path), full)
+        return full
+
+    def abort(self) -> None:
+        """Drop the temporary file; does nothing after `commit`."""
+        if self._done:
+            return
+        if not self._file.closed:
+            self._file.close()
+        self._tmp.unlink(missing_ok=True)
+        self._done = True
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if not self._done:
+            self.abort()
+
+
 def write_tokens(bin_path: str | Path, tokens: np.ndarray, manifest: dict[str, Any]) -> None:
     """Write an in-memory token array and its manifest atomically (array first, manifest last,
     so a manifest never describes a file that is not complete)."""
-    bin_path = Path(bin_path)
-    with atomic_path(bin_path) as tmp:
-        tokens.tofile(tmp)
-    full = {
-        "format": TOKEN_FORMAT,
-        "version": TOKEN_FORMAT_VERSION,
-        "dtype": str(tokens.dtype),
-        "num_tokens": int(tokens.size),
-        **manifest,
-    }
-    write_json(manifest_path(bin_path), full)
+    with TokenWriter(bin_path, tokens.dtype) as writer:
+        writer.write(tokens)
+        writer.commit(manifest)

@@ -1,0 +1,164 @@
+"""Tokenize documents in batches and pack them into one token stream per split.
+
+Documents are grouped into batches of about `BATCH_CHARS` characters and encoded with the
+tokenizer's batch encoder (Rust, several threads). Once a corpus turns out big enough to pay for
+starting them, batches go to a pool of worker processes instead; at most a few batches are in
+flight, so memory stays bounded however big the corpus is, and results come back in order, so
+the output does not depend on the number of workers. Every document is followed by EOS.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import numpy as np
+
+K = TypeVar("K")
+
+BATCH_CHARS = 1 << 20
+# Starting worker processes costs about a second; below this much text one process is faster.
+POOL_MIN_CHARS = 16 << 20
+
+_worker_backend: Any = None
+_worker_eos: int = 0
+
+
+def encode_batch(backend: Any, texts: list[str], eos_id: int) -> np.ndarray:
+    """Token ids of `texts`, each followed by `eos_id`, as one uint32 array."""
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
+    out = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    out[ends - 1] = eos_id
+    start = 0
+    for encoding, end in zip(encodings, ends, strict=True):
+        out[start : end - 1] = encoding.ids
+        start = int(end)
+    return out
+
+
+def _init_worker(tokenizer_file: str, eos_id: int) -> None:
+    # Each worker is one process on one core; Rust threads inside it would only oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    global _worker_backend, _worker_eos
+    _worker_backend = Tokenizer.from_file(tokenizer_file)
+    _worker_eos = eos_id
+
+
+def _encode_in_worker(texts: list[str]) -> np.ndarray:
+    return encode_batch(_worker_backend, texts, _worker_eos)
+
+
+def resolve_workers(num_workers: int) -> int:
+    """0 means one per CPU core available to this process."""
+    if num_workers > 0:
+        return num_workers
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Encoder:
+    """Encodes batches of documents in order, in this process or in a worker pool.
+
+    `tokenizer_dir` is a saved tokenizer directory (its `tokenizer.json` is what workers load).
+    """
+
+    def __init__(
+        self,
+        tokenizer_dir: str | Path,
+        eos_id: int,
+        num_workers: int = 0,
+        pool_min_chars: int = POOL_MIN_CHARS,
+    ) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer_file = str(Path(tokenizer_dir) / "tokenizer.json")
+        self.backend = Tokenizer.from_file(self.tokenizer_file)
+        self.eos_id = eos_id
+        self.workers = resolve_workers(num_workers)
+        self.pool_min_chars = pool_min_chars
+        self._pool: ProcessPoolExecutor | None = None
+        self._seen_chars = 0
+
+    def _maybe_start_pool(self) -> None:
+        if self._pool is None and self.workers > 1 and self._seen_chars >= self.pool_min_chars:
+            # spawn, not fork: forking a process whose Rust/torch threads hold locks can hang.
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self.tokenizer_file, self.eos_id),
+            )
+
+    def encode_stream(
+        self, batches: Iterable[tuple[K, list[str]]]
+    ) -> Iterator[tuple[K, np.ndarray, int]]:
+        """Yield (key, token ids, number of documents) for each (key, texts), in input order."""
+        pending: deque[tuple[K, Future[np.ndarray] | np.ndarray, int]] = deque()
+        for key, texts in batches:
+            self._seen_chars += sum(len(t) for t in texts)
+            self._maybe_start_pool()
+            if self._pool is None:
+                yield key, encode_batch(self.backend, texts, self.eos_id), len(texts)
+                continue
+            pending.append((key, self._pool.submit(_encode_in_worker, texts), len(texts)))
+            # Two batches per worker keep every worker busy; more would only use memory.
+            while len(pending) > 2 * self.workers:
+                yield _done(pending.popleft())
+        while pending:
+            yield _done(pending.popleft())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _done(item: tuple[K, Future[np.ndarray] | np.ndarray, int]) -> tuple[K, np.ndarray, int]:
+    key, result, count = item
+    return key, result.result() if isinstance(result, Future) else result, count
+
+
+def batch_by_key(
+    items: Iterable[tuple[K, str]],
+    batch_chars: int = BATCH_CHARS,
+    on_item: Callable[[str], None] | None = None,
+) -> Iterator[tuple[K, list[str]]]:
+    """Group (key, text) pairs into per-key batches of about `batch_chars` characters, keeping
+    the order of texts within each key."""
+    open_batches: dict[K, list[str]] = {}
+    sizes: dict[K, int] = {}
+    for key, text in items:
+        if on_item is not None:
+            on_item(text)
+        batch = open_batches.setdefault(key, [])
+        batch.append(text)
+        sizes[key] = sizes.get(key, 0) + len(text)
+        if sizes[key] >= batch_chars:
+            yield key, open_batches.pop(key)
+            sizes[key] = 0
+    for key, batch in open_batches.items():
+        if batch:
+            yield key, batch

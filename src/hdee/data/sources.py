@@ -1,0 +1,334 @@
+"""Read the documents of a corpus: a Hugging Face dataset or local files.
+
+Every document is a `Document(text, split, origin)`: `split` is the source's own split
+("train" / "validation" / "test") or None when hdee should split it; `origin` names the file or
+dataset it came from, for error messages. Bad input raises `DataError` naming the corpus and file.
+
+Local formats: .txt/.md (and other plain-text files: one document per file), .jsonl (one record
+per line), .json (a list of records or of strings), .parquet (column `text_field`), and
+directories (recursively, every file with one of those suffixes). Empty documents are skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from hdee.config import Corpus, HFSource, LocalSource
+from hdee.data import DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+DIRECTORY_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+
+# Dataset split names that mean one of ours.
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "dev": "validation",
+    "test": "test",
+}
+_PARQUET_BATCH_ROWS = 1024
+_HF_BATCH_ROWS = 1000
+
+
+class Document(NamedTuple):
+    text: str
+    split: str | None
+    origin: str
+
+
+def corpus_label(corpus: Corpus) -> str:
+    return f"corpus {corpus.name!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Which files a source means
+
+
+def local_files(corpus: Corpus) -> list[Path]:
+    """Every file a local source reads, in a fixed order (sorted per pattern, de-duplicated).
+    A path that does not exist or a glob matching nothing is an error, not an empty corpus."""
+    source = corpus.source
+    assert isinstance(source, LocalSource)
+    files: list[Path] = []
+    for pattern in source.paths:
+        expanded = os.path.expanduser(pattern)
+        if glob.has_magic(expanded):
+            matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True))
+            matches = [p for p in matches if p.is_file() or p.is_dir()]
+            if not matches:
+                raise DataError(f"{corpus_label(corpus)}: glob {pattern!r} matches no files")
+        else:
+            path = Path(expanded)
+            if not path.exists():
+                raise DataError(f"{corpus_label(corpus)}: path {pattern!r} does not exist")
+            matches = [path]
+        for match in matches:
+            if match.is_dir():
+                found = sorted(
+                    p
+                    for p in match.rglob("*")
+                    if p.is_file()
+                    and p.suffix.lower() in DIRECTORY_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(match).parts)
+                )
+                if not found:
+                    raise DataError(
+                        f"{corpus_label(corpus)}: directory {str(match)!r} holds no files with "
+                        f"suffix {', '.join(DIRECTORY_SUFFIXES)}"
+                    )
+                files.extend(found)
+            else:
+                files.append(match)
+    unique: dict[Path, None] = dict.fromkeys(p.resolve() for p in files)
+    return list(unique)
+
+
+def _hf_local_path(source: HFSource) -> Path | None:
+    path = Path(os.path.expanduser(source.path))
+    return path if path.exists() else None
+
+
+def source_state(corpus: Corpus) -> dict[str, Any]:
+    """What the corpus's content depends on, cheaply: its config and the (path, size, mtime) of
+    every local file. A change here means the corpus must be prepared again."""
+    state: dict[str, Any] = {"config": corpus.model_dump(mode="json")}
+    if isinstance(corpus.source, LocalSource):
+        paths = local_files(corpus)
+    else:
+        root = _hf_local_path(corpus.source)
+        if root is None:
+            # A hub dataset: its name/config/split identify it (revisions are not tracked).
+            return state
+        paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    files = []
+    for path in paths:
+        stat = path.stat()
+        files.append([str(path), stat.st_size, stat.st_mtime_ns])
+    state["files"] = files
+    return state
+
+
+def describe_source(corpus: Corpus) -> str:
+    source = corpus.source
+    if isinstance(source, LocalSource):
+        return "paths " + ", ".join(source.paths)
+    return f"dataset {source.path!r}" + (f" ({source.name})" if source.name else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def iter_documents(corpus: Corpus) -> Iterator[Document]:
+    """Yield the corpus's documents in a fixed order, at most `max_documents` (for a dataset
+    with its own train/validation/test splits: at most that many per split, so none of them
+    disappears)."""
+    source = corpus.source
+    if isinstance(source, LocalSource):
+        docs = _iter_local(corpus, source)
+        limit = source.max_documents
+        for count, doc in enumerate(docs):
+            if limit is not None and count >= limit:
+                return
+            yield doc
+    else:
+        yield from _iter_hf(corpus, source)
+
+
+def _iter_local(corpus: Corpus, source: LocalSource) -> Iterator[Document]:
+    for path in local_files(corpus):
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            yield from _read_jsonl(corpus, path, source.text_field)
+        elif suffix == ".json":
+            yield from _read_json(corpus, path, source.text_field)
+        elif suffix == ".parquet":
+            yield from _read_parquet(corpus, path, source.text_field)
+        else:
+            text = _decode(corpus, path, path.read_bytes(), 0)
+            if text:
+                yield Document(text, None, str(path))
+
+
+def _decode(corpus: Corpus, path: Path, raw: bytes, offset: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: invalid UTF-8 at byte offset {offset + error.start}"
+        ) from None
+
+
+def _text_of(corpus: Corpus, path: Path, record: Any, field: str, where: str) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: {where}: expected an object with a {field!r} "
+            f"field, got {type(record).__name__}"
+        )
+    if field not in record:
+        keys = ", ".join(sorted(map(str, record))[:10]) or "none"
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: {where}: missing text field {field!r} "
+            f"(fields: {keys}; set source.text_field)"
+        )
+    text = record[field]
+    if not isinstance(text, str):
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: {where}: text field {field!r} is "
+            f"{type(text).__name__}, expected a string"
+        )
+    return text
+
+
+def _read_jsonl(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
+    offset = 0
+    origin = str(path)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(corpus, path, raw, offset)
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{corpus_label(corpus)}: {path}: line {number}: invalid JSON ({error.msg})"
+                ) from None
+            text = _text_of(corpus, path, record, field, f"line {number}")
+            if text:
+                yield Document(text, None, origin)
+
+
+def _read_json(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
+    content = _decode(corpus, path, path.read_bytes(), 0)
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: invalid JSON at line {error.lineno} ({error.msg})"
+        ) from None
+    if isinstance(data, dict):
+        # A single record, or {"data": [...]}-style wrappers are not guessed at: one record.
+        data = [data]
+    if not isinstance(data, list):
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: expected a JSON list of records or strings"
+        )
+    origin = str(path)
+    for number, record in enumerate(data):
+        text = _text_of(corpus, path, record, field, f"item {number}")
+        if text:
+            yield Document(text, None, origin)
+
+
+def _read_parquet(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    origin = str(path)
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        if field not in names:
+            raise DataError(
+                f"{corpus_label(corpus)}: {path}: missing text field {field!r} "
+                f"(columns: {', '.join(names) or 'none'}; set source.text_field)"
+            )
+        column_type = parquet.schema_arrow.field(field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataError(
+                f"{corpus_label(corpus)}: {path}: column {field!r} is {column_type}, "
+                "expected strings"
+            )
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield Document(text, None, origin)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{corpus_label(corpus)}: {path}: unreadable parquet ({error})") from None
+
+
+def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
+    import datasets
+
+    label = f"{corpus_label(corpus)}: dataset {source.path!r}"
+    local = _hf_local_path(source)
+    try:
+        if (
+            local is not None
+            and local.is_dir()
+            and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file())
+        ):
+            # A directory written by `save_to_disk` is read with `load_from_disk`.
+            loaded = datasets.load_from_disk(str(local))
+            if source.split is not None:
+                loaded = loaded[source.split]
+        else:
+            loaded = datasets.load_dataset(
+                source.path, source.name, split=source.split, streaming=source.streaming
+            )
+    except Exception as error:  # datasets raises many types; all mean "cannot read this"
+        raise DataError(f"{label}: cannot load ({type(error).__name__}: {error})") from None
+
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        parts = _own_splits(list(loaded.keys()))
+        if not parts:
+            raise DataError(f"{label}: no usable split among {sorted(loaded.keys())}")
+        for name, tag in parts:
+            yield from _iter_hf_split(loaded[name], tag, source, f"{label} split {name!r}")
+    else:
+        yield from _iter_hf_split(loaded, None, source, label)
+
+
+def _own_splits(names: list[str]) -> list[tuple[str, str | None]]:
+    """Which of a dataset's splits to read and what each becomes. With train, validation and
+    test all present, each keeps its split. Otherwise only the train split (or the only split)
+    is read and hdee splits it: re-splitting a lone train split is the usual case, and mixing a
+    dataset's own test set into training would leak it."""
+    known = {_SPLIT_ALIASES[name]: name for name in names if name in _SPLIT_ALIASES}
+    if set(known) == {"train", "validation", "test"}:
+        return [(known[ours], ours) for ours in ("train", "validation", "test")]
+    if len(names) == 1:
+        return [(names[0], None)]
+    if "train" in known:
+        return [(known["train"], None)]
+    return []
+
+
+def _iter_hf_split(
+    dataset: Any, tag: str | None, source: HFSource, label: str
+) -> Iterator[Document]:
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None and source.text_field not in columns:
+        raise DataError(
+            f"{label}: missing text field {source.text_field!r} (columns: {', '.join(columns)}; "
+            "set source.text_field)"
+        )
+    count = 0
+    limit = source.max_documents
+    for batch in dataset.iter(batch_size=_HF_BATCH_ROWS):
+        if source.text_field not in batch:
+            raise DataError(f"{label}: missing text field {source.text_field!r}")
+        for text in batch[source.text_field]:
+            if limit is not None and count >= limit:
+                return
+            if not isinstance(text, str):
+                if text is None:
+                    continue
+                raise DataError(
+                    f"{label}: text field {source.text_field!r} holds {type(text).__name__}, "
+                    "expected strings"
+                )
+            if text:
+                count += 1
+                yield Document(text, tag, label)
