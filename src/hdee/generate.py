@@ -1,0 +1,233 @@
+"""Text generation from an ensemble of experts, mixed with a domain posterior.
+
+At every step the next-token distribution is the posterior-weighted mixture of the experts'
+distributions, `p(x | x_<t) = sum_j p_j(x | x_<t) P(j | x_<t)`, and the posterior is updated
+with the token that was chosen (prompt tokens included), exactly as in evaluation
+(`hdee.ensemble`). Each expert keeps its own KV cache, so a step costs one token per expert.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from hdee.atomic import read_json
+from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
+from hdee.layout import RunLayout
+
+
+@dataclass
+class Generation:
+    """What `generate_ids` produced."""
+
+    token_ids: list[int]  # the new tokens only
+    token_log_probs: list[float] = field(default_factory=list)  # mixture log-prob of each
+    posterior: list[float] = field(default_factory=list)  # P(j | everything), after the last
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    # bf16 autocast on CUDA as in training and evaluation; full precision on CPU.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _normalised_log_prior(prior: Sequence[float] | Tensor | None, experts: int) -> Tensor:
+    if prior is None:
+        return torch.full((experts,), -math.log(experts), dtype=torch.float64)
+    probs = torch.as_tensor(prior, dtype=torch.float64).flatten()
+    if probs.shape[0] != experts or (probs < 0).any() or probs.sum() <= 0:
+        raise ValueError(f"prior must be {experts} non-negative weights, got {prior}")
+    return (probs / probs.sum()).log()
+
+
+def _choose(
+    log_probs: Tensor,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+) -> int:
+    """The next token from the mixture's log-probabilities `[V]`."""
+    if greedy:
+        return int(log_probs.argmax())
+    scores = log_probs / temperature
+    if top_k is not None and top_k < scores.shape[0]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    probs = torch.softmax(scores, dim=0)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate_ids(
+    models: Sequence[torch.nn.Module],
+    input_ids: Sequence[int],
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    posterior: PosteriorMode = "prefix",
+    prior: Sequence[float] | Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> Generation:
+    """Continue `input_ids` with the posterior-weighted mixture of `models`.
+
+    `prior` is P(j) (None: uniform); `posterior` is "prefix" (P(j) times the likelihood of the
+    whole sequence so far) or "updating" (P(j) times the last token's likelihood only).
+    Stops after `max_new_tokens` or at `eos_token_id` (which is kept in the output).
+    """
+    if not models:
+        raise ValueError("need at least one expert")
+    if not input_ids:
+        raise ValueError("need at least one input token (e.g. the EOS that starts a document)")
+    if posterior not in POSTERIOR_MODES:
+        raise ValueError(f"unknown posterior mode {posterior!r}, expected one of {POSTERIOR_MODES}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    log_prior = _normalised_log_prior(prior, len(models))
+    generator = torch.Generator().manual_seed(seed)
+    device = _device_of(models[0])
+    prompt = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+
+    # Prompt: one forward per expert fills its KV cache; the prompt's own tokens (after the
+    # first, which nothing predicts) are evidence for the posterior.
+    caches: list[Any] = []
+    next_lp: list[Tensor] = []  # each expert's log p_j(. | sequence so far), [V] float64
+    evidence = torch.zeros(len(models), dtype=torch.float64)
+    for j, model in enumerate(models):
+        with _autocast(device):
+            out = model(input_ids=prompt, use_cache=True)
+        lp = torch.log_softmax(out.logits[0].double(), dim=-1)  # [L, V]
+        caches.append(out.past_key_values)
+        next_lp.append(lp[-1].cpu())
+        if prompt.shape[1] > 1:
+            token_lp = lp[:-1].gather(1, prompt[0, 1:, None]).squeeze(1).cpu()
+            evidence[j] = token_lp.sum() if posterior == "prefix" else token_lp[-1]
+
+    generation = Generation(token_ids=[])
+    for _ in range(max_new_tokens):
+        log_weights = log_prior + evidence
+        log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
+        mixture = torch.logsumexp(torch.stack(next_lp) + log_weights[:, None], dim=0)  # [V]
+        token = _choose(mixture, greedy, temperature, top_k, generator)
+        generation.token_ids.append(token)
+        generation.token_log_probs.append(float(mixture[token]))
+        chosen = torch.stack([lp[token] for lp in next_lp])
+        evidence = evidence + chosen if posterior == "prefix" else chosen
+        if token == eos_token_id:
+            break
+        step = torch.tensor([[token]], dtype=torch.long, device=device)
+        for j, model in enumerate(models):
+            with _autocast(device):
+                out = model(input_ids=step, past_key_values=caches[j], use_cache=True)
+            caches[j] = out.past_key_values
+            next_lp[j] = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
+
+    final = log_prior + evidence
+    generation.posterior = torch.softmax(final, dim=0).tolist()
+    return generation
+
+
+def load_models(
+    experts: Sequence[str | Path | PreTrainedModel], device: torch.device | None = None
+) -> list[torch.nn.Module]:
+    """Models from HF directories (safetensors only) or already-loaded models, on one device."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = []
+    for expert in experts:
+        if isinstance(expert, (str, Path)):
+            expert = LlamaForCausalLM.from_pretrained(expert, use_safetensors=True)
+        models.append(expert.to(device).eval())
+    return models
+
+
+def generate(
+    experts: Sequence[str | Path | PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    prompt: str,
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    posterior: PosteriorMode = "prefix",
+    prior: Sequence[float] | Tensor | None = None,
+    stop_at_eos: bool = True,
+) -> str:
+    """The continuation (new text only) of `prompt` by the ensemble of `experts`.
+
+    The prompt is preceded by the EOS token, which separates documents in hdee's training data,
+    so the experts read it as the start of a document.
+    """
+    eos = tokenizer.eos_token_id
+    input_ids = ([eos] if eos is not None else []) + tokenizer.encode(
+        prompt, add_special_tokens=False
+    )
+    generation = generate_ids(
+        load_models(experts),
+        input_ids,
+        max_new_tokens,
+        greedy,
+        temperature,
+        top_k,
+        seed,
+        posterior,
+        prior,
+        eos if stop_at_eos else None,
+    )
+    return tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+
+
+def ensemble_dirs(
+    run_dir: str | Path, configuration: str, iteration: int | None = None
+) -> list[Path]:
+    """Model directories of a configuration's ensemble (default: after its last iteration),
+    in the plan's lane order."""
+    layout = RunLayout.of(run_dir)
+    plan = read_json(layout.plan)
+    configurations = plan["configurations"]
+    if configuration not in configurations:
+        raise ValueError(
+            f"configuration {configuration!r} is not in {layout.plan}; "
+            f"choose one of {sorted(configurations)}"
+        )
+    ensembles = configurations[configuration]["ensembles"]
+    index = len(ensembles) if iteration is None else iteration
+    if not 1 <= index <= len(ensembles):
+        raise ValueError(f"{configuration!r} has iterations 1..{len(ensembles)}, not {iteration}")
+    ensemble = ensembles[index - 1]
+    lanes = [lane for lane in plan.get("lanes", []) if lane in ensemble]
+    lanes += [lane for lane in ensemble if lane not in lanes]
+    dirs = [layout.job(ensemble[lane]) / "final" for lane in lanes]
+    for model_dir in dirs:
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: expert not trained yet")
+    return dirs
+
+
+def generate_from_run(
+    run_dir: str | Path,
+    configuration: str,
+    prompt: str,
+    iteration: int | None = None,
+    **kwargs: Any,
+) -> str:
+    """`generate` with a run's tokenizer and a configuration's (final) ensemble."""
+    layout = RunLayout.of(run_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
+    return generate(ensemble_dirs(run_dir, configuration, iteration), tokenizer, prompt, **kwargs)
