@@ -34,8 +34,15 @@ def _epoch_permutation(seed: int, epoch: int, count: int) -> np.ndarray:
 
 
 def train_window_starts(
-    count: int, seq_len: int, batch_size: int, seed: int, step: int, micro_step: int = 0,
-    rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+    count: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
 ) -> np.ndarray:
     """Token offsets of the rows of one micro-batch (see docs/architecture.md)."""
     first = ((step * grad_accum + micro_step) * world_size + rank) * batch_size
@@ -48,8 +55,15 @@ def train_window_starts(
 
 
 def train_batch(
-    tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, step: int, micro_step: int = 0,
-    rank: int = 0, world_size: int = 1, grad_accum: int = 1,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    micro_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum: int = 1,
 ) -> torch.Tensor:
     """One micro-batch, LongTensor[batch_size, seq_len + 1]; inputs [:, :-1], labels [:, 1:]."""
     count = _check_enough(tokens, seq_len)
@@ -67,7 +81,10 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = Non
 
 
 def eval_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_windows: int | None = None,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_windows: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Sequential non-overlapping windows: window k starts at token k * seq_len."""
     count = eval_windows(tokens, seq_len, max_windows)
@@ -76,4 +93,5 @@ def eval_batches(
         span = np.asarray(tokens[first * seq_len : last * seq_len + 1]).astype(np.int64)
         # Rows overlap by one token (the last label of one is the first input of the next).
         rows = np.lib.stride_tricks.sliding_window_view(span, seq_len + 1)[::seq_len]
-        yield torch.from_numpy(np.ascontiguousarray(rows))
+        # A copy: a one-row view would be read-only (and alias the memmap).
+        yield torch.from_numpy(rows.copy())
