@@ -1,0 +1,61 @@
+"""Tiny token files and training specs shared by the model / train / DDP tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdee.config import ModelConfig, TrainingConfig
+from hdee.data.tokens import write_tokens
+from hdee.model import llama_config, model_shapes
+from hdee.train import TrainSpec
+
+VOCAB = 64
+SEQ_LEN = 16
+
+
+def write_token_files(directory: Path) -> tuple[Path, Path]:
+    """A learnable stream (a repeating pattern with a little noise) split into train and
+    validation token files; returns their paths."""
+    rng = np.random.default_rng(0)
+    stream = np.tile(np.arange(24, dtype=np.uint16), 200)
+    noise = rng.random(stream.size) < 0.05
+    stream[noise] = rng.integers(0, VOCAB, int(noise.sum()), dtype=np.uint16)
+    train, validation = directory / "train.bin", directory / "validation.bin"
+    write_tokens(train, stream[:4000], {"vocab_size": VOCAB, "eos_token_id": 0})
+    write_tokens(validation, stream[4000:], {"vocab_size": VOCAB, "eos_token_id": 0})
+    return train, validation
+
+
+def tiny_spec(tmp_path: Path, output: str = "job", size: str = "M", **training: Any) -> TrainSpec:
+    train, validation = tmp_path / "train.bin", tmp_path / "validation.bin"
+    if not train.exists():
+        write_token_files(tmp_path)
+    settings: dict[str, Any] = {
+        "steps": 12,
+        "batch_size": 4,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+        "eval_every": 6,
+        "eval_batches": 2,
+        "checkpoint_every": 4,
+        "keep_checkpoints": 2,
+    }
+    settings.update(training)
+    init_from = settings.pop("init_from", None)
+    seed = settings.pop("seed", 1)
+    config = llama_config(model_shapes(ModelConfig(preset="tiny"))[size], VOCAB, SEQ_LEN)
+    return TrainSpec(
+        kind="expert" if init_from else "seed",
+        model=config.to_dict(),
+        init_from=init_from,
+        train_tokens=str(train),
+        validation={"val": str(validation)},
+        seq_len=SEQ_LEN,
+        seed=seed,
+        training=TrainingConfig(**settings),
+        output_dir=str(tmp_path / output),
+    )
