@@ -207,15 +207,18 @@ def _piece_units(name: str, origin: Path, blocks: Iterable[str], limit: int, sep
     ]
 
 
-def _file_units(root: Path, paths: Iterable[Path], load: Callable[[Path], str] = _read):
+def _file_units(
+    root: Path, paths: Iterable[str | Path], load: Callable[[Path], str] = _read
+) -> list[Unit]:
     # Symlinks are never listed (see _files), so the path itself names the source file.
-    prefix = len(str(root)) + 1  # relative keys: the same order on any machine with the files
-    return [Unit(str(p)[prefix:], (lambda p=p: load(p)), str(p)) for p in paths]
+    # Keys are relative, so the sample is the same on any machine with the same files.
+    prefix = len(str(root)) + 1
+    return [Unit(str(p)[prefix:], (lambda p=p: load(Path(p))), str(p)) for p in paths]
 
 
 def _files(
     root: Path, suffixes: tuple[str, ...] = ("",), skip_dirs: Iterable[str] = ()
-) -> list[Path]:
+) -> list[str]:
     """Regular files (no symlinks: those are copies) under `root` whose names end with one of
     `suffixes`, sorted. Walks with scandir and prunes `skip_dirs` early: site-packages and
     /usr/share/man hold tens of thousands of files and a stat per file costs seconds."""
@@ -233,7 +236,7 @@ def _files(
                     stack.append(Path(entry.path))
             elif entry.is_file(follow_symlinks=False) and entry.name.endswith(suffixes):
                 found.append(entry.path)
-    return [Path(p) for p in sorted(found)]
+    return sorted(found)  # strings: a Path per file would cost a second on /usr/share/man
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +324,7 @@ def _dictd(name: str, limit: int, skip: Callable[[str], bool] = lambda entry: Fa
 
 def _fortunes(limit: int) -> list[Unit]:
     units: list[Unit] = []
-    for path in _files(FORTUNES_DIR, skip_dirs=("off",)):
+    for path in map(Path, _files(FORTUNES_DIR, skip_dirs=("off",))):
         if path.suffix in (".dat", ".u8"):
             continue
         units += _piece_units(f"fortunes/{path.name}", path, _read(path).split("\n%\n"), limit)
@@ -359,7 +362,18 @@ def _roff_to_text(source: str) -> str:
     """Enough of roff/man/mdoc to get the words out: requests lose their dot, formatting
     escapes go. Not a renderer; the demo wants the text, not the layout."""
     out: list[str] = []
+    skipping_to = ""  # the line that ends a macro definition or a conditional block
     for line in source.splitlines():
+        if skipping_to:
+            if line.strip().startswith(skipping_to):
+                skipping_to = ""
+            continue
+        if re.match(r"[.'](de1?|am|ig)\b", line):
+            skipping_to = ".."
+            continue
+        if re.match(r"[.'](if|ie|el)\b.*\\\{", line):
+            skipping_to = ".\\}" if "\\}" not in line else ""
+            continue
         if line.startswith(('.\\"', "'\\\"", '.\\"', "'''")) or line in (".", "'"):
             continue
         if line.startswith((".", "'")):
@@ -382,7 +396,7 @@ def _roff_to_text(source: str) -> str:
 
 def _man_pages(limit: int) -> list[Unit]:
     # English pages only: the translations live in MAN_DIR/<lang>/.
-    paths: list[Path] = []
+    paths: list[str] = []
     for section in range(1, 9):
         paths += _files(MAN_DIR / f"man{section}", (".gz",))
     return _file_units(MAN_DIR, paths, lambda p: _roff_to_text(_read(p)))
@@ -390,7 +404,7 @@ def _man_pages(limit: int) -> list[Unit]:
 
 def _info_manuals(limit: int) -> list[Unit]:
     units: list[Unit] = []
-    for path in _files(INFO_DIR, (".gz",)):
+    for path in map(Path, _files(INFO_DIR, (".gz",))):
         if ".info" not in path.name:
             continue
         nodes = []
@@ -412,7 +426,7 @@ def _licences(limit: int) -> list[Unit]:
             p
             for dist_info in sorted(root.glob("*.dist-info"))
             for p in _files(dist_info)
-            if p.name.upper().startswith(("LICEN", "COPYING", "NOTICE"))
+            if os.path.basename(p).upper().startswith(("LICEN", "COPYING", "NOTICE"))
         ]
         units += _file_units(root, paths)
     if (STDLIB_DIR / "LICENSE.txt").is_file():
@@ -423,6 +437,21 @@ def _licences(limit: int) -> list[Unit]:
 def _changelogs(limit: int) -> list[Unit]:
     paths = sorted(DOC_DIR.glob("*/changelog.Debian.gz")) if DOC_DIR.is_dir() else []
     return _file_units(DOC_DIR, paths)
+
+
+_DEBIAN_CHANGELOG = re.compile(r"\S+ \([^)]*\) [^;\n]*; urgency=")
+
+
+def _upstream_changelogs(limit: int) -> list[Unit]:
+    """ChangeLog / release notes of upstream projects. Debian-native packages keep a Debian
+    changelog under the same name: those belong to the debian-changelogs domain's genre."""
+    paths = sorted(DOC_DIR.glob("*/changelog.gz")) if DOC_DIR.is_dir() else []
+
+    def load(path: Path) -> str:
+        text = _read(path)
+        return "" if _DEBIAN_CHANGELOG.match(text) else text
+
+    return _file_units(DOC_DIR, [p for p in paths if not p.is_symlink()], load)
 
 
 def _locales(limit: int) -> list[Unit]:
@@ -507,8 +536,11 @@ def _pod_of(path: Path) -> str:
 
 def _perl_docs(limit: int) -> list[Unit]:
     # Every Perl module of perl-modules documents itself in POD: prose about programming.
-    paths = [p for root in PERL_DIRS for p in _files(root, (".pm", ".pod"))]
-    return [Unit(str(p), (lambda p=p: _pod_of(p)), str(p)) for p in paths]
+    return [
+        unit
+        for root in PERL_DIRS
+        for unit in _file_units(root, _files(root, (".pm", ".pod")), _pod_of)
+    ]
 
 
 # General corpus: a mix of code, prose and reference text from files no domain uses.
@@ -525,7 +557,7 @@ def _site_docs(limit: int) -> list[Unit]:
     units: list[Unit] = []
     for root in SITE_PACKAGES_DIRS:
         paths = _files(root, (".md", ".rst", ".txt"), skip_dirs=(*_TEST_DIRS, *_SITE_SKIP))
-        units += _file_units(root, [p for p in paths if "-info" not in str(p.relative_to(root))])
+        units += _file_units(root, [p for p in paths if "-info" not in p[len(str(root)) :]])
     return units
 
 
@@ -559,6 +591,9 @@ CATALOGUE: tuple[DomainSpec, ...] = (
     DomainSpec("c-headers", "easy", _c_headers, "C headers: libc, Python", ("libc6-dev",)),
     DomainSpec("locales", "easy", _locales, "glibc locale definitions", ("locales",)),
     DomainSpec("python-tests", "easy", _python_tests, "Python standard library tests"),
+    DomainSpec(
+        "upstream-changelogs", "easy", _upstream_changelogs, "upstream ChangeLogs in Debian docs"
+    ),
     DomainSpec("bible", "moderate", _bible, "King James Bible", ("bible-kjv",)),
     DomainSpec(
         "gcide",
@@ -568,7 +603,7 @@ CATALOGUE: tuple[DomainSpec, ...] = (
         ("dict-gcide",),
     ),
     DomainSpec("python-code", "moderate", _python_code, "Python standard library source"),
-    DomainSpec("changelogs", "moderate", _changelogs, "Debian package changelogs"),
+    DomainSpec("debian-changelogs", "moderate", _changelogs, "Debian package changelogs"),
     DomainSpec("python-docs", "moderate", _python_docs, "Python language reference topics"),
     DomainSpec("info-manuals", "moderate", _info_manuals, "GNU info manuals"),
     DomainSpec(
