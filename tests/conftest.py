@@ -34,3 +34,92 @@ def tiny_config_dict(
 @pytest.fixture
 def config_dict(tmp_path: Path) -> dict[str, Any]:
     return tiny_config_dict(tmp_path / "run")
+
+
+WORDS = (
+    "the a of to and in is it you that he was for on are with as his they be at one have this "
+    "from or had by word but what some we can out other were all there when up use your how "
+    "said an each she which do their time if will way about many then them write would like so "
+    "these her long make thing see him two has look more day could go come did number sound no "
+    "most people my over know water than call first who may down side been now find any new"
+).split()
+
+
+def write_tiny_corpus(root: Path, n_domains: int = 12, docs: int = 24, words: int = 60) -> Path:
+    """Text files for a general corpus and `n_domains` domains of graded difficulty.
+
+    Domain i draws words from a vocabulary of 4 + 3 * i words with a seeded generator, so
+    higher-numbered domains are harder to predict (more entropy) and the seeds' perplexity
+    ranks them; every domain has `docs` documents (one file each).
+    """
+    import random
+
+    def write(directory: Path, vocabulary: list[str], seed: int) -> None:
+        rng = random.Random(seed)
+        directory.mkdir(parents=True, exist_ok=True)
+        for d in range(docs):
+            text = " ".join(rng.choice(vocabulary) for _ in range(words))
+            (directory / f"doc{d:03d}.txt").write_text(text + ".\n", encoding="utf-8")
+
+    write(root / "general", WORDS, seed=1000)
+    for i in range(n_domains):
+        write(root / f"d{i}", WORDS[: 4 + 3 * i], seed=i)
+    return root
+
+
+def tiny_run_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    """A complete tiny experiment over `write_tiny_corpus`: trains in seconds on a CPU."""
+    corpus = write_tiny_corpus(tmp_path / "corpus")
+    raw = tiny_config_dict(tmp_path / "run")
+    raw["data"]["general"]["source"]["paths"] = [str(corpus / "general")]
+    for domain in raw["data"]["domains"]:
+        domain["source"]["paths"] = [str(corpus / domain["name"])]
+    raw["data"]["seq_len"] = 16
+    raw["data"]["num_workers"] = 1
+    raw["seeds"] = {
+        "training": {
+            "steps": 12,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            "eval_every": 6,
+            "eval_batches": 2,
+            "checkpoint_every": 6,
+        }
+    }
+    raw["experts"] = {
+        "training": {
+            "batch_size": 4,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "warmup_steps": 1,
+            "eval_every": 4,
+            "eval_batches": 2,
+            "checkpoint_every": 4,
+        }
+    }
+    raw["plan"]["configurations"] = [
+        {
+            "name": "MHo-IHo",
+            "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+            "steps": dict.fromkeys(("easy", "moderate", "difficult"), 4),
+        },
+        {
+            "name": "MHo-IHe",
+            "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+            "steps": {"easy": 3, "moderate": 4, "difficult": 5},
+        },
+        {
+            "name": "MHe-IHo",
+            "sizes": {"easy": "S", "moderate": "M", "difficult": "L"},
+            "steps": dict.fromkeys(("easy", "moderate", "difficult"), 4),
+        },
+    ]
+    raw["plan"]["iterations"] = 2
+    raw["difficulty"] = {"eval_batches": 2}
+    raw["evaluation"] = {"batch_size": 4, "max_test_sequences": 8, "cached_prior_sequences": 4}
+    raw["runner"] = {"workers": 1}
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw

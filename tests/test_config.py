@@ -23,10 +23,14 @@ def test_valid_config_gets_paper_defaults(config_dict):
         (lambda r: r.update(unknown_key=1), "unknown_key: unknown key"),
         (lambda r: r["data"].update(seq_len=1), "data.seq_len"),
         (lambda r: r["data"].update(seq_len="long"), "data.seq_len"),
-        (lambda r: r["data"].update(split={"train": 0.5, "validation": 0.1, "test": 0.1}),
-         "must sum to 1"),
-        (lambda r: r["data"]["domains"].append(dict(r["data"]["domains"][0])),
-         "duplicate corpus name 'd0'"),
+        (
+            lambda r: r["data"].update(split={"train": 0.5, "validation": 0.1, "test": 0.1}),
+            "must sum to 1",
+        ),
+        (
+            lambda r: r["data"]["domains"].append(dict(r["data"]["domains"][0])),
+            "duplicate corpus name 'd0'",
+        ),
         (lambda r: r["data"].pop("general"), "data.general: required key is missing"),
         (lambda r: r["plan"].update(held_out=["nope"]), "plan.held_out: 'nope'"),
         (lambda r: r["plan"].update(baseline="X"), "plan.baseline 'X'"),

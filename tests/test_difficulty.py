@@ -15,7 +15,11 @@ PPL = {"a": 5.0, "b": 50.0, "c": 8.0, "d": 20.0, "e": 200.0, "f": 30.0, "g": 12.
 def test_terciles_rank_easiest_first():
     classes, cuts = classify(PPL, DifficultyConfig(), trainable=["a", "b", "c", "d", "e", "f"])
     assert classes == {
-        "a": "easy", "c": "easy", "d": "moderate", "f": "moderate", "b": "difficult",
+        "a": "easy",
+        "c": "easy",
+        "d": "moderate",
+        "f": "moderate",
+        "b": "difficult",
         "e": "difficult",
     }
     assert cuts == pytest.approx([math.sqrt(8 * 20), math.sqrt(30 * 50)])
@@ -59,6 +63,8 @@ def test_record_places_held_out_domains_by_cut_points():
     assert record["held_out_classes"] == {"g": "easy"}  # 12 < sqrt(8 * 20) = 12.6
     only_m = difficulty_record(
         {"M": PPL, "S": {k: v * 2 for k, v in PPL.items()}},
-        DifficultyConfig(seed_size="M"), list("abcdef"), [],
+        DifficultyConfig(seed_size="M"),
+        list("abcdef"),
+        [],
     )
     assert only_m["seed_sizes"] == ["M"] and only_m["perplexity"]["a"] == 5.0

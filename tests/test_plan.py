@@ -92,7 +92,8 @@ def test_held_out_and_unscheduled_domains_are_evaluated_not_trained(config_dict)
 
 def test_explicit_schedule(config_dict):
     config_dict["plan"]["schedule"] = {
-        "easy": ["d0", "d3", "d6"], "moderate": ["d1", "d4", "d7"],
+        "easy": ["d0", "d3", "d6"],
+        "moderate": ["d1", "d4", "d7"],
         "difficult": ["d2", "d5", "d8"],
     }
     plan = plan_for(config_dict, classes=None)
@@ -105,16 +106,24 @@ def test_provisional_plan_before_difficulty_is_known(config_dict):
     plan = plan_for(config_dict, classes=None)
     assert plan.provisional
     assert plan.schedule["easy"][0] == "<easy #1>"
-    assert plan.configurations["MHo-IHo"].budget == plan_for(config_dict).configurations[
-        "MHo-IHo"].budget
+    assert (
+        plan.configurations["MHo-IHo"].budget
+        == plan_for(config_dict).configurations["MHo-IHo"].budget
+    )
 
 
 def test_unequal_budgets_are_refused_unless_allowed(config_dict):
     config_dict["plan"]["configurations"] = [
-        {"name": "MHo-IHo", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
-         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
-        {"name": "big", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "L"),
-         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+        {
+            "name": "MHo-IHo",
+            "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+            "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400),
+        },
+        {
+            "name": "big",
+            "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "L"),
+            "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400),
+        },
     ]
     with pytest.raises(PlanError, match=r"big \+25.00%"):
         plan_for(config_dict)
@@ -127,12 +136,21 @@ def test_unequal_budgets_are_refused_unless_allowed(config_dict):
 
 
 def test_equalise_flops_closes_the_gap(config_dict):
-    config_dict["plan"].update(equalise="flops", configurations=[
-        {"name": "MHo-IHo", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
-         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
-        {"name": "small", "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "S"),
-         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
-    ])
+    config_dict["plan"].update(
+        equalise="flops",
+        configurations=[
+            {
+                "name": "MHo-IHo",
+                "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "M"),
+                "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400),
+            },
+            {
+                "name": "small",
+                "sizes": dict.fromkeys(("easy", "moderate", "difficult"), "S"),
+                "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400),
+            },
+        ],
+    )
     plan = plan_for(config_dict)
     steps = plan.configurations["small"].steps
     assert all(s > 400 for s in steps.values())  # smaller models get more steps
@@ -147,8 +165,11 @@ def test_equalise_steps_math():
 
 def test_unknown_size_in_a_configuration(config_dict):
     config_dict["plan"]["configurations"] = [
-        {"name": "MHo-IHo", "sizes": {"easy": "XL", "moderate": "M", "difficult": "M"},
-         "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400)},
+        {
+            "name": "MHo-IHo",
+            "sizes": {"easy": "XL", "moderate": "M", "difficult": "M"},
+            "steps": dict.fromkeys(("easy", "moderate", "difficult"), 400),
+        },
     ]
     with pytest.raises(PlanError, match="unknown size 'XL'"):
         plan_for(config_dict)

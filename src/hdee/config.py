@@ -211,8 +211,9 @@ class DifficultyConfig(_Strict):
         "tercile", description="How seed perplexities become classes."
     )
     seed_size: str | None = Field(
-        None, description="Which seed's perplexity ranks the domains (default: all, averaged "
-        "in log space)."
+        None,
+        description="Which seed's perplexity ranks the domains (default: all, averaged "
+        "in log space).",
     )
     thresholds: tuple[float, float] | None = Field(
         None, description="Perplexity cut points [easy/moderate, moderate/difficult]."
@@ -278,9 +279,7 @@ class PlanConfig(_Strict):
     held_out: list[str] = Field(
         default_factory=list, description="Domains evaluated but never trained."
     )
-    configurations: list[Configuration] = Field(
-        default_factory=lambda: list(PAPER_CONFIGURATIONS)
-    )
+    configurations: list[Configuration] = Field(default_factory=lambda: list(PAPER_CONFIGURATIONS))
     baseline: str = Field("MHo-IHo", description="The configuration others are compared with.")
     equalise: Literal["none", "proxy", "flops"] = Field(
         "none",
@@ -307,15 +306,23 @@ class PlanConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     methods: list[Literal["simple_average", "uniform_prior", "cached_prior", "single_experts"]] = (
-        Field(default_factory=lambda: ["simple_average", "uniform_prior", "cached_prior",
-                                       "single_experts"])
+        Field(
+            default_factory=lambda: [
+                "simple_average",
+                "uniform_prior",
+                "cached_prior",
+                "single_experts",
+            ]
+        )
     )
     posterior: Literal["prefix", "updating"] = Field(
         "prefix",
         description="'prefix': P(j|x<t) from the whole prefix (HDEE); 'updating': from the "
         "previous token's likelihood only (BTM/DEMix code).",
     )
-    cached_prior_sequences: int = Field(100, gt=0, description="Validation sequences for the prior.")
+    cached_prior_sequences: int = Field(
+        100, gt=0, description="Validation sequences for the prior."
+    )
     cached_prior_decay: float = Field(0.3, gt=0, le=1, description="EWMA weight of each new one.")
     max_test_sequences: int | None = Field(None, gt=0, description="Cap on test sequences/domain.")
     batch_size: int = Field(8, gt=0)
@@ -425,8 +432,12 @@ def _resolve_local_paths(raw: dict[str, Any], base: Path) -> None:
             tokenizer["name_or_path"] = str(candidate)
 
 
-def parse_config(raw: Any, source: Path | str = "<config>", base_dir: Path | None = None,
-                 overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def parse_config(
+    raw: Any,
+    source: Path | str = "<config>",
+    base_dir: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ExperimentConfig:
     """Validate a config given as a dict. `base_dir` anchors relative paths."""
     path = Path(source)
     if not isinstance(raw, dict):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from hdee.atomic import atomic_path, write_json
 from hdee.config import DIFFICULTY_CLASSES, DifficultyConfig
@@ -23,7 +24,9 @@ def tercile_groups(ranked: list[str], classes: tuple[str, ...] = DIFFICULTY_CLAS
     """Split domains ranked from easiest to hardest into len(classes) near-equal groups (the
     middle classes take the remainder first, as numpy.array_split does from the front)."""
     groups = np.array_split(np.array(ranked, dtype=object), len(classes))
-    return {str(domain): cls for cls, group in zip(classes, groups, strict=True) for domain in group}
+    return {
+        str(domain): cls for cls, group in zip(classes, groups, strict=True) for domain in group
+    }
 
 
 def classify(
@@ -54,7 +57,10 @@ def classify(
         assert config.thresholds is not None
         low, high = config.thresholds
         classes = {
-            d: "easy" if perplexity[d] < low else "moderate" if perplexity[d] < high
+            d: "easy"
+            if perplexity[d] < low
+            else "moderate"
+            if perplexity[d] < high
             else "difficult"
             for d in trainable
         }
@@ -98,8 +104,7 @@ def combine_seed_perplexities(per_seed: dict[str, dict[str, float]]) -> dict[str
         return dict(next(iter(per_seed.values())))
     domains = next(iter(per_seed.values())).keys()
     return {
-        d: math.exp(sum(math.log(p[d]) for p in per_seed.values()) / len(per_seed))
-        for d in domains
+        d: math.exp(sum(math.log(p[d]) for p in per_seed.values()) / len(per_seed)) for d in domains
     }
 
 
@@ -141,18 +146,23 @@ def measure_difficulty(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Seed perplexity of every domain's validation split; writes difficulty.json + a plot."""
-    from hdee.ensemble import sequence_perplexity
-    from hdee.model import load_model, resolve_device
+    from hdee.data.tokens import load_tokens
+    from hdee.ensemble import perplexity
+    from hdee.evaluate import compute_log_probs, pick_device
+    from hdee.model import load_model
 
-    torch_device = resolve_device(device)
+    torch_device = pick_device() if device == "auto" else torch.device(device)
+    max_windows = config.eval_batches * batch_size
     per_seed: dict[str, dict[str, float]] = {}
     for size, seed_dir in sorted(seed_dirs.items()):
         if config.seed_size and size != config.seed_size:
             continue
-        model = load_model(seed_dir).to(torch_device).eval()
+        model = load_model(seed_dir, device=torch_device).eval()
         per_seed[size] = {
-            domain: sequence_perplexity(
-                model, path, seq_len, batch_size, config.eval_batches, torch_device
+            domain: perplexity(
+                compute_log_probs(
+                    model, load_tokens(path), seq_len, batch_size, max_windows, torch_device
+                )
             )
             for domain, path in sorted(validation_tokens.items())
         }

@@ -1,17 +1,17 @@
 """Where things live inside a run directory. One place, so no module invents a path.
 
-    RUN/
-      config.yaml                  the resolved experiment config
-      run.lock                     held while `hdee run` writes here
-      data/tokenizer/              PreTrainedTokenizerFast directory
-      data/<corpus>/<split>.bin    flat token array (uint16 or uint32), memory-mapped
-      data/<corpus>/<split>.json   manifest of that array
-      jobs/<job_id>/               one training job (seed or expert), see train.py
-      difficulty/                  difficulty.json, difficulty.png
-      plan.json                    lanes, iterations, configurations, budgets, job graph
-      evaluation/logprobs/<job_id>/<domain>.<split>.safetensors   cached label log-probs
-      evaluation/results.json, results.csv
-      report/report.md, report/*.png
+RUN/
+  config.yaml                  the resolved experiment config
+  run.lock                     held while `hdee run` writes here
+  data/tokenizer/              PreTrainedTokenizerFast directory
+  data/<corpus>/<split>.bin    flat token array (uint16 or uint32), memory-mapped
+  data/<corpus>/<split>.json   manifest of that array
+  jobs/<job_id>/               one training job (seed or expert), see train.py
+  difficulty/                  difficulty.json, difficulty.png
+  plan.json                    lanes, iterations, configurations, budgets, job graph
+  evaluation/logprobs/<job_id>/<domain>.<split>.safetensors   cached label log-probs
+  evaluation/results.json, results.csv
+  report/report.md, report/*.png
 """
 
 from __future__ import annotations

@@ -197,7 +197,9 @@ def placeholder_schedule(lanes: list[str], iterations: int) -> dict[str, list[st
 # Job identity
 
 
-def corpus_fingerprints(config: ExperimentConfig, manifests: dict[str, str] | None) -> dict[str, str]:
+def corpus_fingerprints(
+    config: ExperimentConfig, manifests: dict[str, str] | None
+) -> dict[str, str]:
     """What a job's data is: the content hash of the prepared tokens where known, else a hash
     of everything `hdee prepare` would read (so a plan made before preparing is stable)."""
     prepare_inputs = {
@@ -312,14 +314,19 @@ def build_plan(
         if size not in shapes:
             raise PlanError(f"seed size {size!r} is not a model size {sorted(shapes)}")
         identity = {
-            "kind": "seed", "shape": asdict(shapes[size]), "vocab": vocab_size, "seq_len": seq_len,
+            "kind": "seed",
+            "shape": asdict(shapes[size]),
+            "vocab": vocab_size,
+            "seq_len": seq_len,
             "training": seed_training.model_dump(mode="json"),
-            "data": fingerprints[config.data.general.name], "seed": config.seed,
+            "data": fingerprints[config.data.general.name],
+            "seed": config.seed,
         }
         job_id = _job_id("seed", size, config.data.general.name, identity)
         seeds[size] = job_id
-        jobs[job_id] = PlannedJob(job_id, "seed", size, seed_training.steps,
-                                  config.data.general.name)
+        jobs[job_id] = PlannedJob(
+            job_id, "seed", size, seed_training.steps, config.data.general.name
+        )
         cost = job_budget(shapes[size], seed_training.steps, flops_per_step(size, seed_training))
         seed_budget = Budget(seed_budget.proxy + cost.proxy, seed_budget.flops + cost.flops)
 
@@ -339,8 +346,12 @@ def build_plan(
             if name == config.plan.baseline:
                 continue
             cost = {
-                lane: (shapes[c.sizes[lane]].intermediate_size if measure == "proxy"
-                       else expert_flops[c.sizes[lane]]) * iterations
+                lane: (
+                    shapes[c.sizes[lane]].intermediate_size
+                    if measure == "proxy"
+                    else expert_flops[c.sizes[lane]]
+                )
+                * iterations
                 for lane in lanes
             }
             planned_steps[name] = equalise_steps(
@@ -350,14 +361,24 @@ def build_plan(
     configurations: dict[str, PlannedConfiguration] = {}
     for name, c in by_name.items():
         configurations[name] = PlannedConfiguration(
-            name=name, sizes={lane: c.sizes[lane] for lane in lanes},
-            steps={lane: planned_steps[name][lane] for lane in lanes}, budget=budget_of(name),
+            name=name,
+            sizes={lane: c.sizes[lane] for lane in lanes},
+            steps={lane: planned_steps[name][lane] for lane in lanes},
+            budget=budget_of(name),
         )
 
     plan = Plan(
-        lanes=lanes, classes=classes, schedule=schedule, trained_domains=trained,
-        held_out_domains=held_out, seeds=seeds, jobs=jobs, configurations=configurations,
-        seed_budget=seed_budget, baseline=config.plan.baseline, budget_measure=measure,
+        lanes=lanes,
+        classes=classes,
+        schedule=schedule,
+        trained_domains=trained,
+        held_out_domains=held_out,
+        seeds=seeds,
+        jobs=jobs,
+        configurations=configurations,
+        seed_budget=seed_budget,
+        baseline=config.plan.baseline,
+        budget_measure=measure,
         provisional=provisional,
     )
 
@@ -379,7 +400,7 @@ def build_plan(
     # Experts: every lane of every configuration, iteration by iteration, branching from the
     # lane's own previous expert (iteration 1: the seed of the lane's size). Identical jobs
     # (same size, steps, domain and parent) get the same id and so run once.
-    for name, c in configurations.items():
+    for c in configurations.values():
         previous: dict[str, str] = {lane: seeds[c.sizes[lane]] for lane in lanes}
         for k in range(iterations):
             ensemble: dict[str, str] = {}
@@ -387,15 +408,20 @@ def build_plan(
                 size, steps, domain = c.sizes[lane], c.steps[lane], schedule[lane][k]
                 training = expert_training.model_copy(update={"steps": steps})
                 identity = {
-                    "kind": "expert", "shape": asdict(shapes[size]), "vocab": vocab_size,
-                    "seq_len": seq_len, "training": training.model_dump(mode="json"),
-                    "data": fingerprints.get(domain, domain), "init_from": previous[lane],
+                    "kind": "expert",
+                    "shape": asdict(shapes[size]),
+                    "vocab": vocab_size,
+                    "seq_len": seq_len,
+                    "training": training.model_dump(mode="json"),
+                    "data": fingerprints.get(domain, domain),
+                    "init_from": previous[lane],
                     "seed": config.seed,
                 }
                 job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
-                jobs.setdefault(job_id, PlannedJob(
-                    job_id, "expert", size, steps, domain, lane, k + 1, previous[lane]
-                ))
+                jobs.setdefault(
+                    job_id,
+                    PlannedJob(job_id, "expert", size, steps, domain, lane, k + 1, previous[lane]),
+                )
                 ensemble[lane] = previous[lane] = job_id
             c.ensembles.append(ensemble)
     return plan
@@ -409,17 +435,27 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
     }
     configurations = {
         name: PlannedConfiguration(
-            name=name, sizes=c["sizes"], steps=c["steps"], budget=Budget(**c["budget"]),
+            name=name,
+            sizes=c["sizes"],
+            steps=c["steps"],
+            budget=Budget(**c["budget"]),
             ensembles=c["ensembles"],
         )
         for name, c in data["configurations"].items()
     }
     return Plan(
-        lanes=data["lanes"], classes=data["classes"], schedule=data["schedule"],
-        trained_domains=data["trained_domains"], held_out_domains=data["held_out_domains"],
-        seeds=data["seeds"], jobs=jobs, configurations=configurations,
-        seed_budget=Budget(**data["seed_budget"]), baseline=data["baseline"],
-        budget_measure=data["budget_measure"], provisional=data.get("provisional", False),
+        lanes=data["lanes"],
+        classes=data["classes"],
+        schedule=data["schedule"],
+        trained_domains=data["trained_domains"],
+        held_out_domains=data["held_out_domains"],
+        seeds=data["seeds"],
+        jobs=jobs,
+        configurations=configurations,
+        seed_budget=Budget(**data["seed_budget"]),
+        baseline=data["baseline"],
+        budget_measure=data["budget_measure"],
+        provisional=data.get("provisional", False),
     )
 
 
@@ -444,16 +480,25 @@ def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
             "them (stage 'difficulty'); budgets and seeds below are final."
         )
     table = Table(title="Configurations (budget of all expert jobs)")
-    for column in ("configuration", *[f"{lane} size/steps" for lane in plan.lanes],
-                   "|FFN| x steps", "train FLOPs", "vs baseline (proxy / FLOPs)"):
+    for column in (
+        "configuration",
+        *[f"{lane} size/steps" for lane in plan.lanes],
+        "|FFN| x steps",
+        "train FLOPs",
+        "vs baseline (proxy / FLOPs)",
+    ):
         table.add_column(column)
     for name, c in plan.configurations.items():
-        gap = f"{plan.relative_budget_gap(name, 'proxy'):+.2%} / " \
-              f"{plan.relative_budget_gap(name, 'flops'):+.2%}"
+        gap = (
+            f"{plan.relative_budget_gap(name, 'proxy'):+.2%} / "
+            f"{plan.relative_budget_gap(name, 'flops'):+.2%}"
+        )
         table.add_row(
             name + (" (baseline)" if name == plan.baseline else ""),
             *[f"{c.sizes[lane]} / {c.steps[lane]}" for lane in plan.lanes],
-            _si(c.budget.proxy), _si(c.budget.flops), gap,
+            _si(c.budget.proxy),
+            _si(c.budget.flops),
+            gap,
         )
     console.print(table)
     console.print(
@@ -461,17 +506,38 @@ def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
         f"|FFN| x steps {_si(plan.seed_budget.proxy)}, train FLOPs {_si(plan.seed_budget.flops)}"
     )
     jobs = Table(title=f"Jobs ({len(plan.jobs)} unique)")
-    for column in ("job", "kind", "size", "steps", "domain", "lane", "iter", "branches from",
-                   "status"):
+    for column in (
+        "job",
+        "kind",
+        "size",
+        "steps",
+        "domain",
+        "lane",
+        "iter",
+        "branches from",
+        "status",
+    ):
         jobs.add_column(column)
     for job in plan.jobs.values():
         status = ""
         if layout is not None:
             job_dir = layout.job(job.job_id)
-            status = ("done" if (job_dir / "result.json").is_file()
-                      else "partial" if (job_dir / "checkpoints").is_dir() else "pending")
+            status = (
+                "done"
+                if (job_dir / "result.json").is_file()
+                else "partial"
+                if (job_dir / "checkpoints").is_dir()
+                else "pending"
+            )
         jobs.add_row(
-            job.job_id, job.kind, job.size, str(job.steps), job.domain, job.lane or "",
-            str(job.iteration or ""), job.init_from or "", status,
+            job.job_id,
+            job.kind,
+            job.size,
+            str(job.steps),
+            job.domain,
+            job.lane or "",
+            str(job.iteration or ""),
+            job.init_from or "",
+            status,
         )
     console.print(jobs)

@@ -1,0 +1,287 @@
+"""The `hdee` command. Thin: parse arguments, load the config, call one function, report errors.
+
+Every subcommand calls the same function the tests call; nothing about the method lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hdee import __version__
+from hdee.config import STAGES, ConfigError, ExperimentConfig, load_config
+
+EXAMPLES = """\
+examples:
+  hdee demo --quick                      the whole experiment on built-in text, ~2 minutes
+  hdee plan configs/tiny.yaml            jobs and compute budgets, before anything runs
+  hdee run configs/tiny.yaml             every stage into the run directory (re-run resumes)
+  hdee run configs/tiny.yaml --until seeds
+  hdee evaluate runs/tiny && hdee report runs/tiny
+  hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
+"""
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. plan.iterations=2")
+        key, value = pair.split("=", 1)
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def _config(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, overrides=_overrides(getattr(args, "set", None)))
+
+
+def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfig:
+    """The resolved config a run directory holds (its run_dir pointed at where it is now)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; is {run_dir!r} a run directory made by `hdee run`?")
+    overrides = {"run_dir": str(Path(run_dir).resolve()), **_overrides(extra)}
+    return load_config(path, overrides=overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from hdee.data.prepare import prepare_data
+    from hdee.layout import RunLayout
+    from hdee.pipeline import run_lock, save_resolved_config
+
+    config = _config(args)
+    layout = RunLayout.of(config.run_dir)
+    with run_lock(layout):
+        save_resolved_config(config, layout)
+        prepare_data(config, progress=not args.quiet)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from rich.console import Console
+
+    from hdee.layout import RunLayout
+    from hdee.pipeline import current_classes, training_manifests
+    from hdee.plan import build_plan, print_plan
+
+    config = _config(args)
+    layout = RunLayout.of(config.run_dir)
+    vocab_size = _vocab_size_before_prepare(config, layout)
+    plan = build_plan(
+        config,
+        vocab_size,
+        classes=current_classes(layout),
+        manifests=training_manifests(config, layout),
+    )
+    console = Console()
+    print_plan(plan, console, layout)
+    if args.json:
+        import json
+
+        print(json.dumps(plan.to_json(), indent=2))
+
+
+def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any) -> int:
+    """The prepared tokenizer's size if there is one, else what prepare will produce."""
+    if (layout.tokenizer / "tokenizer.json").is_file():
+        from hdee.pipeline import prepared_vocab
+
+        return prepared_vocab(layout)[0]
+    if config.data.tokenizer.kind == "bpe":
+        return config.data.tokenizer.vocab_size
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(config.data.tokenizer.name_or_path))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from hdee.train import main_train
+
+    main_train(args.spec)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    config = _config(args)
+    runner_updates: dict[str, Any] = {}
+    if args.runner:
+        runner_updates["kind"] = args.runner
+    if args.address:
+        runner_updates["address"] = args.address
+    if args.workers is not None:
+        runner_updates["workers"] = args.workers
+    if runner_updates:
+        config = config.model_copy(
+            update={"runner": config.runner.model_copy(update=runner_updates)}
+        )
+    if config.runner.kind == "ray":
+        from hdee.runners.ray_runner import run_experiment_on_ray
+
+        run_experiment_on_ray(config, start=args.start, until=args.until)
+        return
+    from hdee.pipeline import run_experiment
+
+    run_experiment(config, start=args.start, until=args.until, progress=not args.quiet)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from hdee.evaluate import evaluate_run
+
+    config = _run_config(args.run, args.set)
+    evaluate_run(config.run_dir, config, progress=not args.quiet)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from hdee.report import write_report
+
+    config = _run_config(args.run)
+    print(write_report(config.run_dir, config))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from hdee.generate import generate_from_run
+
+    text = generate_from_run(
+        args.run,
+        args.configuration,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.temperature == 0,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        seed=args.seed,
+        posterior=args.posterior,
+    )
+    print(text)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from hdee.demo import run_demo
+
+    run_demo(
+        run_dir=Path(args.run_dir) if args.run_dir else None,
+        quick=args.quick,
+        progress=not args.quiet,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hdee",
+        description="Heterogeneous Domain Expert Ensembles: prepare data, train seeds and "
+        "domain experts under an equal compute budget, ensemble them with a domain posterior, "
+        "and report per-domain perplexity.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hdee {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="experiment config (YAML); see docs/config.md")
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set plan.iterations=2 (repeatable)",
+        )
+
+    p = add("prepare", "Tokenize, split and pack the general corpus and every domain.", cmd_prepare)
+    add_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("plan", "Print the jobs, lanes and compute budgets of an experiment.", cmd_plan)
+    add_config(p)
+    p.add_argument("--json", action="store_true", help="also print the plan as JSON")
+
+    p = add(
+        "train",
+        "Run one training job (seed or expert) from a spec file; works under "
+        "torchrun for DDP; re-running resumes.",
+        cmd_train,
+    )
+    p.add_argument("spec", help="TrainSpec JSON (a run writes one per job: RUN/jobs/ID/spec.json)")
+
+    p = add("run", "Run every stage into the run directory; running it again resumes.", cmd_run)
+    add_config(p)
+    p.add_argument("--from", dest="start", choices=STAGES, help="first stage to run")
+    p.add_argument("--until", choices=STAGES, help="last stage to run")
+    p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
+    p.add_argument("--address", help="Ray cluster address (with --runner ray)")
+    p.add_argument("--workers", type=int, help="concurrent jobs (0: automatic)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add(
+        "evaluate",
+        "Test perplexity of every configuration, domain and ensembling method.",
+        cmd_evaluate,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override an evaluation key, e.g. --set evaluation.posterior=updating",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = add("report", "Write the Markdown report, CSV and plots of a run.", cmd_report)
+    p.add_argument("run", help="run directory")
+
+    p = add("generate", "Generate text from a configuration's final ensemble.", cmd_generate)
+    p.add_argument("run", help="run directory")
+    p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
+
+    p = add(
+        "demo",
+        "The built-in experiment: real text from this machine, tiny models, a CPU.",
+        cmd_demo,
+    )
+    p.add_argument("--quick", action="store_true", help="a smaller variant (about 2 minutes)")
+    p.add_argument("--run-dir", help="where to put it (default: runs/demo or runs/demo-quick)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as error:
+        # Expected failures (bad input, a failed job) get one clear message, not a traceback;
+        # HDEE_DEBUG=1 shows the traceback too.
+        if os.environ.get("HDEE_DEBUG"):
+            raise
+        print(f"hdee {args.command}: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

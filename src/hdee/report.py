@@ -1,0 +1,419 @@
+"""`hdee report`: the run's results as Markdown (in the manner of the paper's table), plus plots.
+
+Reads what the stages wrote (plan.json, difficulty.json, evaluation/results.json, each job's
+metrics.jsonl) and writes RUN/report/report.md with PNGs beside it. Pure reading and writing:
+nothing here runs a model, so a report can be re-made at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hdee.atomic import atomic_path, read_json, write_text
+from hdee.config import ExperimentConfig
+from hdee.layout import RunLayout
+
+# The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
+HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
+METHOD_TITLES = {
+    "uniform_prior": "domain posterior, uniform prior",
+    "cached_prior": "domain posterior, cached prior",
+    "simple_average": "simple average of probabilities",
+    "best_single": "best single expert",
+}
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _si(value: float) -> str:
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading results (pure)
+
+
+def final_perplexities(results: dict[str, Any], method: str) -> dict[str, dict[str, float]]:
+    """configuration -> domain -> test perplexity of `method` for the final ensemble."""
+    table: dict[str, dict[str, float]] = {}
+    for name, configuration in results["configurations"].items():
+        final = configuration["iterations"][str(configuration["final_iteration"])]
+        table[name] = {
+            domain: entry["methods"][method]["perplexity"]
+            for domain, entry in final["domains"].items()
+            if method in entry["methods"]
+        }
+    return table
+
+
+def best_per_domain(table: dict[str, dict[str, float]]) -> dict[str, str]:
+    """Domain -> the configuration with the lowest perplexity (first listed wins ties)."""
+    domains = {d for row in table.values() for d in row}
+    return {
+        d: min((name for name in table if d in table[name]), key=lambda n: table[n][d])
+        for d in domains
+    }
+
+
+def heterogeneous_wins(table: dict[str, dict[str, float]], baseline: str) -> tuple[int, int]:
+    """In how many domains a heterogeneous configuration (any but the baseline) is best."""
+    best = best_per_domain(table)
+    return sum(name != baseline for name in best.values()), len(best)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _perplexity_table(
+    table: dict[str, dict[str, float]],
+    domains: list[str],
+    classes: dict[str, str],
+) -> list[str]:
+    names = list(table)
+    best = best_per_domain(table)
+    lines = [
+        "| domain | class | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for domain in domains:
+        cells = []
+        for name in names:
+            value = table[name].get(domain)
+            text = _fmt(value)
+            cells.append(f"**{text}**" if best.get(domain) == name else text)
+        lines.append(f"| {domain} | {classes.get(domain, '')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _budget_lines(plan: dict[str, Any]) -> list[str]:
+    lanes = plan["lanes"]
+    lines = [
+        "| configuration | "
+        + " | ".join(f"{lane} size / steps" for lane in lanes)
+        + " | &#124;FFN&#124; x steps | training FLOPs | vs baseline (proxy / FLOPs) |",
+        "| --- | " + " | ".join("---" for _ in lanes) + " | ---: | ---: | ---: |",
+    ]
+    for name, c in plan["configurations"].items():
+        gap = c["relative_budget_gap"]
+        label = f"{name} (baseline)" if name == plan["baseline"] else name
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{c['sizes'][lane]} / {c['steps'][lane]}" for lane in lanes)
+            + f" | {_si(c['budget']['proxy'])} | {_si(c['budget']['flops'])} | "
+            f"{gap['proxy']:+.2%} / {gap['flops']:+.2%} |"
+        )
+    seeds = plan["seed_budget"]
+    lines += [
+        "",
+        f"Seeds ({', '.join(sorted(plan['seeds']))}, one per size, shared by every "
+        f"configuration) cost a further {_si(seeds['proxy'])} in |FFN| x steps and "
+        f"{_si(seeds['flops'])} training FLOPs, not included above.",
+    ]
+    return lines
+
+
+def _schedule_lines(plan: dict[str, Any]) -> list[str]:
+    iterations = len(next(iter(plan["schedule"].values())))
+    lines = [
+        "| lane | " + " | ".join(f"iteration {k + 1}" for k in range(iterations)) + " |",
+        "| --- | " + " | ".join("---" for _ in range(iterations)) + " |",
+    ]
+    for lane in plan["lanes"]:
+        lines.append(f"| {lane} | " + " | ".join(plan["schedule"][lane]) + " |")
+    return lines
+
+
+def _difficulty_lines(record: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Seed validation perplexity ({', '.join(record['seed_sizes'])}), method "
+        f"`{record['method']}`; cut points "
+        + ", ".join(_fmt(c) for c in record["cut_points"])
+        + ".",
+        "",
+        "| rank | domain | seed perplexity | class |",
+        "| ---: | --- | ---: | --- |",
+    ]
+    for rank, domain in enumerate(record["ranking"], 1):
+        cls = record["classes"].get(domain)
+        if cls is None:
+            cls = f"held out (would be {record['held_out_classes'].get(domain, '?')})"
+        lines.append(f"| {rank} | {domain} | {_fmt(record['perplexity'][domain])} | {cls} |")
+    return lines
+
+
+def render_markdown(
+    plan: dict[str, Any],
+    results: dict[str, Any],
+    difficulty: dict[str, Any] | None,
+    config: ExperimentConfig,
+    plots: dict[str, str],
+) -> str:
+    classes = dict(plan.get("classes") or {})
+    if difficulty:
+        classes.update({d: f"held out ({c})" for d, c in difficulty["held_out_classes"].items()})
+    for d in plan["held_out_domains"]:
+        # A trainable domain the schedule did not reach is evaluated like a held-out one.
+        classes[d] = (
+            f"not scheduled ({classes[d]})"
+            if d in (plan.get("classes") or {})
+            else classes.get(d, "held out")
+        )
+    baseline = plan["baseline"]
+    methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
+    headline = methods[0]
+    table = final_perplexities(results, headline)
+    wins, total = heterogeneous_wins(table, baseline)
+    trained_wins, trained_total = heterogeneous_wins(
+        {
+            n: {d: v for d, v in row.items() if d in plan["trained_domains"]}
+            for n, row in table.items()
+        },
+        baseline,
+    )
+
+    out = [
+        "# HDEE report",
+        "",
+        f"Run `{config.run_dir}`: {len(plan['trained_domains'])} trained and "
+        f"{len(plan['held_out_domains'])} held-out domains, {len(plan['schedule'][plan['lanes'][0]])} "
+        f"BTM iteration(s), model preset `{config.model.preset}`, sequence length "
+        f"{config.data.seq_len}. Test-split perplexity of each configuration's final ensemble; "
+        f"the domain posterior is **{results['posterior']}** "
+        + (
+            "(the whole prefix, HDEE)."
+            if results["posterior"] == "prefix"
+            else "(previous token only, as in BTM / DEMix code)."
+        ),
+        "",
+        f"**A heterogeneous configuration is best in {wins} of {total} domains** "
+        f"({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
+        f"{total - trained_total} held out; baseline {baseline}, method: "
+        f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold.",
+        "",
+        "## Trained domains",
+        "",
+        *_perplexity_table(table, plan["trained_domains"], classes),
+        "",
+        "## Held-out domains",
+        "",
+        *_perplexity_table(table, plan["held_out_domains"], classes),
+        "",
+        "## Every method (geometric mean of perplexity over domains)",
+        "",
+        "| method | " + " | ".join(table) + " |",
+        "| --- | " + " | ".join("---:" for _ in table) + " |",
+    ]
+    for method in methods:
+        per = final_perplexities(results, method)
+        cells = []
+        for name in table:
+            values = list(per[name].values())
+            mean = math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+            cells.append(_fmt(mean))
+        out.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Per-domain numbers of every method and every single expert: `evaluation/results.csv`.",
+        "",
+        "## Compute budgets",
+        "",
+        *_budget_lines(plan),
+        "",
+        "## Lanes",
+        "",
+        *_schedule_lines(plan),
+        "",
+    ]
+    if difficulty:
+        out += ["## Domain difficulty", "", *_difficulty_lines(difficulty), ""]
+    if plots:
+        out += ["## Plots", ""]
+        for title, name in plots.items():
+            out += [f"### {title}", "", f"![{title}]({name})", ""]
+    out += [
+        "---",
+        "Made by `hdee report`. Tiny demo models are not the paper's scale: read the numbers as a "
+        "check that the method runs end to end, not as a reproduction.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_perplexity(
+    table: dict[str, dict[str, float]], domains: list[str], path: Path, title: str
+) -> None:
+    plt = _pyplot()
+    names = list(table)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(domains) + 2), 4))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(domains))]
+        ax.bar(xs, [table[name].get(d, float("nan")) for d in domains], width, label=name)
+    ax.set_xticks(range(len(domains)))
+    ax.set_xticklabels(domains, rotation=45, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity (log scale)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_posteriors(results: dict[str, Any], domains: list[str], path: Path) -> bool:
+    """Mean posterior weight of each lane's expert per domain, one panel per configuration."""
+    panels = []
+    for name, configuration in results["configurations"].items():
+        final = configuration["iterations"][str(configuration["final_iteration"])]
+        lanes = list(final["experts"])
+        rows = []
+        for d in domains:
+            weights = final["domains"].get(d, {}).get("mean_posterior", {}).get("uniform_prior")
+            if weights is None:
+                return False
+            rows.append([weights[lane] for lane in lanes])
+        panels.append((name, lanes, rows))
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.2 * len(panels) + 1, 0.32 * len(domains) + 1.8), squeeze=False
+    )
+    for ax, (name, lanes, rows) in zip(axes[0], panels, strict=True):
+        image = ax.imshow(rows, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(lanes)))
+        ax.set_xticklabels(lanes, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(domains)))
+        ax.set_yticklabels(domains if ax is axes[0][0] else [], fontsize=8)
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="mean P(expert | prefix)")
+    _save(fig, path)
+    return True
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash mid-write; the rest is still useful
+    return rows
+
+
+def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) -> bool:
+    """Training loss (lines) and validation loss (dots) of every job, seeds then lanes."""
+    groups: dict[str, list[str]] = {"seeds": list(plan["seeds"].values())}
+    for job_id, job in plan["jobs"].items():
+        if job["kind"] == "expert":
+            groups.setdefault(f"{job['lane']} lane", []).append(job_id)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+    drew = False
+    for ax, (title, job_ids) in zip(axes[0], groups.items(), strict=True):
+        offset_by_job: dict[str, int] = {}
+        for job_id in job_ids:
+            job = plan["jobs"][job_id]
+            # Experts continue their parent's curve: shift each by its ancestors' steps.
+            offset, parent = 0, job.get("init_from")
+            while parent and plan["jobs"][parent]["kind"] == "expert":
+                offset += plan["jobs"][parent]["steps"]
+                parent = plan["jobs"][parent].get("init_from")
+            offset_by_job[job_id] = offset
+            rows = read_metrics(layout.job(job_id) / "metrics.jsonl")
+            train = [(r["step"] + offset, r["loss"]) for r in rows if "loss" in r]
+            val = [
+                (r["step"] + offset, v)
+                for r in rows
+                for k, v in r.items()
+                if k.startswith("val/") and k.endswith("/loss")
+            ]
+            if not train:
+                continue
+            drew = True
+            label = job["size"] if job["kind"] == "seed" else f"{job['size']}/{job['steps']}"
+            line = ax.plot(*zip(*train, strict=True), linewidth=1, label=label)[0]
+            if val:
+                ax.scatter(*zip(*val, strict=True), s=10, color=line.get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step (experts continue their parent)", fontsize=8)
+        ax.set_ylabel("loss", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    if drew:
+        _save(fig, path)
+    else:
+        plt.close(fig)
+    return drew
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(run_dir: str | Path, config: ExperimentConfig) -> Path:
+    """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
+    layout = RunLayout.of(run_dir)
+    for path, stage in ((layout.plan, "plan"), (layout.evaluation / "results.json", "evaluate")):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first")
+    plan = read_json(layout.plan)
+    results = read_json(layout.evaluation / "results.json")
+    difficulty_path = layout.difficulty / "difficulty.json"
+    difficulty = read_json(difficulty_path) if difficulty_path.is_file() else None
+    out = layout.report
+    out.mkdir(parents=True, exist_ok=True)
+
+    domains = plan["trained_domains"] + plan["held_out_domains"]
+    methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
+    plots: dict[str, str] = {}
+    plot_perplexity(
+        final_perplexities(results, methods[0]),
+        domains,
+        out / "perplexity.png",
+        f"Test perplexity ({METHOD_TITLES[methods[0]]})",
+    )
+    plots["Test perplexity by domain and configuration"] = "perplexity.png"
+    if plot_posteriors(results, domains, out / "posterior.png"):
+        plots["Mean posterior weight of each expert per domain (uniform prior)"] = "posterior.png"
+    if plot_training_curves(plan, layout, out / "training_curves.png"):
+        plots["Training and validation loss of every job"] = "training_curves.png"
+    if (layout.difficulty / "difficulty.png").is_file():
+        plots["Domain difficulty"] = "../difficulty/difficulty.png"
+
+    markdown = render_markdown(plan, results, difficulty, config, plots)
+    path = out / "report.md"
+    write_text(path, markdown)
+    return path
