@@ -299,11 +299,11 @@ def _dictd(name: str, limit: int, skip: Callable[[str], bool] = lambda entry: Fa
     runs: list[list[tuple[int, int]]] = [[]]
     size = 0
     for start, length in spans:
-        if runs[-1] and size + length > limit:
+        if runs[-1] and size + length + 2 > limit:  # +2: the blank line between entries
             runs.append([])
             size = 0
         runs[-1].append((start, length))
-        size += length
+        size += length + 2
 
     @cache
     def data() -> bytes:  # 40 MB for GCIDE: decompress once, and only if a run is chosen
