@@ -591,9 +591,6 @@ CATALOGUE: tuple[DomainSpec, ...] = (
     DomainSpec("c-headers", "easy", _c_headers, "C headers: libc, Python", ("libc6-dev",)),
     DomainSpec("locales", "easy", _locales, "glibc locale definitions", ("locales",)),
     DomainSpec("python-tests", "easy", _python_tests, "Python standard library tests"),
-    DomainSpec(
-        "upstream-changelogs", "easy", _upstream_changelogs, "upstream ChangeLogs in Debian docs"
-    ),
     DomainSpec("bible", "moderate", _bible, "King James Bible", ("bible-kjv",)),
     DomainSpec(
         "gcide",
@@ -634,6 +631,12 @@ CATALOGUE: tuple[DomainSpec, ...] = (
         ("dict-foldoc",),
     ),
     DomainSpec("debian-readmes", "difficult", _debian_readmes, "Debian READMEs and NEWS files"),
+    DomainSpec(
+        "upstream-changelogs",
+        "difficult",
+        _upstream_changelogs,
+        "upstream ChangeLogs in Debian docs",
+    ),
 )
 
 # The general corpus (seeds): an equal share of its bytes per source; a missing source leaves
