@@ -1,0 +1,194 @@
+"""`hdee run` end to end on a tiny generated corpus: every stage, resume, lock, CLI errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from conftest import tiny_run_config
+from hdee.atomic import read_json
+from hdee.cli import main
+from hdee.config import parse_config
+from hdee.layout import RunLayout
+from hdee.pipeline import RunError, run_experiment, run_lock, select_stages
+from hdee.plan import plan_from_json
+
+
+def small_run(tmp_path: Path) -> dict[str, Any]:
+    raw = tiny_run_config(tmp_path)
+    # 8 domains (6 trainable: two per class for two iterations, 2 held out) keep it quick.
+    raw["data"]["domains"] = raw["data"]["domains"][:8]
+    raw["plan"]["held_out"] = ["d6", "d7"]
+    return raw
+
+
+def write_config(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def result_mtimes(layout: RunLayout) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in layout.jobs.glob("*/result.json")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunLayout]:
+    """One complete tiny run through the CLI, shared by the tests that only read it."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    config_path = write_config(tmp_path, small_run(tmp_path))
+    assert main(["run", str(config_path), "--quiet"]) == 0
+    return config_path, RunLayout.of(tmp_path / "run")
+
+
+def test_run_produces_every_stage_output(finished_run):
+    _, layout = finished_run
+    plan = plan_from_json(read_json(layout.plan))
+    assert not plan.provisional
+    assert sorted(plan.held_out_domains) == ["d6", "d7"]
+    for job_id in plan.jobs:
+        assert (layout.job(job_id) / "result.json").is_file(), job_id
+        assert (layout.job(job_id) / "final" / "model.safetensors").is_file()
+    difficulty = read_json(layout.difficulty / "difficulty.json")
+    assert set(difficulty["classes"]) == set(plan.trained_domains)
+    results = read_json(layout.evaluation / "results.json")
+    assert set(results["configurations"]) == {"MHo-IHo", "MHo-IHe", "MHe-IHo"}
+    for configuration in results["configurations"].values():
+        final = configuration["iterations"][str(configuration["final_iteration"])]
+        assert set(final["domains"]) == {f"d{i}" for i in range(8)}
+        for entry in final["domains"].values():
+            for method in ("simple_average", "uniform_prior", "cached_prior", "best_single"):
+                assert 1.0 < entry["methods"][method]["perplexity"] < 400.0
+    report = (layout.report / "report.md").read_text()
+    assert "A heterogeneous configuration is best in" in report
+    assert "## Compute budgets" in report
+    for png in ("perplexity.png", "posterior.png", "training_curves.png"):
+        assert (layout.report / png).stat().st_size > 1000
+    assert (layout.difficulty / "difficulty.png").is_file()
+
+
+def test_experts_branch_from_their_lane_on_disk(finished_run):
+    _, layout = finished_run
+    plan = plan_from_json(read_json(layout.plan))
+    for job in plan.expert_jobs():
+        spec = read_json(layout.job(job.job_id) / "spec.json")
+        assert spec["init_from"] == str(layout.job(job.init_from) / "final")
+        assert spec["training"]["steps"] == job.steps
+        assert spec["train_tokens"] == str(layout.tokens(job.domain, "train"))
+
+
+def test_rerun_does_no_work(finished_run):
+    config_path, layout = finished_run
+    before = result_mtimes(layout)
+    results_before = (layout.evaluation / "results.json").read_text()
+    assert main(["run", str(config_path), "--quiet"]) == 0
+    assert result_mtimes(layout) == before
+    assert (layout.evaluation / "results.json").read_text() == results_before
+
+
+def test_plan_command_shows_status(finished_run, capsys):
+    config_path, _ = finished_run
+    assert main(["plan", str(config_path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "MHe-IHo" in out and "done" in out and "pending" not in out
+    plan = json.loads(out[out.index("{\n") :])
+    assert len(plan["jobs"]) == 3 + 14
+
+
+def test_resume_between_and_inside_jobs(tmp_path: Path):
+    raw = small_run(tmp_path)
+    raw["plan"]["iterations"] = 1
+    config = parse_config(raw)
+    layout = RunLayout.of(config.run_dir)
+    run_experiment(config, until="seeds", progress=False)
+    seeds_done = result_mtimes(layout)
+    assert len(seeds_done) == 3
+    assert not layout.plan.exists()
+
+    # Interrupt one expert mid-run, as a kill would: a checkpoint but no result.
+    run_experiment(config, start="difficulty", until="plan", progress=False)
+    from hdee.pipeline import prepared_vocab, write_job_spec
+    from hdee.train import TrainSpec, run_training
+
+    plan = plan_from_json(read_json(layout.plan))
+    victim = plan.expert_jobs()[0]
+    vocab, eos = prepared_vocab(layout)
+    spec_path = write_job_spec(config, layout, victim, vocab, eos)
+    outcome = run_training(
+        TrainSpec.model_validate(read_json(spec_path)), progress=False, stop_after=2
+    )
+    assert outcome["finished"] is False
+    assert not (layout.job(victim.job_id) / "result.json").exists()
+
+    run_experiment(config, start="experts", progress=False)
+    after = result_mtimes(layout)
+    assert {k: after[k] for k in seeds_done} == seeds_done  # seeds were not retrained
+    assert set(after) == set(plan.jobs)
+    steps = [
+        row["step"]
+        for row in map(
+            json.loads, (layout.job(victim.job_id) / "metrics.jsonl").read_text().splitlines()
+        )
+        if "loss" in row
+    ]
+    assert steps == sorted(set(steps)), "resumed job repeated or lost logged steps"
+
+
+def test_from_a_stage_whose_inputs_are_missing(tmp_path: Path):
+    config = parse_config(small_run(tmp_path))
+    with pytest.raises(RunError, match="plan.json is missing"):
+        run_experiment(config, start="experts", progress=False)
+
+
+def test_lock_stops_a_second_run(tmp_path: Path):
+    config = parse_config(small_run(tmp_path))
+    with run_lock(RunLayout.of(config.run_dir)):
+        with pytest.raises(RunError, match="is in use by hdee run, pid"):
+            run_experiment(config, until="prepare", progress=False)
+
+
+def test_stage_selection():
+    assert select_stages() == [
+        "prepare",
+        "seeds",
+        "difficulty",
+        "plan",
+        "experts",
+        "evaluate",
+        "report",
+    ]
+    assert select_stages("plan", "experts") == ["plan", "experts"]
+    with pytest.raises(RunError, match="comes after"):
+        select_stages("report", "seeds")
+
+
+def test_cli_reports_bad_config_clearly(tmp_path: Path, capsys):
+    raw = small_run(tmp_path)
+    raw["plan"]["iterations"] = "three"
+    code = main(["run", str(write_config(tmp_path, raw))])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "experiment.yaml" in err and "plan.iterations" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_reports_missing_data_clearly(tmp_path: Path, capsys):
+    raw = small_run(tmp_path)
+    raw["data"]["domains"][2]["source"]["paths"] = [str(tmp_path / "nowhere" / "*.txt")]
+    code = main(["run", str(write_config(tmp_path, raw)), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "d2" in err and "nowhere" in err
+    assert not (tmp_path / "run" / "jobs").exists()
+
+
+def test_help_of_every_subcommand(capsys):
+    for command in ("prepare", "plan", "train", "run", "evaluate", "report", "generate", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: hdee " + command in capsys.readouterr().out
