@@ -32,7 +32,10 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# The demo's text comes from Debian packages where it can (installed when we may: root or
+# password-less sudo), else from what any Python install ships; see docs/demo.md.
 demo: $(VENV)/.installed
+	sh scripts/install-demo-sources.sh
 	$(BIN)/hdee demo $(DEMO_ARGS)
 
 test: $(VENV)/.installed-dev

@@ -122,11 +122,6 @@ def cmd_run(args: argparse.Namespace) -> None:
         config = config.model_copy(
             update={"runner": config.runner.model_copy(update=runner_updates)}
         )
-    if config.runner.kind == "ray":
-        from hdee.runners.ray_runner import run_experiment_on_ray
-
-        run_experiment_on_ray(config, start=args.start, until=args.until)
-        return
     from hdee.pipeline import run_experiment
 
     run_experiment(config, start=args.start, until=args.until, progress=not args.quiet)

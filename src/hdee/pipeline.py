@@ -161,6 +161,16 @@ def run_training_jobs(
             )
             console.print(f"  done   {job_id} in {seconds:.0f}s ({vals})")
 
+    if config.runner.kind == "ray":
+        from hdee.runners.ray_runner import run_jobs_on_ray
+
+        return run_jobs_on_ray(
+            tasks,
+            address=config.runner.address,
+            gpus_per_job=config.runner.gpus_per_job,
+            on_start=on_start,
+            on_done=on_done,
+        )
     return run_jobs(
         tasks,
         workers=config.runner.workers,
