@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,16 @@ from hdee.ensemble import (
     posterior_weights,
     simple_average,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
+    2-core machine, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_lp(experts: int, sequences: int, positions: int, seed: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,17 @@ from hdee.data.tokens import load_tokens, write_tokens
 from hdee.ensemble import label_log_probs, perplexity
 from hdee.evaluate import evaluate_run
 from hdee.layout import RunLayout
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
+    2-core machine, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 VOCAB = 48
 SEQ_LEN = 8

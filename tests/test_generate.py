@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,17 @@ from hdee.atomic import write_json
 from hdee.ensemble import posterior_weights
 from hdee.generate import ensemble_dirs, generate_from_run, generate_ids
 from hdee.layout import RunLayout
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
+    2-core machine, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 VOCAB = 40
 
