@@ -1,0 +1,61 @@
+"""`hdee demo`: the whole HDEE experiment on real text from this machine, with tiny models.
+
+Gathers the built-in corpus (demo_corpus.py: text shipped by Debian and Python packages),
+writes an ordinary experiment config for it into the run directory, and runs every stage with
+the same `run_experiment` that `hdee run` uses. Running it again resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from hdee.atomic import read_json, write_text
+from hdee.config import parse_config
+from hdee.demo_corpus import demo_config as corpus_config
+from hdee.demo_corpus import gather_demo_corpus
+from hdee.layout import RunLayout
+from hdee.pipeline import run_experiment
+
+
+def default_run_dir(quick: bool) -> Path:
+    return Path("runs") / ("demo-quick" if quick else "demo")
+
+
+def run_demo(
+    run_dir: Path | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> RunLayout:
+    """Gather the corpus (once), write RUN/demo.yaml, and run (or resume) the experiment."""
+    console = console or Console(stderr=True)
+    run_dir = (run_dir or default_run_dir(quick)).resolve()
+    corpus_dir = run_dir / "corpus"
+    config_path = run_dir / "demo.yaml"
+    description = corpus_dir / "corpus.json"
+    # A corpus already gathered for this variant is reused as it is: gathering again would
+    # rewrite identical files with new mtimes and make `prepare` redo its work.
+    reuse = (
+        config_path.is_file()
+        and description.is_file()
+        and read_json(description).get("quick") == quick
+    )
+    if not reuse:
+        console.rule("[bold]demo corpus")
+        corpus = gather_demo_corpus(corpus_dir, quick=quick)
+        console.print(corpus.summary())
+        write_text(
+            config_path,
+            "# The config `hdee demo` made for its corpus; `hdee run` accepts it as it is.\n"
+            + yaml.safe_dump(corpus_config(corpus, run_dir, quick), sort_keys=False),
+        )
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    config = parse_config(raw, config_path)
+    layout = run_experiment(config, progress=progress, console=console)
+    report = layout.report / "report.md"
+    console.print(f"\n[bold]Demo finished.[/] Report: {report}")
+    console.print(f"Config: {config_path}  (re-run with `hdee run {config_path}`)")
+    return layout
