@@ -189,8 +189,8 @@ class _LogProbCache:
         self.config = config
         self.device = device
         self.seq_len = config.data.seq_len
-        self.computed: list[tuple[str, str, str]] = []  # what this call had to run (tests)
         self._tokens: dict[tuple[str, str], tuple[np.ndarray, int, str]] = {}
+        self._loaded: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def max_windows(self, split: str) -> int | None:
         if split == "validation":
@@ -211,11 +211,14 @@ class _LogProbCache:
         return _cache_metadata(job_id, domain, split, self.seq_len, count, fingerprint)
 
     def get(self, job_id: str, domain: str, split: str) -> torch.Tensor:
-        path = self.layout.label_logprobs(job_id, domain, split)
-        cached = read_cached_log_probs(path, self.metadata(job_id, domain, split))
-        if cached is None:
-            raise RuntimeError(f"label log-probs of {job_id} on {domain}/{split} not computed")
-        return cached
+        key = (job_id, domain, split)
+        if key not in self._loaded:  # shared experts appear in several configurations
+            path = self.layout.label_logprobs(job_id, domain, split)
+            cached = read_cached_log_probs(path, self.metadata(job_id, domain, split))
+            if cached is None:
+                raise RuntimeError(f"label log-probs of {job_id} on {domain}/{split} missing")
+            self._loaded[key] = cached
+        return self._loaded[key]
 
     def fill(self, needed: list[tuple[str, str, str]], progress: Progress | None) -> None:
         """Compute every missing (job, domain, split), grouped by job so each model loads once."""
@@ -241,7 +244,6 @@ class _LogProbCache:
                     log_probs,
                     self.metadata(job_id, domain, split),
                 )
-                self.computed.append((job_id, domain, split))
                 if progress is not None and task is not None:
                     progress.advance(task, count)
             del model
