@@ -48,6 +48,7 @@ from hdee.model import (
     check_safetensors,
     load_model,
     parameter_counts,
+    save_model,
     training_flops_per_token,
     write_model_files,
 )
@@ -409,6 +410,11 @@ def _train(
     train_tokens = load_tokens(spec.train_tokens)
     validation = {name: load_tokens(path) for name, path in spec.validation.items()}
     config = LlamaConfig.from_dict(dict(spec.model))
+    if spec.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len {spec.seq_len} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
     for path in [spec.train_tokens, *spec.validation.values()]:
         data_vocab = read_manifest(path).get("vocab_size")
         if data_vocab is not None and int(data_vocab) > config.vocab_size:
@@ -433,9 +439,13 @@ def _train(
             model = load_model(spec.init_from, runtime.device, torch.float32, attn)
             _check_same_architecture(spec.init_from, model.config, config)
         else:
-            torch.manual_seed(spec.seed)
             config._attn_implementation = attn
-            model = LlamaForCausalLM(config).to(runtime.device)
+            # Seeded init on the CPU generator (same weights on any device and every rank),
+            # without disturbing the caller's RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                model = LlamaForCausalLM(config)
+            model = model.to(runtime.device)
     else:
         _set_rng_state(state.get("rng", {"torch": torch.get_rng_state().tolist()}))
     model.train()
@@ -507,6 +517,9 @@ def _train(
 
     # ---- the loop
     show_bar = progress and runtime.is_main and sys.stdout.isatty()
+    # Without a terminal (a runner's log file) print a plain line about 20 times per job.
+    plain_every = max(1, tc.steps // 20 // LOG_EVERY) * LOG_EVERY
+    plain_lines = progress and runtime.is_main and not show_bar
     bar = _progress_bar(show_bar, tc.steps, start_step, f"{spec.kind} {output.name}")
     last_loss = state.get("last_loss")
     seconds = float(state.get("seconds", 0.0))
@@ -570,6 +583,13 @@ def _train(
                     row["grad_norm"] = float(grad_norm)
                 log(row)
                 bar.update(bar.task_ids[0], loss=f"{last_loss:.4f}", tps=f"{tokens_per_s:,.0f}")
+                if plain_lines and (done % plain_every == 0 or done == tc.steps):
+                    eta = (tc.steps - done) * tokens_per_step / max(tokens_per_s, 1e-9)
+                    print(
+                        f"[hdee.train] step {done}/{tc.steps} loss {last_loss:.4f} lr {lr:.2e} "
+                        f"{tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s",
+                        flush=True,
+                    )
                 window_start, window_tokens = now, 0
             bar.update(bar.task_ids[0], completed=done)
 
@@ -624,8 +644,6 @@ def _train(
         assert metrics_file is not None and writer is not None
         metrics_file.close()
         writer.close()
-        from hdee.model import save_model
-
         save_model(raw_model, output / "final")
         write_json(output / "result.json", result)
     if runtime.ddp:
