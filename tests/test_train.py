@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from hdee.config import TrainingConfig
-from hdee.train import TrainSpec, lr_at, run_training
+from hdee.data.tokens import load_tokens
+from hdee.model import load_model
+from hdee.train import TrainSpec, evaluate, lr_at, run_training
 from train_helpers import tiny_spec
 
 
@@ -165,3 +167,31 @@ def test_corrupt_trainer_state_json_is_reported(tmp_path: Path) -> None:
         run_training(spec, progress=False)  # no older checkpoint: starts over, still finishes
     assert (Path(spec.output_dir) / "result.json").exists()
     shutil.rmtree(spec.output_dir)
+
+
+def test_leftovers_of_a_killed_writer_are_ignored(tmp_path: Path) -> None:
+    whole = tiny_spec(tmp_path, "whole")
+    run_training(whole, progress=False)
+    parts = tiny_spec(tmp_path, "parts")
+    run_training(parts, progress=False, stop_after=6)
+    out = Path(parts.output_dir)
+    # What SIGKILL in the middle of a checkpoint and of a log line leaves behind.
+    partial = out / "checkpoints" / ".step_0000008.abc123.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "lo')
+    run_training(parts, progress=False)
+    assert not partial.exists()
+    _assert_same_weights(Path(whole.output_dir) / "final", out / "final")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 10, 12]
+
+
+def test_evaluate_without_a_runtime(tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, "job", steps=4)
+    result = run_training(spec, progress=False)
+    model = load_model(Path(spec.output_dir) / "final")
+    tokens = load_tokens(spec.validation["val"])
+    values = evaluate(model, tokens, spec.seq_len, 4, spec.training.eval_batches)
+    assert values == pytest.approx(result["validation"]["val"])

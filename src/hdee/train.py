@@ -260,10 +260,14 @@ def evaluate(
     seq_len: int,
     batch_size: int,
     max_batches: int,
-    runtime: _Runtime,
+    runtime: _Runtime | None = None,
 ) -> dict[str, float]:
     """Mean loss and perplexity on the first `max_batches` fixed validation batches; ranks
-    split the batches and sum (loss, count), so every rank gets the same numbers."""
+    split the batches and sum (loss, count), so every rank gets the same numbers. Without a
+    runtime: one process, fp32, on the model's device."""
+    if runtime is None:
+        device = next(model.parameters()).device
+        runtime = _Runtime(0, 0, 1, device, None, owns_group=False)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
