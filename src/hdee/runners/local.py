@@ -139,10 +139,13 @@ def run_jobs(
 
     context = multiprocessing.get_context("spawn")
     device_queue = None
-    if gpus and per_job_gpus <= 1:
+    if gpus:
+        # Every worker owns its GPU, or its group of gpus_per_job GPUs for torchrun: without
+        # this, concurrent torchrun jobs would all use devices 0..gpus_per_job-1.
+        group = max(1, per_job_gpus)
         device_queue = context.Queue()
         for index in range(workers):
-            device_queue.put(str(index % gpus))
+            device_queue.put(",".join(str((index * group + k) % gpus) for k in range(group)))
     threads = max(1, cpu_count() // workers)
 
     def new_pool() -> ProcessPoolExecutor:
