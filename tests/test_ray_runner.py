@@ -61,8 +61,8 @@ def metric_rows(output: Path) -> list[dict[str, Any]]:
 def test_dependencies_and_concurrency(tmp_path: Path) -> None:
     events: list[tuple[str, str]] = []
     tasks = [
-        job(tmp_path, "a", steps=60),
-        job(tmp_path, "b", steps=60, seed=2),
+        job(tmp_path, "a", steps=100, checkpoint_every=20),
+        job(tmp_path, "b", steps=100, checkpoint_every=20, seed=2),
         job(tmp_path, "c", ["a"], steps=8, init_from=str(tmp_path / "a" / "final")),
     ]
     results = run_jobs_on_ray(
@@ -72,7 +72,7 @@ def test_dependencies_and_concurrency(tmp_path: Path) -> None:
         on_done=lambda j, _: events.append(("done", j)),
     )
     assert set(results) == {"a", "b", "c"}
-    assert results["a"]["steps"] == 60 and results["c"]["steps"] == 8
+    assert results["a"]["steps"] == 100 and results["c"]["steps"] == 8
     assert results["c"] == read_json(tmp_path / "c" / "result.json")
     # The independent seeds trained at the same time, on their own workers.
     (a0, a1), (b0, b1), (c0, _) = (span(tmp_path / n) for n in "abc")
