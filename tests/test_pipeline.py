@@ -99,6 +99,19 @@ def test_plan_command_shows_status(finished_run, capsys):
     assert len(plan["jobs"]) == 3 + 14
 
 
+def test_jobs_command_lists_specs_parents_first(finished_run, capsys):
+    config_path, layout = finished_run
+    assert main(["jobs", str(config_path), "experts"]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 14
+    seen: set[str] = set()
+    for job_id, iteration, parent, spec_path in lines:
+        assert parent.startswith("seed-") or parent in seen, "a child listed before its parent"
+        seen.add(job_id)
+        assert read_json(spec_path)["output_dir"] == str(layout.job(job_id))
+        assert int(iteration) in (1, 2)
+
+
 def test_resume_between_and_inside_jobs(tmp_path: Path):
     raw = small_run(tmp_path)
     raw["plan"]["iterations"] = 1
@@ -187,7 +200,8 @@ def test_cli_reports_missing_data_clearly(tmp_path: Path, capsys):
 
 
 def test_help_of_every_subcommand(capsys):
-    for command in ("prepare", "plan", "train", "run", "evaluate", "report", "generate", "demo"):
+    commands = ("prepare", "plan", "jobs", "train", "run", "evaluate", "report", "generate", "demo")
+    for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])
         assert exit_info.value.code == 0

@@ -109,6 +109,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     main_train(args.spec)
 
 
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from hdee.pipeline import write_stage_specs
+
+    for job, spec_path in write_stage_specs(_config(args), args.stage):
+        print(job.job_id, job.iteration or 0, job.init_from or "-", spec_path)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     config = _config(args)
     runner_updates: dict[str, Any] = {}
@@ -213,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train,
     )
     p.add_argument("spec", help="TrainSpec JSON (a run writes one per job: RUN/jobs/ID/spec.json)")
+
+    p = add(
+        "jobs",
+        "Write the spec files of a training stage's jobs and list them, parents first, one per "
+        "line: JOB_ID ITERATION PARENT_JOB_ID SPEC_PATH (for running jobs with an external "
+        "scheduler such as SLURM; see docs/scaling.md).",
+        cmd_jobs,
+    )
+    add_config(p)
+    p.add_argument(
+        "stage", choices=["seeds", "experts"], help="seeds (after prepare) or experts (after plan)"
+    )
 
     p = add("run", "Run every stage into the run directory; running it again resumes.", cmd_run)
     add_config(p)

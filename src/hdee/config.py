@@ -333,6 +333,9 @@ class RunnerConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
     workers: int = Field(0, ge=0, description="Concurrent jobs (0: one per GPU, or by CPU cores).")
     gpus_per_job: int = Field(1, ge=0, description="GPUs per training job (>1 launches torchrun).")
+    cpus_per_job: int | None = Field(
+        None, gt=0, description="CPU cores per job on Ray (default: derived from the cluster)."
+    )
     address: str | None = Field(None, description="Ray cluster address (ray runner).")
 
 

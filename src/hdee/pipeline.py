@@ -168,6 +168,7 @@ def run_training_jobs(
             tasks,
             address=config.runner.address,
             gpus_per_job=config.runner.gpus_per_job,
+            cpus_per_job=config.runner.cpus_per_job,
             on_start=on_start,
             on_done=on_done,
         )
@@ -178,6 +179,21 @@ def run_training_jobs(
         on_start=on_start,
         on_done=on_done,
     )
+
+
+def write_stage_specs(config: ExperimentConfig, stage: str) -> list[tuple[PlannedJob, Path]]:
+    """Write the spec of every job of a training stage ('seeds' or 'experts'), parents first,
+    for running them outside `hdee run` (an external scheduler, see docs/scaling.md)."""
+    layout = RunLayout.of(config.run_dir)
+    if stage == "seeds":
+        plan = make_plan(config, layout)
+        jobs = [plan.jobs[job_id] for job_id in plan.seeds.values()]
+    elif stage == "experts":
+        jobs = sorted(load_plan(layout).expert_jobs(), key=lambda job: job.iteration or 0)
+    else:
+        raise RunError(f"unknown training stage {stage!r}: expected 'seeds' or 'experts'")
+    vocab_size, eos = prepared_vocab(layout)
+    return [(job, write_job_spec(config, layout, job, vocab_size, eos)) for job in jobs]
 
 
 def load_plan(layout: RunLayout) -> Plan:

@@ -138,17 +138,18 @@ def run_jobs(
         return results
 
     context = multiprocessing.get_context("spawn")
-    device_queue = None
-    if gpus:
-        # Every worker owns its GPU, or its group of gpus_per_job GPUs for torchrun: without
-        # this, concurrent torchrun jobs would all use devices 0..gpus_per_job-1.
-        group = max(1, per_job_gpus)
-        device_queue = context.Queue()
-        for index in range(workers):
-            device_queue.put(",".join(str((index * group + k) % gpus) for k in range(group)))
     threads = max(1, cpu_count() // workers)
 
     def new_pool() -> ProcessPoolExecutor:
+        device_queue = None
+        if gpus:
+            # Every worker owns its GPU, or its group of gpus_per_job GPUs for torchrun: without
+            # this, concurrent torchrun jobs would all use devices 0..gpus_per_job-1. A fresh
+            # queue per pool: a pool rebuilt after a worker died must find every device free.
+            group = max(1, per_job_gpus)
+            device_queue = context.Queue()
+            for index in range(workers):
+                device_queue.put(",".join(str((index * group + k) % gpus) for k in range(group)))
         return ProcessPoolExecutor(
             max_workers=workers,
             mp_context=context,
