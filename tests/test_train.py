@@ -195,3 +195,45 @@ def test_evaluate_without_a_runtime(tmp_path: Path) -> None:
     tokens = load_tokens(spec.validation["val"])
     values = evaluate(model, tokens, spec.seq_len, 4, spec.training.eval_batches)
     assert values == pytest.approx(result["validation"]["val"])
+
+
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    """A real kill (SIGKILL, no chance to clean up) at an arbitrary step, then the same command
+    again: the final weights are bit-identical to a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    settings = {"steps": 400, "checkpoint_every": 4, "eval_every": 400, "keep_checkpoints": 2}
+    whole = tiny_spec(tmp_path, "whole", **settings)
+    run_training(whole, progress=False)
+
+    killed = tiny_spec(tmp_path, "killed", **settings)
+    spec_path = tmp_path / "killed.json"
+    spec_path.write_text(killed.model_dump_json())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic as this process
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import torch, sys; torch.set_num_threads(1); "
+            "from hdee.train import main_train; main_train(sys.argv[1])",
+            str(spec_path),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = Path(killed.output_dir) / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not (checkpoints.is_dir() and any(checkpoints.glob("step_*"))):
+        assert process.poll() is None, "the training process ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (Path(killed.output_dir) / "result.json").exists(), "killed after it finished"
+
+    run_training(killed, progress=False)
+    _assert_same_weights(Path(whole.output_dir) / "final", Path(killed.output_dir) / "final")
