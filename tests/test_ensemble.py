@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from hdee.ensemble import (
     estimate_cached_prior,
@@ -18,16 +17,7 @@ from hdee.ensemble import (
     posterior_weights,
     simple_average,
 )
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
-    2-core machine, so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from train_helpers import random_llama
 
 
 def random_lp(experts: int, sequences: int, positions: int, seed: int) -> torch.Tensor:
@@ -199,17 +189,7 @@ def test_perplexity_and_mean_posterior() -> None:
 
 
 def tiny_llama(vocab: int = 97, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(vocab, seed)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 512])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import hdee.evaluate as evaluate_module
 from hdee.atomic import read_json, write_json
@@ -21,17 +20,7 @@ from hdee.data.tokens import load_tokens, write_tokens
 from hdee.ensemble import label_log_probs, perplexity
 from hdee.evaluate import evaluate_run
 from hdee.layout import RunLayout
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
-    2-core machine, so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from train_helpers import random_llama
 
 VOCAB = 48
 SEQ_LEN = 8
@@ -54,17 +43,8 @@ def write_split(layout: RunLayout, domain: str, split: str, seed: int, count: in
 
 
 def save_expert(layout: RunLayout, job_id: str, seed: int) -> None:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    LlamaForCausalLM(config).save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
+    model = random_llama(VOCAB, seed, layers=1, kv_heads=2)
+    model.save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
 
 
 def make_config(run_dir: Path, **evaluation: Any) -> ExperimentConfig:

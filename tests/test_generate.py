@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,43 +9,20 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hdee.atomic import write_json
 from hdee.ensemble import posterior_weights
 from hdee.generate import ensemble_dirs, generate_from_run, generate_ids
 from hdee.layout import RunLayout
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models: thread start-up and sync cost more than the maths, badly so on a busy
-    2-core machine, so these tests run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+from train_helpers import random_llama
 
 VOCAB = 40
 
 
 def tiny_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Random weights give nearly flat distributions; sharpen them so greedy choices are stable.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
+    # Sharpened so greedy choices are stable.
+    return random_llama(VOCAB, seed, sharpen=20)
 
 
 def test_one_expert_greedy_equals_hf_generate() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +16,6 @@ from hdee.data.tokens import load_tokens
 from hdee.model import load_model
 from hdee.train import TrainSpec, evaluate, lr_at, run_training
 from train_helpers import tiny_spec
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model is too small to gain from intra-op threads, and on a busy machine their
-    # spin-waiting makes it many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:

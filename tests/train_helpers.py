@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hdee.config import ModelConfig, TrainingConfig
 from hdee.data.tokens import write_tokens
@@ -59,3 +61,25 @@ def tiny_spec(tmp_path: Path, output: str = "job", size: str = "M", **training: 
         training=TrainingConfig(**settings),
         output_dir=str(tmp_path / output),
     )
+
+
+def random_llama(
+    vocab: int, seed: int = 0, layers: int = 2, kv_heads: int = 1, sharpen: float = 1.0
+) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama in eval mode (hidden 16, FFN 32, 2 heads).
+    `sharpen` scales the LM head: random weights give nearly flat distributions."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).eval()
+    if sharpen != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(sharpen)
+    return model

@@ -41,6 +41,7 @@ from hdee.ensemble import (
     simple_average,
 )
 from hdee.layout import RunLayout
+from hdee.model import load_model
 
 RESULTS_FORMAT = "hdee-evaluation"
 RESULTS_VERSION = 1
@@ -154,8 +155,7 @@ def load_expert(model_dir: Path, device: torch.device) -> LlamaForCausalLM:
     """An expert from its HF directory (safetensors only: never unpickle a checkpoint)."""
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no expert model here (has its job finished?)")
-    model = LlamaForCausalLM.from_pretrained(model_dir, use_safetensors=True)
-    return model.to(device).eval()
+    return load_model(model_dir, device=device).eval()
 
 
 def compute_log_probs(

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from hdee.atomic import read_json
 from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
 from hdee.layout import RunLayout
+from hdee.model import load_model
 
 
 @dataclass
@@ -151,7 +152,7 @@ def load_models(
     models = []
     for expert in experts:
         if isinstance(expert, (str, Path)):
-            expert = LlamaForCausalLM.from_pretrained(expert, use_safetensors=True)
+            expert = load_model(expert)
         models.append(expert.to(device).eval())
     return models
 
