@@ -162,7 +162,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         posterior=args.posterior,
     )
-    print(text)
+    print(args.prompt + text)  # the continuation reads best after its prompt
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
