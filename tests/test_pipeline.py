@@ -53,6 +53,8 @@ def test_run_produces_every_stage_output(finished_run):
     for job_id in plan.jobs:
         assert (layout.job(job_id) / "result.json").is_file(), job_id
         assert (layout.job(job_id) / "final" / "model.safetensors").is_file()
+        # --quiet: the job's own output went to its log, not the terminal.
+        assert "[hdee.train]" in (layout.job(job_id) / "train.log").read_text()
     difficulty = read_json(layout.difficulty / "difficulty.json")
     assert set(difficulty["classes"]) == set(plan.trained_domains)
     results = read_json(layout.evaluation / "results.json")

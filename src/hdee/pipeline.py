@@ -135,6 +135,7 @@ def run_training_jobs(
     jobs: list[PlannedJob],
     console: Console,
     label: str,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     vocab_size, eos = prepared_vocab(layout)
     tasks = []
@@ -146,6 +147,7 @@ def run_training_jobs(
     done = sum(job_is_done(layout, job.job_id) for job in jobs)
     console.print(f"[bold]{label}[/]: {len(jobs)} job(s), {done} already finished")
     started: dict[str, float] = {}
+    finished = [done]
 
     def on_start(job_id: str) -> None:
         started[job_id] = time.time()
@@ -154,12 +156,15 @@ def run_training_jobs(
 
     def on_done(job_id: str, result: dict[str, Any]) -> None:
         seconds = time.time() - started.get(job_id, time.time())
-        if seconds > 0.5:
+        if seconds > 0.5:  # a job that only returned its stored result is not news
+            finished[0] += 1
             vals = ", ".join(
                 f"{name} ppl {v['perplexity']:.2f}"
                 for name, v in (result.get("validation") or {}).items()
             )
-            console.print(f"  done   {job_id} in {seconds:.0f}s ({vals})")
+            console.print(
+                f"  done   [{finished[0]}/{len(jobs)}] {job_id} in {seconds:.0f}s ({vals})"
+            )
 
     if config.runner.kind == "ray":
         from hdee.runners.ray_runner import run_jobs_on_ray
@@ -178,6 +183,7 @@ def run_training_jobs(
         gpus_per_job=config.runner.gpus_per_job,
         on_start=on_start,
         on_done=on_done,
+        progress=progress,
     )
 
 
@@ -235,7 +241,7 @@ def stage_seeds(
 ) -> None:
     plan = make_plan(config, layout)
     seeds = [plan.jobs[job_id] for job_id in plan.seeds.values()]
-    run_training_jobs(config, layout, seeds, console, "seeds")
+    run_training_jobs(config, layout, seeds, console, "seeds", progress)
 
 
 def stage_difficulty(
@@ -279,7 +285,7 @@ def stage_experts(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
     plan = load_plan(layout)
-    run_training_jobs(config, layout, plan.expert_jobs(), console, "experts")
+    run_training_jobs(config, layout, plan.expert_jobs(), console, "experts", progress)
 
 
 def stage_evaluate(

@@ -13,6 +13,7 @@ to respect dependencies, share the hardware, and retry a job whose worker died.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -22,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from hdee.atomic import read_json
 
@@ -64,8 +65,25 @@ def default_workers(gpus_per_job: int) -> int:
     return max(1, cpu_count() // 4)
 
 
-def execute_job(spec_path: str, gpus: int = 0) -> dict[str, Any]:
-    """Run one job to completion in this process (or under torchrun for several GPUs)."""
+def execute_job(spec_path: str, gpus: int = 0, show_progress: bool = False) -> dict[str, Any]:
+    """Run one job to completion in this process (or under torchrun for several GPUs).
+
+    With `show_progress` the job draws its progress bar here; otherwise (pool workers, Ray
+    tasks, --quiet) everything it prints goes to RUN/jobs/<id>/train.log, so concurrent jobs
+    never interleave and a finished job's log stays beside its checkpoints.
+    """
+    output_dir = Path(read_json(spec_path)["output_dir"])
+    if show_progress:
+        return _execute(spec_path, gpus, output_dir, progress=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / "train.log", "a", encoding="utf-8") as log:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return _execute(spec_path, gpus, output_dir, progress=True, log=log)
+
+
+def _execute(
+    spec_path: str, gpus: int, output_dir: Path, progress: bool, log: IO[str] | None = None
+) -> dict[str, Any]:
     if gpus > 1:
         command = [
             sys.executable,
@@ -77,11 +95,11 @@ def execute_job(spec_path: str, gpus: int = 0) -> dict[str, Any]:
             "hdee.train",
             spec_path,
         ]
-        subprocess.run(command, check=True)
-        return read_json(Path(read_json(spec_path)["output_dir"]) / "result.json")
+        subprocess.run(command, check=True, stdout=log, stderr=log)
+        return read_json(output_dir / "result.json")
     from hdee.train import TrainSpec, run_training
 
-    return run_training(TrainSpec.model_validate(read_json(spec_path)), progress=False)
+    return run_training(TrainSpec.model_validate(read_json(spec_path)), progress=progress)
 
 
 def _init_worker(threads: int, device_queue: Any) -> None:
@@ -99,8 +117,12 @@ def run_jobs(
     gpus_per_job: int = 1,
     on_done: Callable[[str, dict[str, Any]], None] | None = None,
     on_start: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Run every task once its dependencies are done. Returns job id -> result."""
+    """Run every task once its dependencies are done. Returns job id -> result.
+
+    `progress`: in-process jobs (workers == 1) draw their progress bar on this terminal; jobs
+    in worker processes always write their output to their train.log."""
     by_id = {t.job_id: t for t in tasks}
     for task in tasks:
         for dep in task.depends_on:
@@ -128,7 +150,7 @@ def run_jobs(
                 if on_start:
                     on_start(task.job_id)
                 try:
-                    results[task.job_id] = execute_job(str(task.spec_path), per_job_gpus)
+                    results[task.job_id] = execute_job(str(task.spec_path), per_job_gpus, progress)
                 except Exception as error:  # noqa: BLE001 - reported together at the end
                     failed[task.job_id] = f"{type(error).__name__}: {error}"
                     continue
@@ -212,5 +234,8 @@ def _raise_if_failed(tasks: list[JobTask], results: dict[str, Any], failed: dict
     lines += [f"  {job_id}: {reason}" for job_id, reason in failed.items()]
     if blocked:
         lines.append(f"  not started because a dependency failed: {', '.join(blocked)}")
-    lines.append("Fix the cause and run the same command again: finished jobs are skipped.")
+    lines.append(
+        "Each job's output is in RUN/jobs/<job>/train.log. Fix the cause and run the same "
+        "command again: finished jobs are skipped."
+    )
     raise JobFailed("\n".join(lines))
