@@ -208,3 +208,58 @@ def test_help_of_every_subcommand(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: hdee " + command in capsys.readouterr().out
+
+
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_sigterm_stops_worker_processes_and_rerun_resumes(tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = small_run(tmp_path)
+    raw["seeds"]["training"].update(steps=400, checkpoint_every=20, eval_every=400)
+    raw["runner"] = {"workers": 2}
+    config_path = write_config(tmp_path, raw)
+    command = [
+        sys.executable,
+        "-m",
+        "hdee.cli",
+        "run",
+        str(config_path),
+        "--quiet",
+        "--until",
+        "seeds",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    jobs = tmp_path / "run" / "jobs"
+    deadline = time.monotonic() + 120
+    while not list(jobs.glob("*/checkpoints/step_*")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no job reached a checkpoint in 120 s"
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert workers, "the run had no worker processes"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    assert "run the same command again" in process.stderr.read().decode()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "worker processes outlived the run"
+        time.sleep(0.05)
+
+    assert main(["run", str(config_path), "--quiet", "--until", "seeds"]) == 0
+    assert len(list(jobs.glob("*/result.json"))) == 3

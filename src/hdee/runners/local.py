@@ -102,8 +102,31 @@ def _execute(
     return run_training(TrainSpec.model_validate(read_json(spec_path)), progress=progress)
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the process that started it dies, however it
+    dies: an orphaned worker would go on training and compete with the next run. Its job
+    resumes from its checkpoint then. Elsewhere this does nothing."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers now instead of waiting for their jobs (Ctrl-C, an error)."""
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _init_worker(threads: int, device_queue: Any) -> None:
     # Runs once per worker process, before torch does any work.
+    _die_with_parent()
     if device_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device_queue.get()
     import torch
@@ -220,8 +243,12 @@ def run_jobs(
                 running.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
                 pool = new_pool()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) or broken: do not wait for running jobs to finish;
+        # they resume from their last checkpoint next time.
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
     _raise_if_failed(tasks, results, failed)
     return results
 
