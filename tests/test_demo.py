@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from hdee.atomic import read_json
 from hdee.cli import main
 from hdee.config import load_config
 from hdee.layout import RunLayout
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Overrides conftest's: the demo trains for a minute and uses every core, as a user's."""
+    yield
 
 
 def test_quick_demo_runs_the_whole_experiment(tmp_path: Path):
