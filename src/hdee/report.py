@@ -350,7 +350,7 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
     drew = False
     for ax, (title, job_ids) in zip(axes[0], groups.items(), strict=True):
-        offset_by_job: dict[str, int] = {}
+        colours: dict[str, str] = {}
         for job_id in job_ids:
             job = plan["jobs"][job_id]
             # Experts continue their parent's curve: shift each by its ancestors' steps.
@@ -358,7 +358,6 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
             while parent and plan["jobs"][parent]["kind"] == "expert":
                 offset += plan["jobs"][parent]["steps"]
                 parent = plan["jobs"][parent].get("init_from")
-            offset_by_job[job_id] = offset
             rows = read_metrics(layout.job(job_id) / "metrics.jsonl")
             train = [(r["step"] + offset, r["loss"]) for r in rows if "loss" in r]
             val = [
@@ -371,9 +370,12 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
                 continue
             drew = True
             label = job["size"] if job["kind"] == "seed" else f"{job['size']}/{job['steps']}"
-            line = ax.plot(*zip(*train, strict=True), linewidth=1, label=label)[0]
+            # One colour per size/steps, so a configuration's expert reads as one curve
+            # continuing through the iterations.
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            ax.plot(*zip(*train, strict=True), linewidth=1, label=label, color=colour)
             if val:
-                ax.scatter(*zip(*val, strict=True), s=10, color=line.get_color())
+                ax.scatter(*zip(*val, strict=True), s=10, color=colour)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step (experts continue their parent)", fontsize=8)
         ax.set_ylabel("loss", fontsize=8)
