@@ -263,3 +263,13 @@ def test_sigterm_stops_worker_processes_and_rerun_resumes(tmp_path: Path):
 
     assert main(["run", str(config_path), "--quiet", "--until", "seeds"]) == 0
     assert len(list(jobs.glob("*/result.json"))) == 3
+
+
+def test_plan_before_prepare_with_an_unloadable_tokenizer(tmp_path: Path, capsys):
+    raw = small_run(tmp_path)
+    raw["data"]["tokenizer"] = {"kind": "pretrained", "name_or_path": str(tmp_path / "nope")}
+    config_path = write_config(tmp_path, raw)
+    assert main(["plan", str(config_path)]) == 1
+    assert "--vocab-size" in capsys.readouterr().err
+    assert main(["plan", str(config_path), "--vocab-size", "1000"]) == 0
+    assert "Provisional plan" in capsys.readouterr().out

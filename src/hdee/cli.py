@@ -77,7 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
-    vocab_size = _vocab_size_before_prepare(config, layout)
+    vocab_size = _vocab_size_before_prepare(config, layout, args.vocab_size)
     plan = build_plan(
         config,
         vocab_size,
@@ -92,17 +92,26 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(plan.to_json(), indent=2))
 
 
-def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any) -> int:
+def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int | None) -> int:
     """The prepared tokenizer's size if there is one, else what prepare will produce."""
     if (layout.tokenizer / "tokenizer.json").is_file():
         from hdee.pipeline import prepared_vocab
 
         return prepared_vocab(layout)[0]
+    if given is not None:
+        return given
     if config.data.tokenizer.kind == "bpe":
         return config.data.tokenizer.vocab_size
-    from transformers import AutoTokenizer
+    from hdee.data import DataError
+    from hdee.data.tokenizer import load_pretrained
 
-    return len(AutoTokenizer.from_pretrained(config.data.tokenizer.name_or_path))
+    try:
+        return len(load_pretrained(config.data.tokenizer.name_or_path))
+    except DataError as error:
+        raise DataError(
+            f"{error}. The plan needs the vocabulary size for its FLOP counts: give it with "
+            "--vocab-size N (128256 for Llama-3), or run `hdee prepare` first"
+        ) from None
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -214,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", "Print the jobs, lanes and compute budgets of an experiment.", cmd_plan)
     add_config(p)
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="vocabulary size to plan with before the data is prepared (default: the BPE's "
+        "configured size, or the pretrained tokenizer's)",
+    )
 
     p = add(
         "train",
@@ -306,7 +321,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, RuntimeError, OSError) as error:
         # Expected failures (bad input, a failed job) get one clear message, not a traceback;
         # HDEE_DEBUG=1 shows the traceback too.
         if os.environ.get("HDEE_DEBUG"):

@@ -463,8 +463,9 @@ def plan_from_json(data: dict[str, Any]) -> Plan:
 # Showing a plan (what `hdee plan` prints)
 
 
-def _si(value: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+def si(value: float) -> str:
+    """A count with an SI prefix, e.g. 429P (FLOPs) or 11.1M (|FFN| x steps)."""
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.3g}{unit}"
     return f"{value:.3g}"
@@ -496,14 +497,14 @@ def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
         table.add_row(
             name + (" (baseline)" if name == plan.baseline else ""),
             *[f"{c.sizes[lane]} / {c.steps[lane]}" for lane in plan.lanes],
-            _si(c.budget.proxy),
-            _si(c.budget.flops),
+            si(c.budget.proxy),
+            si(c.budget.flops),
             gap,
         )
     console.print(table)
     console.print(
         f"Seeds ({', '.join(plan.seeds)}), not in the expert budget: "
-        f"|FFN| x steps {_si(plan.seed_budget.proxy)}, train FLOPs {_si(plan.seed_budget.flops)}"
+        f"|FFN| x steps {si(plan.seed_budget.proxy)}, train FLOPs {si(plan.seed_budget.flops)}"
     )
     jobs = Table(title=f"Jobs ({len(plan.jobs)} unique)")
     for column in (

@@ -15,6 +15,7 @@ from typing import Any
 from hdee.atomic import atomic_path, read_json, write_text
 from hdee.config import ExperimentConfig
 from hdee.layout import RunLayout
+from hdee.plan import si
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
@@ -28,13 +29,6 @@ METHOD_TITLES = {
 
 def _fmt(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.2f}"
-
-
-def _si(value: float) -> str:
-    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,15 +110,15 @@ def _budget_lines(plan: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {label} | "
             + " | ".join(f"{c['sizes'][lane]} / {c['steps'][lane]}" for lane in lanes)
-            + f" | {_si(c['budget']['proxy'])} | {_si(c['budget']['flops'])} | "
+            + f" | {si(c['budget']['proxy'])} | {si(c['budget']['flops'])} | "
             f"{gap['proxy']:+.2%} / {gap['flops']:+.2%} |"
         )
     seeds = plan["seed_budget"]
     lines += [
         "",
         f"Seeds ({', '.join(sorted(plan['seeds']))}, one per size, shared by every "
-        f"configuration) cost a further {_si(seeds['proxy'])} in |FFN| x steps and "
-        f"{_si(seeds['flops'])} training FLOPs, not included above.",
+        f"configuration) cost a further {si(seeds['proxy'])} in |FFN| x steps and "
+        f"{si(seeds['flops'])} training FLOPs, not included above.",
     ]
     return lines
 
