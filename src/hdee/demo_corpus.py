@@ -859,7 +859,7 @@ def demo_config(corpus: DemoCorpus, run_dir: Path, quick: bool) -> dict[str, Any
     iterations = max(1, len(corpus.trained) // len(CLASSES))
     # The baseline's expert steps (the paper's 400 scaled down); a multiple of 4 so that 3/4 and
     # 5/4 of it are whole and the three configurations' budgets are exactly equal.
-    base = 40 if quick else 100
+    base = 40 if quick else 80
     low, high = base * 3 // 4, base * 5 // 4
     configurations = [
         {
@@ -882,7 +882,7 @@ def demo_config(corpus: DemoCorpus, run_dir: Path, quick: bool) -> dict[str, Any
     def corpus_entry(domain: DemoDomain) -> dict[str, Any]:
         return {"name": domain.name, "source": {"type": "local", "paths": [str(domain.path)]}}
 
-    seed_steps = 150 if quick else 400
+    seed_steps = 150 if quick else 300
     return {
         "run_dir": str(run_dir),
         "seed": 0,
@@ -930,8 +930,7 @@ def demo_config(corpus: DemoCorpus, run_dir: Path, quick: bool) -> dict[str, Any
             "max_test_sequences": 32 if quick else 128,
             "batch_size": 16,
         },
-        # Tiny models gain little from intra-op threads: on 2+ cores two single-job workers
-        # beat one worker with every core (measured: about 20% on 2 cores). The quick variant's
-        # jobs are too short to repay starting the worker processes.
-        "runner": {"workers": 1 if quick else 2},
+        # One job at a time on every core: two single-threaded workers were ~20% faster per
+        # pair of jobs, but left a core idle whenever one job remained (3 seeds on 2 cores).
+        "runner": {"workers": 1},
     }
