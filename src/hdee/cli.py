@@ -321,7 +321,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except (ConfigError, ValueError, RuntimeError, OSError) as error:
+    except (ConfigError, ValueError, RuntimeError, OSError, ImportError) as error:
         # Expected failures (bad input, a failed job) get one clear message, not a traceback;
         # HDEE_DEBUG=1 shows the traceback too.
         if os.environ.get("HDEE_DEBUG"):
