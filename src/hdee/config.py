@@ -180,6 +180,12 @@ class TrainingConfig(_Strict):
         "auto", description="'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."
     )
     compile: bool = Field(False, description="torch.compile the model.")
+    loss_chunk_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Compute the LM head and loss this many positions at a time, recomputing "
+        "them in backward: saves the logits' memory with large vocabularies (e.g. 4096).",
+    )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
     @model_validator(mode="after")
