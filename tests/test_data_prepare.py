@@ -305,34 +305,3 @@ def test_worker_pool_gives_the_same_tokens_as_one_process(tmp_path: Path, corpus
 
     single, pooled = run(1), run(2)
     assert all(np.array_equal(single[k], pooled[k]) for k in single)
-
-
-def test_fast_batch_encoder_matches_the_rust_tokenizer_exactly(tmp_path: Path, corpus):
-    from tokenizers import Tokenizer
-
-    from hdee.data.packing import (
-        ASCII_GPT2_PATTERN,
-        BatchEncoder,
-        byte_level_table,
-        encode_batch,
-    )
-
-    config = make_config(tmp_path)
-    prepare_data(config, progress=False)
-    backend = Tokenizer.from_file(str(RunLayout.of(config.run_dir).tokenizer / "tokenizer.json"))
-    encoder = BatchEncoder(backend, eos_id=0)
-    assert encoder.fast  # the tokenizer hdee trains takes the fast path
-    rng = random.Random(1)
-    alphabet = "abcXYZ019 '\t\n\r\x0b\x0c\x1c\x1f\x00!?.,;:-_()[]{}\"'s'll've"
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80))) for _ in range(300)]
-    texts += ["it's   two  spaces\n\n  indented", "   ", "trailing space ", "'s'S'LL"]
-    texts += ["naïve café 日本語 mixed", "has <|endoftext|> inside", *make_docs(7, 20)]
-    # The word split must be the Rust pre-tokenizer's, piece for piece (ids alone could agree by
-    # luck where the small vocabulary has no merge across a wrong boundary).
-    table = byte_level_table()
-    for text in texts[:304]:
-        pieces = [p for p, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-        assert [w.translate(table) for w in ASCII_GPT2_PATTERN.findall(text)] == pieces, text
-    expected = encode_batch(backend, texts, 0)
-    assert np.array_equal(encoder(texts), expected)
-    assert np.array_equal(encoder(texts), expected)  # and again from a warm cache
