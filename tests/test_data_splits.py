@@ -88,3 +88,11 @@ def test_route_documents_keeps_the_sources_own_splits():
     assert sorted(item for _, item in routed) == ["a", "b", "c", "d", "e"]
     with pytest.raises(ValueError, match="unknown split"):
         list(route_documents([("dev", "x")], DEFAULT, seed=0))
+
+
+def test_hashed_routing_is_the_hash_of_each_index_across_blocks():
+    n = 9000  # more than two of route_documents' blocks of hashed indices
+    routed = _route(n, exact_max=10)
+    expected = hashed_splits(np.arange(n), DEFAULT, seed=0)
+    for code, name in enumerate(SPLIT_NAMES):
+        assert routed[name] == np.flatnonzero(expected == code).tolist()

@@ -22,6 +22,7 @@ import numpy as np
 
 SPLIT_NAMES = ("train", "validation", "test")
 EXACT_SPLIT_MAX_DOCUMENTS = 1000
+_HASH_BLOCK = 4096
 
 T = TypeVar("T")
 Ratios = tuple[float, float, float]
@@ -120,6 +121,10 @@ def route_documents(
     pending: list[T] = []
     count = 0
     hashing = False
+    # Hashed splits are computed a block of indices at a time: one numpy call per document
+    # would cost more than reading it.
+    block: list[int] = []
+    block_start = 0
     for own, item in documents:
         if own is not None:
             if own not in SPLIT_NAMES:
@@ -127,7 +132,10 @@ def route_documents(
             yield own, item
             continue
         if hashing:
-            yield SPLIT_NAMES[int(hashed_splits(np.array([count]), r, seed)[0])], item
+            if count - block_start >= len(block):
+                block_start = count
+                block = hashed_splits(np.arange(count, count + _HASH_BLOCK), r, seed).tolist()
+            yield SPLIT_NAMES[block[count - block_start]], item
             count += 1
             continue
         pending.append(item)
