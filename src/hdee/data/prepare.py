@@ -71,22 +71,32 @@ def prepare_data(config: ExperimentConfig, progress: bool = True) -> dict[str, A
             "eos_token_id": tokenizer.eos_token_id,
             "tokenizer_id": tok_id,
         }
-        with Encoder(layout.tokenizer, tokenizer.eos_token_id, data.num_workers) as encoder:
+        fingerprints = {
+            corpus.name: stable_hash(
+                {
+                    "version": PREPARE_VERSION,
+                    "source": states[corpus.name],
+                    "ratios": ratios[corpus.name],
+                    "seed": config.seed,
+                    "tokenizer_id": tok_id,
+                }
+            )
+            for corpus in corpora
+        }
+        existing = {
+            corpus.name: _existing_manifests(layout, corpus.name, fingerprints[corpus.name], tok_id)
+            for corpus in corpora
+        }
+        to_build = [corpus for corpus in corpora if existing[corpus.name] is None]
+        expected = sum(_local_bytes(states[corpus.name], corpus) for corpus in to_build)
+        with Encoder(
+            layout.tokenizer, tokenizer.eos_token_id, data.num_workers, expected_chars=expected
+        ) as encoder:
             for corpus in corpora:
-                fingerprint = stable_hash(
-                    {
-                        "version": PREPARE_VERSION,
-                        "source": states[corpus.name],
-                        "ratios": ratios[corpus.name],
-                        "seed": config.seed,
-                        "tokenizer_id": tok_id,
-                    }
-                )
-                existing = _existing_manifests(layout, corpus.name, fingerprint, tok_id)
-                if existing is not None:
-                    _check_sizes(corpus, existing, data.seq_len, ratios[corpus.name])
+                manifests = existing[corpus.name]
+                if manifests is not None:
+                    _check_sizes(corpus, manifests, data.seq_len, ratios[corpus.name])
                     status = "skipped"
-                    manifests = existing
                     reporter.note(f"{corpus.name}: up to date, skipped")
                 else:
                     status = "rebuilt"
@@ -98,7 +108,7 @@ def prepare_data(config: ExperimentConfig, progress: bool = True) -> dict[str, A
                         config.seed,
                         ratios[corpus.name],
                         data.seq_len,
-                        {**base_manifest, "source_fingerprint": fingerprint},
+                        {**base_manifest, "source_fingerprint": fingerprints[corpus.name]},
                     )
                 summary["corpora"][corpus.name] = {
                     "status": status,
@@ -108,6 +118,14 @@ def prepare_data(config: ExperimentConfig, progress: bool = True) -> dict[str, A
                     },
                 }
     return summary
+
+
+def _local_bytes(state: dict[str, Any], corpus: Corpus) -> int:
+    """Bytes of the corpus's local files (0 for a hub dataset or a capped number of documents:
+    unknown), to decide up front whether tokenizing pays for worker processes."""
+    if getattr(corpus.source, "max_documents", None) is not None:
+        return 0
+    return sum(size for _, size, _ in state.get("files", []))
 
 
 def _ratios_of(corpus: Corpus, config: ExperimentConfig) -> tuple[float, float, float]:
