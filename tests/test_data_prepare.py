@@ -305,3 +305,16 @@ def test_worker_pool_gives_the_same_tokens_as_one_process(tmp_path: Path, corpus
 
     single, pooled = run(1), run(2)
     assert all(np.array_equal(single[k], pooled[k]) for k in single)
+
+
+def test_workers_start_up_front_only_when_the_expected_input_pays_for_them(tmp_path: Path, corpus):
+    config = make_config(tmp_path)
+    prepare_data(config, progress=False)
+    tokdir = RunLayout.of(config.run_dir).tokenizer
+    with Encoder(tokdir, 0, num_workers=2, pool_min_chars=1000, expected_chars=999) as encoder:
+        assert encoder._pool is None
+    with Encoder(tokdir, 0, num_workers=2, pool_min_chars=1000, expected_chars=1000) as encoder:
+        assert encoder._pool is not None
+        items = [("a", text) for text in make_docs(3, 10)]
+        batches = list(encoder.encode_stream(batch_by_key(items, batch_chars=100)))
+        assert sum(n for _, _, n in batches) == 10

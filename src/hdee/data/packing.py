@@ -1,10 +1,12 @@
 """Tokenize documents in batches and pack them into one token stream per split.
 
-Documents are grouped into batches of about `BATCH_CHARS` characters and encoded with the
-tokenizer's batch encoder (Rust, several threads). Once a corpus turns out big enough to pay for
-starting them, batches go to a pool of worker processes instead; at most a few batches are in
-flight, so memory stays bounded however big the corpus is, and results come back in order, so
-the output does not depend on the number of workers. Every document is followed by EOS.
+Documents are grouped into batches of about `BATCH_CHARS` characters. A batch is encoded by
+`batch_encoder`: the vectorised encoder of byte_level.py for the byte-level BPE `hdee prepare`
+trains, the tokenizer's Rust batch encoder for any other. When the input is big enough to pay for
+starting them (known up front for local files, else once enough text was seen), batches go to a
+pool of worker processes, one per core; at most a few batches are in flight, so memory stays
+bounded however big the corpus is, and results come back in order, so the output does not depend
+on the number of workers. Every document is followed by EOS.
 """
 
 from __future__ import annotations
