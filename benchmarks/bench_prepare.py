@@ -1,13 +1,18 @@
 """Throughput of `hdee prepare` against a reference-style pipeline, on the same text and tokenizer.
 
-(a) hdee: `prepare_data` (batched Rust tokenization, worker processes, one flat .bin per split).
+(a) hdee: `prepare_data` (vectorised byte-level BPE encoder, worker processes, one flat .bin
+    per split).
 (b) reference style (what the public HDEE code does): `tokenizer(doc)` one document at a time,
     packed into seq_len chunks, one parquet row per `ParquetWriter.write_table` call.
+Both use the same tokenizer, trained beforehand; the ids hdee's encoder gives are checked equal
+to the reference's on the first documents.
 
 Text: --text-dir (its .jsonl files, records with "text"), or generated: documents made of random
 runs of lines from this machine's Python standard library sources (real, varied text, not one
-string repeated). The reference path is timed on the first --ref-mb MB only (it is slow; MB/s is
-per MB either way); pass --ref-mb 0 to run it on everything.
+string repeated), or with --multilingual, sentences of Zipf-distributed words in five scripts
+(Latin with accents, Cyrillic, Greek, CJK, Arabic: non-ASCII text). The reference path is timed
+on the first --ref-mb MB only (it is slow; MB/s is per MB either way); pass --ref-mb 0 to run it
+on everything.
 
     python benchmarks/bench_prepare.py --mb 200
 """
@@ -29,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hdee.config import parse_config
+from hdee.data.packing import Encoder
 from hdee.data.prepare import prepare_data
 from hdee.data.tokenizer import load_pretrained, load_tokenizer, save_tokenizer, train_bpe
 
@@ -66,6 +72,40 @@ def generate(out_dir: Path, total_mb: float, files: int = 8, seed: int = 0) -> N
                 written += len(record.encode("utf-8"))
 
 
+SCRIPTS = {
+    "latin": "abcdefghijklmnopqrstuvwxyzéèàçñüöäß",
+    "cyrillic": "абвгдежзийклмнопрстуфхцчшщыэюя",
+    "greek": "αβγδεζηθικλμνξοπρστυφχψω",
+    "cjk": "".join(chr(c) for c in range(0x4E00, 0x4E00 + 800)),
+    "arabic": "ابتثجحخدذرزسشصضطظعغفقكلمنهوي",
+}
+
+
+def generate_multilingual(out_dir: Path, total_mb: float, files: int = 8, seed: int = 0) -> None:
+    """About `total_mb` MB (UTF-8) of jsonl documents of Zipf-distributed words in five scripts."""
+    rng = random.Random(seed)
+    vocabulary = [
+        "".join(rng.choice(chars) for _ in range(rng.randint(1, 4 if name == "cjk" else 10)))
+        for name, chars in SCRIPTS.items()
+        for _ in range(4000)
+    ]
+    rng.shuffle(vocabulary)
+    weights = [1 / (rank + 1) for rank in range(len(vocabulary))]
+    per_file = int(total_mb * MB) // files + 1
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(files):
+        written = 0
+        with open(out_dir / f"part{index:02d}.jsonl", "w", encoding="utf-8") as handle:
+            while written < per_file:
+                sentences = [
+                    " ".join(rng.choices(vocabulary, weights, k=rng.randint(5, 30))) + "."
+                    for _ in range(rng.randint(10, 60))
+                ]
+                record = json.dumps({"text": " ".join(sentences)}, ensure_ascii=False) + "\n"
+                handle.write(record)
+                written += len(record.encode("utf-8"))
+
+
 def iter_texts(files: list[Path], max_bytes: int | None = None) -> Iterator[str]:
     used = 0
     for path in files:
@@ -99,10 +139,25 @@ def reference(
                 writer.write_table(pa.table({"input_ids": [chunk]}, schema=schema))
 
 
+def check_same_ids(files: list[Path], tokenizer_dir: Path, check_bytes: int = 2 * MB) -> None:
+    """hdee's encoder must give the reference's ids, document for document (EOS after each)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = list(iter_texts(files, check_bytes))
+    with Encoder(tokenizer_dir, tokenizer.eos_token_id, num_workers=1) as encoder:
+        ours = np.concatenate([ids for _, ids, _ in encoder.encode_stream([(0, texts)])])
+    reference_ids: list[int] = []
+    for text in texts:
+        reference_ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+    if not np.array_equal(ours, np.array(reference_ids, dtype=np.uint32)):
+        raise SystemExit("hdee's ids differ from the reference's: the comparison is void")
+    print(f"ids identical to the reference's on the first {len(texts):,} documents")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=200, help="MB of text to generate")
     parser.add_argument("--text-dir", type=Path, help="use these .jsonl files instead")
+    parser.add_argument("--multilingual", action="store_true", help="generate non-ASCII text")
     parser.add_argument("--ref-mb", type=float, default=20, help="MB for the reference (0: all)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab-size", type=int, default=8192)
@@ -115,7 +170,7 @@ def main() -> None:
         if text_dir is None:
             text_dir = tmp / "text"
             started = time.perf_counter()
-            generate(text_dir, args.mb)
+            (generate_multilingual if args.multilingual else generate)(text_dir, args.mb)
             print(f"generated {args.mb:g} MB in {time.perf_counter() - started:.1f} s")
         files = sorted(text_dir.glob("*.jsonl"))
         if len(files) < 2:
@@ -147,6 +202,8 @@ def main() -> None:
                 },
             }
         )
+        check_same_ids(files, tokenizer_dir)
+
         started = time.perf_counter()
         summary = prepare_data(config, progress=False)
         ours_s = time.perf_counter() - started
