@@ -108,3 +108,14 @@ def test_other_tokenizers_use_the_rust_encoder(backend):
         ByteLevelEncoder(prefixed, 0)
     texts = REAL
     assert np.array_equal(batch_encoder(prefixed, 0)(texts), encode_batch(prefixed, texts, 0))
+
+
+def test_a_huge_document_goes_through_rust_and_its_neighbours_do_not(backend, monkeypatch):
+    monkeypatch.setattr(byte_level, "_MAX_DOCUMENT_CHARS", 50)
+    encoder = ByteLevelEncoder(backend, eos_id=0)
+    texts = ["short one", "x" * 20 + " " + "long one " * 10, "short two"]
+    seen: list[list[str]] = []
+    rust = encoder._encode_rust
+    monkeypatch.setattr(encoder, "_encode_rust", lambda group: seen.append(group) or rust(group))
+    assert np.array_equal(encoder(texts), encode_batch(backend, texts, 0))
+    assert seen == [[texts[1]]]

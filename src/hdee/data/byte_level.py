@@ -34,6 +34,9 @@ _UNSEEN = 254  # table entry for a code point not classified yet
 _UNKNOWN = 255  # the probes disagreed: such a batch goes through the Rust encoder
 _MAX_CODE_POINT = 0x110000
 _CACHE_LIMIT = 1 << 20  # distinct words kept between batches
+# The vectorised path holds about 50 bytes per character of a batch; a document longer than this
+# (a whole book as one record) goes through the Rust encoder so memory stays bounded.
+_MAX_DOCUMENT_CHARS = 1 << 22
 _HASH_BASE = 0x9E3779B97F4A7C15  # odd, so invertible modulo 2**64
 _LENGTH_MIX = 0xC2B2AE3D27D4EB4F
 _CONTRACTION_2 = (ord("s"), ord("t"), ord("m"), ord("d"))
@@ -195,8 +198,9 @@ class ByteLevelEncoder:
     """Encodes batches of documents to the ids `backend` gives, each followed by `eos_id`.
 
     `backend` is a `tokenizers.Tokenizer` for which `is_plain_byte_level_bpe` holds. Documents
-    containing a special token's text, batches with an unclassifiable character and batches
-    with a hash collision go through `backend.encode_batch_fast` instead (same ids, slower).
+    containing a special token's text or longer than `_MAX_DOCUMENT_CHARS`, batches with an
+    unclassifiable character and batches with a hash collision go through
+    `backend.encode_batch_fast` instead (same ids, slower).
     """
 
     def __init__(self, backend: Any, eos_id: int) -> None:
@@ -219,7 +223,9 @@ class ByteLevelEncoder:
         group: list[str] = []
         group_fast = True
         for text in texts:
-            fast = not any(token in text for token in self.special)
+            fast = len(text) <= _MAX_DOCUMENT_CHARS and not any(
+                token in text for token in self.special
+            )
             if fast != group_fast and group:
                 parts.append(self._encode_group(group, group_fast))
                 group = []
