@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,27 @@ def _corrupt_parquet(root: Path) -> dict[str, Any]:
     return {"paths": ["corrupt.parquet"]}
 
 
+def _truncated_gzip(root: Path) -> dict[str, Any]:
+    packed = gzip.compress("".join(json.dumps({"text": GOOD}) + "\n" for _ in range(50)).encode())
+    (root / "cut.jsonl.gz").write_bytes(packed[: len(packed) // 2])
+    return {"paths": ["cut.jsonl.gz"]}
+
+
+def _not_gzip(root: Path) -> dict[str, Any]:
+    (root / "plain.txt.gz").write_text(GOOD, encoding="utf-8")  # named .gz, not compressed
+    return {"paths": ["plain.txt.gz"]}
+
+
+def _corrupt_zstd(root: Path) -> dict[str, Any]:
+    (root / "noise.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"not a zstd frame" * 8)
+    return {"paths": ["noise.jsonl.zst"]}
+
+
+def _compressed_parquet(root: Path) -> dict[str, Any]:
+    (root / "table.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    return {"paths": ["table.parquet.gz"]}
+
+
 def _missing_path(root: Path) -> dict[str, Any]:
     return {"paths": ["nowhere/missing.jsonl"]}
 
@@ -99,6 +121,10 @@ CASES: dict[str, tuple[Callable[[Path], dict[str, Any]], str, str]] = {
     "missing text field jsonl": (_missing_field_jsonl, "fields.jsonl", "line 5: missing text"),
     "missing text field parquet": (_missing_field_parquet, "fields.parquet", "missing text"),
     "corrupt parquet": (_corrupt_parquet, "corrupt.parquet", "parquet"),
+    "truncated gzip": (_truncated_gzip, "cut.jsonl.gz", "unreadable compressed file"),
+    "not really gzip": (_not_gzip, "plain.txt.gz", "unreadable compressed file"),
+    "corrupt zstd": (_corrupt_zstd, "noise.jsonl.zst", "unreadable compressed file"),
+    "compressed parquet": (_compressed_parquet, "table.parquet.gz", "compressed parquet"),
     "missing path": (_missing_path, "nowhere/missing.jsonl", "does not exist"),
     "glob matches nothing": (_glob_matches_nothing, "texts/*.md", "matches no files"),
 }
@@ -150,3 +176,20 @@ def test_a_failed_rebuild_keeps_the_previous_complete_files(tmp_path: Path):
     assert layout.tokens("baddomain", "train").read_bytes() == before
     assert layout.manifest("baddomain", "train").is_file()
     assert not list(Path(config.run_dir).rglob("*.tmp"))
+
+
+def test_zst_without_zstandard_says_what_to_install(tmp_path: Path, monkeypatch):
+    import sys
+
+    import zstandard
+
+    write_good(tmp_path)
+    line = json.dumps({"text": GOOD}) + "\n"
+    (tmp_path / "docs.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(line.encode() * 20)
+    )
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if it were not installed
+    config = config_with(tmp_path, {"paths": ["docs.jsonl.zst"]})
+    with pytest.raises(DataError, match=r"baddomain.*docs\.jsonl\.zst.*pip install zstandard"):
+        prepare_data(config, progress=False)
+    assert_nothing_half_written(Path(config.run_dir))

@@ -318,3 +318,42 @@ def test_workers_start_up_front_only_when_the_expected_input_pays_for_them(tmp_p
         items = [("a", text) for text in make_docs(3, 10)]
         batches = list(encoder.encode_stream(batch_by_key(items, batch_chars=100)))
         assert sum(n for _, _, n in batches) == 10
+
+
+def test_compressed_files_read_the_same_documents(tmp_path: Path):
+    import gzip
+
+    import zstandard
+
+    from hdee.config import LocalSource
+    from hdee.data.sources import iter_documents
+
+    docs = make_docs(11, 12)
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    plain = tmp_path / "plain"
+    packed = tmp_path / "packed"
+    plain.mkdir()
+    (packed / "nested").mkdir(parents=True)
+    (plain / "a.jsonl").write_bytes(lines)
+    (plain / "b.json").write_text(json.dumps(docs[:3]), encoding="utf-8")
+    (plain / "c.txt").write_text(docs[4], encoding="utf-8")
+    (packed / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (packed / "b.json.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(json.dumps(docs[:3]).encode())
+    )
+    (packed / "nested" / "c.txt.gz").write_bytes(gzip.compress(docs[4].encode()))
+
+    def texts(root: Path) -> list[str]:
+        corpus = parse_config(
+            {
+                "run_dir": str(tmp_path / "run"),
+                "data": {
+                    "general": {"name": "g", "source": {"type": "local", "paths": [str(root)]}},
+                    "domains": [{"name": "d", "source": {"type": "local", "paths": [str(root)]}}],
+                },
+            }
+        ).data.general
+        assert isinstance(corpus.source, LocalSource)
+        return [doc.text for doc in iter_documents(corpus)]
+
+    assert texts(packed) == texts(plain) == docs + docs[:3] + [docs[4]]

@@ -49,7 +49,8 @@ class HFSource(_Strict):
 
 class LocalSource(_Strict):
     """Local files: globs of .txt/.md (one document per file), .jsonl/.json/.parquet (one
-    document per record, text in `text_field`), or directories of text files."""
+    document per record, text in `text_field`), or directories of them; text, jsonl and json
+    may be compressed (.gz, .zst)."""
 
     type: Literal["local"] = "local"
     paths: list[str] = Field(min_length=1, description="Files, directories or glob patterns.")

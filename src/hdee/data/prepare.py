@@ -22,7 +22,13 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from hdee.config import Corpus, ExperimentConfig, stable_hash
 from hdee.data import DataError
 from hdee.data.packing import Encoder, batch_by_key
-from hdee.data.sources import Document, describe_source, iter_documents, source_state
+from hdee.data.sources import (
+    Document,
+    describe_source,
+    file_format,
+    iter_documents,
+    source_state,
+)
 from hdee.data.splits import SPLIT_NAMES, normalise, route_documents
 from hdee.data.tokenizer import (
     load_pretrained,
@@ -121,11 +127,14 @@ def prepare_data(config: ExperimentConfig, progress: bool = True) -> dict[str, A
 
 
 def _local_bytes(state: dict[str, Any], corpus: Corpus) -> int:
-    """Bytes of the corpus's local files (0 for a hub dataset or a capped number of documents:
-    unknown), to decide up front whether tokenizing pays for worker processes."""
+    """About how many bytes of text the corpus's local files hold (0 for a hub dataset or a
+    capped number of documents: unknown), to decide up front whether tokenizing pays for worker
+    processes. Compressed files count four times their size (text compresses about that much)."""
     if getattr(corpus.source, "max_documents", None) is not None:
         return 0
-    return sum(size for _, size, _ in state.get("files", []))
+    return sum(
+        size * (4 if file_format(Path(path))[1] else 1) for path, size, _ in state.get("files", [])
+    )
 
 
 def _ratios_of(corpus: Corpus, config: ExperimentConfig) -> tuple[float, float, float]:

@@ -6,17 +6,22 @@ dataset it came from, for error messages. Bad input raises `DataError` naming th
 
 Local formats: .txt/.md (and other plain-text files: one document per file), .jsonl (one record
 per line), .json (a list of records or of strings), .parquet (column `text_field`), and
-directories (recursively, every file with one of those suffixes). Empty documents are skipped.
+directories (recursively, every file with one of those suffixes). Text, jsonl and json files may
+be compressed: `.gz`, or `.zst` with the `zstandard` package (`pip install hdee[zstd]`); they
+are decompressed as they are read. Empty documents are skipped.
 """
 
 from __future__ import annotations
 
 import glob
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 from hdee.config import Corpus, HFSource, LocalSource
 from hdee.data import DataError
@@ -24,6 +29,7 @@ from hdee.data import DataError
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 DIRECTORY_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+COMPRESSION_SUFFIXES = (".gz", ".zst")
 
 # Dataset split names that mean one of ours.
 _SPLIT_ALIASES = {
@@ -75,19 +81,33 @@ def local_files(corpus: Corpus) -> list[Path]:
                     p
                     for p in match.rglob("*")
                     if p.is_file()
-                    and p.suffix.lower() in DIRECTORY_SUFFIXES
+                    and _readable_in_directory(p)
                     and not any(part.startswith(".") for part in p.relative_to(match).parts)
                 )
                 if not found:
                     raise DataError(
                         f"{corpus_label(corpus)}: directory {str(match)!r} holds no files with "
-                        f"suffix {', '.join(DIRECTORY_SUFFIXES)}"
+                        f"suffix {', '.join(DIRECTORY_SUFFIXES)} (text, jsonl and json files may "
+                        f"also end in {' or '.join(COMPRESSION_SUFFIXES)})"
                     )
                 files.extend(found)
             else:
                 files.append(match)
     unique: dict[Path, None] = dict.fromkeys(p.resolve() for p in files)
     return list(unique)
+
+
+def file_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None): "a.jsonl.gz" -> (".jsonl", ".gz")."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSION_SUFFIXES:
+        return Path(path.stem).suffix.lower(), suffix
+    return suffix, None
+
+
+def _readable_in_directory(path: Path) -> bool:
+    fmt, compression = file_format(path)
+    return fmt in DIRECTORY_SUFFIXES and not (compression and fmt == ".parquet")
 
 
 def _hf_local_path(source: HFSource) -> Path | None:
@@ -144,25 +164,76 @@ def iter_documents(corpus: Corpus) -> Iterator[Document]:
 
 def _iter_local(corpus: Corpus, source: LocalSource) -> Iterator[Document]:
     for path in local_files(corpus):
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
+        fmt, compression = file_format(path)
+        if fmt == ".jsonl":
             yield from _read_jsonl(corpus, path, source.text_field)
-        elif suffix == ".json":
+        elif fmt == ".json":
             yield from _read_json(corpus, path, source.text_field)
-        elif suffix == ".parquet":
+        elif fmt == ".parquet":
+            if compression is not None:
+                raise DataError(
+                    f"{corpus_label(corpus)}: {path}: a compressed parquet file; parquet "
+                    "compresses its own columns, give the .parquet file itself"
+                )
             yield from _read_parquet(corpus, path, source.text_field)
         else:
-            text = _decode(corpus, path, path.read_bytes(), 0)
+            text = _decode(corpus, path, _read_bytes(corpus, path), 0)
             if text:
                 yield Document(text, None, str(path))
+
+
+def _open_binary(corpus: Corpus, path: Path) -> IO[bytes]:
+    """The file's bytes, decompressed on the fly for .gz / .zst."""
+    _, compression = file_format(path)
+    if compression == ".gz":
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(
+                f"{corpus_label(corpus)}: {path}: reading .zst files needs the zstandard "
+                "package (pip install zstandard)"
+            ) from None
+        raw = open(path, "rb")  # noqa: SIM115 - closed with the stream reader (closefd)
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+        return io.BufferedReader(reader)  # type: ignore[arg-type]
+    return open(path, "rb")
+
+
+def _is_decompression_error(error: BaseException) -> bool:
+    # gzip: BadGzipFile (an OSError), EOFError when truncated, zlib.error; zstandard: ZstdError.
+    return isinstance(error, (OSError, EOFError, zlib.error)) or (
+        type(error).__name__ == "ZstdError"
+    )
+
+
+def _unreadable(corpus: Corpus, path: Path, error: BaseException) -> DataError:
+    what = "compressed file" if file_format(path)[1] else "file"
+    return DataError(
+        f"{corpus_label(corpus)}: {path}: unreadable {what} ({type(error).__name__}: {error})"
+    )
+
+
+def _read_bytes(corpus: Corpus, path: Path) -> bytes:
+    try:
+        with _open_binary(corpus, path) as handle:
+            return handle.read()
+    except DataError:
+        raise
+    except Exception as error:
+        if _is_decompression_error(error):
+            raise _unreadable(corpus, path, error) from None
+        raise
 
 
 def _decode(corpus: Corpus, path: Path, raw: bytes, offset: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
+        where = "byte offset" if file_format(path)[1] is None else "decompressed byte offset"
         raise DataError(
-            f"{corpus_label(corpus)}: {path}: invalid UTF-8 at byte offset {offset + error.start}"
+            f"{corpus_label(corpus)}: {path}: invalid UTF-8 at {where} {offset + error.start}"
         ) from None
 
 
@@ -192,8 +263,17 @@ def _text_of(corpus: Corpus, path: Path, record: Any, field: str, where: str) ->
 def _read_jsonl(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
     offset = 0
     origin = str(path)
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    with _open_binary(corpus, path) as handle:
+        lines = enumerate(handle, start=1)
+        while True:
+            try:
+                number, raw = next(lines)
+            except StopIteration:
+                return
+            except Exception as error:
+                if _is_decompression_error(error):
+                    raise _unreadable(corpus, path, error) from None
+                raise
             line = _decode(corpus, path, raw, offset)
             offset += len(raw)
             if not line.strip():
@@ -210,7 +290,7 @@ def _read_jsonl(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
 
 
 def _read_json(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
-    content = _decode(corpus, path, path.read_bytes(), 0)
+    content = _decode(corpus, path, _read_bytes(corpus, path), 0)
     try:
         data = json.loads(content)
     except json.JSONDecodeError as error:
