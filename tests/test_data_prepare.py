@@ -357,3 +357,59 @@ def test_compressed_files_read_the_same_documents(tmp_path: Path):
         return [doc.text for doc in iter_documents(corpus)]
 
     assert texts(packed) == texts(plain) == docs + docs[:3] + [docs[4]]
+
+
+def test_hf_data_files_are_read_relative_to_the_config_and_fingerprinted(tmp_path: Path, corpus):
+    pytest.importorskip("datasets")
+    own = {"train": make_docs(20, 6), "validation": make_docs(21, 2), "test": make_docs(22, 2)}
+    for split, texts in own.items():
+        _write_jsonl(tmp_path / "files" / f"{split}.jsonl", texts)
+    source = {
+        "type": "hf",
+        "path": "json",  # the datasets library's packaged builder: no hub needed
+        "data_files": {split: f"files/{split}.jsonl" for split in own},
+    }
+    config = make_config(tmp_path, domains=[{"name": "jsonfiles", "source": source}])
+    summary = prepare_data(config, progress=False)
+    documents = {s: summary["corpora"]["jsonfiles"]["splits"][s]["documents"] for s in SPLITS}
+    assert documents == {split: len(texts) for split, texts in own.items()}
+    assert statuses(prepare_data(config, progress=False))["jsonfiles"] == "skipped"
+    _write_jsonl(tmp_path / "files" / "test.jsonl", make_docs(23, 3))  # a data file changed
+    summary = prepare_data(config, progress=False)
+    assert statuses(summary)["jsonfiles"] == "rebuilt"
+    assert summary["corpora"]["jsonfiles"]["splits"]["test"]["documents"] == 3
+
+
+def test_hf_revision_and_data_files_reach_load_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from hdee.data.sources import iter_documents
+
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def fake_load_dataset(*args: Any, **kwargs: Any) -> Any:
+        calls.append((args, kwargs))
+        return datasets.Dataset.from_dict({"text": ["one document"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = {
+        "type": "hf",
+        "path": "someone/corpus",
+        "split": "train",
+        "revision": "abc123",
+        "data_files": "en/part-*.json.gz",  # repo-relative: must stay as written
+    }
+    config = parse_config(
+        {
+            "run_dir": "run",
+            "data": {
+                "general": {"name": "g", "source": source},
+                "domains": [{"name": "d", "source": source}],
+            },
+        },
+        base_dir=Path("/nonexistent-base"),
+    )
+    assert [doc.text for doc in iter_documents(config.data.general)] == ["one document"]
+    args, kwargs = calls[0]
+    assert args[0] == "someone/corpus"
+    assert kwargs["revision"] == "abc123"
+    assert kwargs["data_files"] == "en/part-*.json.gz"

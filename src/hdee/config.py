@@ -6,6 +6,7 @@ Every other module takes these typed objects and never re-reads YAML. Field docs
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from pathlib import Path
@@ -45,6 +46,17 @@ class HFSource(_Strict):
     text_field: str = Field("text", description="Column holding the document text.")
     streaming: bool = Field(False, description="Stream instead of downloading everything.")
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    revision: str | None = Field(
+        None,
+        description="Hub revision (branch, tag or commit) to read. Pin a commit to make prepare "
+        "reproducible: an unpinned dataset that changes on the hub is not noticed.",
+    )
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None,
+        description="Files for `load_dataset(path, data_files=...)`: with path json, parquet, "
+        "text or csv, local files or globs (relative to the config file); with a hub dataset, "
+        "files inside its repository.",
+    )
 
 
 class LocalSource(_Strict):
@@ -435,11 +447,30 @@ def _resolve_local_paths(raw: dict[str, Any], base: Path) -> None:
                     p if not isinstance(p, str) or Path(p).is_absolute() else str(base / p)
                     for p in paths
                 ]
+        if isinstance(source, dict) and source.get("type") == "hf":
+            # Only what exists beside the config: a hub name or repo-relative file stays as is.
+            if isinstance(source.get("path"), str) and (base / source["path"]).exists():
+                source["path"] = str(base / source["path"])
+            source["data_files"] = _resolve_existing(source.get("data_files"), base)
     tokenizer = data.get("tokenizer")
     if isinstance(tokenizer, dict) and isinstance(tokenizer.get("name_or_path"), str):
         candidate = base / tokenizer["name_or_path"]
         if candidate.exists():
             tokenizer["name_or_path"] = str(candidate)
+
+
+def _resolve_existing(value: Any, base: Path) -> Any:
+    """Relative paths/globs in `value` (a string, list or dict of them) that match files under
+    `base` become absolute; anything else is returned unchanged."""
+    if isinstance(value, str):
+        if "://" in value or Path(value).is_absolute():
+            return value
+        return str(base / value) if glob.glob(str(base / value), recursive=True) else value
+    if isinstance(value, list):
+        return [_resolve_existing(item, base) for item in value]
+    if isinstance(value, dict):
+        return {key: _resolve_existing(item, base) for key, item in value.items()}
+    return value
 
 
 def parse_config(

@@ -110,6 +110,21 @@ def _readable_in_directory(path: Path) -> bool:
     return fmt in DIRECTORY_SUFFIXES and not (compression and fmt == ".parquet")
 
 
+def _hf_local_data_files(source: HFSource) -> list[Path]:
+    """The local files `data_files` names (its globs expanded); repo-relative names match none."""
+    patterns: list[str] = []
+    files = source.data_files
+    for value in files.values() if isinstance(files, dict) else [files]:
+        if isinstance(value, str):
+            patterns.append(value)
+        elif isinstance(value, list):
+            patterns.extend(value)
+    found: list[Path] = []
+    for pattern in patterns:
+        found += sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+    return [p for p in found if p.is_file()]
+
+
 def _hf_local_path(source: HFSource) -> Path | None:
     path = Path(os.path.expanduser(source.path))
     return path if path.exists() else None
@@ -123,10 +138,12 @@ def source_state(corpus: Corpus) -> dict[str, Any]:
         paths = local_files(corpus)
     else:
         root = _hf_local_path(corpus.source)
-        if root is None:
-            # A hub dataset: its name/config/split identify it (revisions are not tracked).
+        paths = _hf_local_data_files(corpus.source)
+        if root is not None:
+            paths += sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        if not paths:
+            # A hub dataset: its name/config/split/revision identify it (pin `revision`).
             return state
-        paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     files = []
     for path in paths:
         stat = path.stat()
@@ -355,7 +372,12 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
                 loaded = loaded[source.split]
         else:
             loaded = datasets.load_dataset(
-                source.path, source.name, split=source.split, streaming=source.streaming
+                source.path,
+                source.name,
+                split=source.split,
+                streaming=source.streaming,
+                revision=source.revision,
+                data_files=source.data_files,
             )
     except Exception as error:  # datasets raises many types; all mean "cannot read this"
         raise DataError(f"{label}: cannot load ({type(error).__name__}: {error})") from None
