@@ -20,6 +20,7 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -225,23 +226,25 @@ def _is_decompression_error(error: BaseException) -> bool:
     )
 
 
-def _unreadable(corpus: Corpus, path: Path, error: BaseException) -> DataError:
-    what = "compressed file" if file_format(path)[1] else "file"
-    return DataError(
-        f"{corpus_label(corpus)}: {path}: unreadable {what} ({type(error).__name__}: {error})"
-    )
-
-
-def _read_bytes(corpus: Corpus, path: Path) -> bytes:
+@contextmanager
+def _unreadable_as_data_error(corpus: Corpus, path: Path) -> Iterator[None]:
+    """Turn a read or decompression failure into a DataError naming the file."""
     try:
-        with _open_binary(corpus, path) as handle:
-            return handle.read()
+        yield
     except DataError:
         raise
     except Exception as error:
-        if _is_decompression_error(error):
-            raise _unreadable(corpus, path, error) from None
-        raise
+        if not _is_decompression_error(error):
+            raise
+        what = "compressed file" if file_format(path)[1] else "file"
+        raise DataError(
+            f"{corpus_label(corpus)}: {path}: unreadable {what} ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _read_bytes(corpus: Corpus, path: Path) -> bytes:
+    with _unreadable_as_data_error(corpus, path), _open_binary(corpus, path) as handle:
+        return handle.read()
 
 
 def _decode(corpus: Corpus, path: Path, raw: bytes, offset: int) -> str:
@@ -280,17 +283,8 @@ def _text_of(corpus: Corpus, path: Path, record: Any, field: str, where: str) ->
 def _read_jsonl(corpus: Corpus, path: Path, field: str) -> Iterator[Document]:
     offset = 0
     origin = str(path)
-    with _open_binary(corpus, path) as handle:
-        lines = enumerate(handle, start=1)
-        while True:
-            try:
-                number, raw = next(lines)
-            except StopIteration:
-                return
-            except Exception as error:
-                if _is_decompression_error(error):
-                    raise _unreadable(corpus, path, error) from None
-                raise
+    with _unreadable_as_data_error(corpus, path), _open_binary(corpus, path) as handle:
+        for number, raw in enumerate(handle, start=1):
             line = _decode(corpus, path, raw, offset)
             offset += len(raw)
             if not line.strip():
