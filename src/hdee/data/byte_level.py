@@ -33,7 +33,7 @@ LETTER, NUMBER, SPACE, OTHER = 0, 1, 2, 3
 _UNSEEN = 254  # table entry for a code point not classified yet
 _UNKNOWN = 255  # the probes disagreed: such a batch goes through the Rust encoder
 _MAX_CODE_POINT = 0x110000
-_CACHE_LIMIT = 1 << 20  # distinct words kept between batches
+_CACHE_LIMIT = 1 << 18  # distinct words kept between batches (about 50 MB per process)
 # The vectorised path holds about 50 bytes per character of a batch; a document longer than this
 # (a whole book as one record) goes through the Rust encoder so memory stays bounded.
 _MAX_DOCUMENT_CHARS = 1 << 22
