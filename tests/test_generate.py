@@ -113,3 +113,48 @@ def test_generate_from_run(tmp_path: Path) -> None:
     assert len(text.split()) == 4 and all(w in words for w in text.split())
     with pytest.raises(ValueError, match="not in"):
         generate_from_run(layout.root, "nope", "w1")
+
+
+def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> None:
+    import hdee.generate as generate_module
+
+    layout = RunLayout.of(tmp_path / "run")
+    words = ["<eos>"] + [f"w{i}" for i in range(VOCAB - 1)]
+    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(
+        layout.tokenizer
+    )
+    for seed, job_id in enumerate(["a", "b"]):
+        tiny_llama(seed).save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
+    write_json(
+        layout.plan,
+        {
+            "lanes": ["easy", "difficult"],
+            "configurations": {"het": {"ensembles": [{"difficult": "b", "easy": "a"}]}},
+        },
+    )
+    with pytest.raises(FileNotFoundError, match="hdee evaluate"):
+        generate_from_run(layout.root, "het", "w1", prior_domain="law")
+    prior = {"difficult": 0.75, "easy": 0.25}
+    domains = {"law": {"cached_prior": prior}, "math": {"methods": {}}}
+    write_json(
+        layout.evaluation / "results.json",
+        {"configurations": {"het": {"iterations": {"1": {"domains": domains}}}}},
+    )
+    seen: list[object] = []
+    real_generate = generate_module.generate
+    monkeypatch.setattr(
+        generate_module,
+        "generate",
+        lambda *args, **kwargs: seen.append(kwargs["prior"]) or real_generate(*args, **kwargs),
+    )
+    text = generate_from_run(layout.root, "het", "w1", max_new_tokens=2, prior_domain="law")
+    assert len(text.split()) <= 2
+    assert seen == [[0.25, 0.75]]  # in the plan's lane order: easy, difficult
+    with pytest.raises(ValueError, match="domains evaluated: \\['law', 'math'\\]"):
+        generate_from_run(layout.root, "het", "w1", prior_domain="bio")
+    with pytest.raises(ValueError, match="no cached prior"):
+        generate_from_run(layout.root, "het", "w1", prior_domain="math")
+    with pytest.raises(ValueError, match="not both"):
+        generate_from_run(layout.root, "het", "w1", prior_domain="law", prior=[1.0, 1.0])

@@ -166,12 +166,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.run,
         args.configuration,
         args.prompt,
+        iteration=args.iteration,
         max_new_tokens=args.max_new_tokens,
         greedy=args.temperature == 0,
         temperature=args.temperature or 1.0,
         top_k=args.top_k,
         seed=args.seed,
         posterior=args.posterior,
+        prior=args.prior,
+        prior_domain=args.prior_domain,
     )
     print(args.prompt + text)  # the continuation reads best after its prompt
 
@@ -279,12 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("generate", "Generate text from a configuration's final ensemble.", cmd_generate)
     p.add_argument("run", help="run directory")
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
+    p.add_argument(
+        "--iteration",
+        type=int,
+        default=None,
+        help="the ensemble after this iteration (default: last)",
+    )
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
+    prior = p.add_mutually_exclusive_group()
+    prior.add_argument(
+        "--prior-domain",
+        metavar="DOMAIN",
+        help="weight the experts by the cached prior `hdee evaluate` estimated on this domain "
+        "(default: uniform)",
+    )
+    prior.add_argument(
+        "--prior",
+        type=_weights,
+        metavar="W,W,...",
+        help="explicit prior weights, one per expert in the plan's lane order",
+    )
 
     p = add(
         "demo",
@@ -295,6 +317,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where to put it (default: runs/demo or runs/demo-quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise argparse.ArgumentTypeError(f"weights must be non-negative, not all 0: {text!r}")
+    return weights
 
 
 def _interrupt(signum: int, frame: Any) -> None:

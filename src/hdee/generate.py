@@ -194,11 +194,11 @@ def generate(
     return tokenizer.decode(generation.token_ids, skip_special_tokens=True)
 
 
-def ensemble_dirs(
+def ensemble_lanes(
     run_dir: str | Path, configuration: str, iteration: int | None = None
-) -> list[Path]:
-    """Model directories of a configuration's ensemble (default: after its last iteration),
-    in the plan's lane order."""
+) -> tuple[int, dict[str, str]]:
+    """(iteration, {lane: job id}) of a configuration's ensemble (default: its last iteration),
+    lanes in the plan's order."""
     layout = RunLayout.of(run_dir)
     plan = read_json(layout.plan)
     configurations = plan["configurations"]
@@ -214,11 +214,48 @@ def ensemble_dirs(
     ensemble = ensembles[index - 1]
     lanes = [lane for lane in plan.get("lanes", []) if lane in ensemble]
     lanes += [lane for lane in ensemble if lane not in lanes]
-    dirs = [layout.job(ensemble[lane]) / "final" for lane in lanes]
+    return index, {lane: ensemble[lane] for lane in lanes}
+
+
+def ensemble_dirs(
+    run_dir: str | Path, configuration: str, iteration: int | None = None
+) -> list[Path]:
+    """Model directories of a configuration's ensemble (default: after its last iteration),
+    in the plan's lane order."""
+    layout = RunLayout.of(run_dir)
+    _, jobs = ensemble_lanes(run_dir, configuration, iteration)
+    dirs = [layout.job(job_id) / "final" for job_id in jobs.values()]
     for model_dir in dirs:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: expert not trained yet")
     return dirs
+
+
+def cached_prior_from_run(
+    run_dir: str | Path, configuration: str, domain: str, iteration: int | None = None
+) -> list[float]:
+    """The cached prior `hdee evaluate` estimated for this ensemble on `domain`'s validation
+    text, in the ensemble's lane order: generation weighted as if the text were from `domain`."""
+    layout = RunLayout.of(run_dir)
+    index, jobs = ensemble_lanes(run_dir, configuration, iteration)
+    path = layout.evaluation / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no evaluation results yet (run `hdee evaluate` first)")
+    results = read_json(path)
+    entry = results.get("configurations", {}).get(configuration, {}).get("iterations", {})
+    domains = entry.get(str(index), {}).get("domains", {})
+    if domain not in domains:
+        raise ValueError(
+            f"{path}: no results for {configuration!r} iteration {index} on domain {domain!r}; "
+            f"domains evaluated: {sorted(domains) or 'none'}"
+        )
+    prior = domains[domain].get("cached_prior")
+    if not isinstance(prior, dict) or set(prior) != set(jobs):
+        raise ValueError(
+            f"{path}: no cached prior for {configuration!r} on {domain!r} (add cached_prior to "
+            "evaluation.methods and run `hdee evaluate` again)"
+        )
+    return [float(prior[lane]) for lane in jobs]
 
 
 def generate_from_run(
@@ -226,9 +263,17 @@ def generate_from_run(
     configuration: str,
     prompt: str,
     iteration: int | None = None,
+    prior_domain: str | None = None,
     **kwargs: Any,
 ) -> str:
-    """`generate` with a run's tokenizer and a configuration's (final) ensemble."""
+    """`generate` with a run's tokenizer and a configuration's (final) ensemble; with
+    `prior_domain`, the experts are weighted by the cached prior of that domain (else by
+    `prior=` or uniformly)."""
     layout = RunLayout.of(run_dir)
+    dirs = ensemble_dirs(run_dir, configuration, iteration)
+    if prior_domain is not None:
+        if kwargs.get("prior") is not None:
+            raise ValueError("give a prior or a prior domain, not both")
+        kwargs["prior"] = cached_prior_from_run(run_dir, configuration, prior_domain, iteration)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
-    return generate(ensemble_dirs(run_dir, configuration, iteration), tokenizer, prompt, **kwargs)
+    return generate(dirs, tokenizer, prompt, **kwargs)
