@@ -59,7 +59,7 @@ def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfi
 def cmd_prepare(args: argparse.Namespace) -> None:
     from hdee.data.prepare import prepare_data
     from hdee.layout import RunLayout
-    from hdee.pipeline import run_lock, save_resolved_config
+    from hdee.rundir import run_lock, save_resolved_config
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)

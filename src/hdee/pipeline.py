@@ -9,18 +9,13 @@ continues from its last checkpoint, and evaluation reuses cached log-probabiliti
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 
-from hdee.atomic import read_json, write_json, write_text
+from hdee.atomic import read_json, write_json
 from hdee.config import STAGES, ExperimentConfig, TrainingConfig
 from hdee.layout import RunLayout
 from hdee.plan import (
@@ -31,42 +26,8 @@ from hdee.plan import (
     print_plan,
     trainable_domains,
 )
+from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.local import JobTask, run_jobs
-
-
-class RunError(RuntimeError):
-    """A run cannot go on (locked, a stage's inputs missing); the message says what to do."""
-
-
-@contextmanager
-def run_lock(layout: RunLayout) -> Iterator[None]:
-    """Stop two `hdee run`s from writing one directory (the lock dies with the process)."""
-    layout.root.mkdir(parents=True, exist_ok=True)
-    handle = open(layout.lock, "a+")  # noqa: SIM115 - held for the whole block
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunError(
-            f"{layout.root} is in use by {holder} (lock {layout.lock}); wait for it to finish"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"hdee run, pid {os.getpid()}\n")
-    handle.flush()
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
-
-
-def save_resolved_config(config: ExperimentConfig, layout: RunLayout) -> None:
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    write_text(layout.config, "# The resolved config of this run (written by hdee).\n" + text)
-
 
 # ----------------------------------------------------------------------------------------------
 # What the stages share
