@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from hdee.config import TrainingConfig
 from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, write_tokens
-from hdee.model import ModelShape, llama_config, load_model
+from hdee.model import llama_config, load_model
+from hdee.shapes import ModelShape
 from hdee.train import TrainSpec, run_training
 
 

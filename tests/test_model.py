@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,14 +12,13 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hdee.config import ModelConfig
-from hdee.model import (
+from hdee.model import llama_config, load_model, save_model
+from hdee.shapes import (
+    Architecture,
     ModelShape,
-    llama_config,
-    load_model,
     matmul_parameters,
     model_shapes,
     parameter_counts,
-    save_model,
     training_flops_per_token,
 )
 
@@ -83,6 +84,27 @@ def test_training_flops_formula() -> None:
     tied = llama_config(ModelShape("M", 64, 2, 4, 4, 128, tie_embeddings=True), 100, 32)
     # Tied: the shared matrix still does the LM-head matmul.
     assert matmul_parameters(tied) == parameter_counts(tied)[0]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_architecture_counts_equal_the_llama_configs(tie: bool, kv_heads: int) -> None:
+    # The planner counts from `Architecture` (no transformers); training from the LlamaConfig.
+    shape = ModelShape("M", 64, 3, 4, kv_heads, 96, tie_embeddings=tie)
+    architecture = Architecture.of(shape, vocab_size=300)
+    config = llama_config(shape, 300, 32)
+    assert parameter_counts(architecture) == parameter_counts(config)
+    assert training_flops_per_token(architecture, 32) == training_flops_per_token(config, 32)
+
+
+def test_the_planner_does_not_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import hdee.plan, hdee.shapes\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def _tiny_model(seed: int = 0) -> LlamaForCausalLM:

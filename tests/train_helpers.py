@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hdee.config import ModelConfig, TrainingConfig
 from hdee.data.tokens import write_tokens
-from hdee.model import llama_config, model_shapes
+from hdee.model import llama_config
+from hdee.shapes import model_shapes
 from hdee.train import TrainSpec
 
 VOCAB = 64

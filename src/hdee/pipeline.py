@@ -67,7 +67,8 @@ def write_job_spec(
     eos_token_id: int | None,
 ) -> Path:
     """The TrainSpec of a planned job, written into its directory."""
-    from hdee.model import llama_config, model_shapes
+    from hdee.model import llama_config
+    from hdee.shapes import model_shapes
     from hdee.train import TrainSpec
 
     base: TrainingConfig = config.seeds.training if job.kind == "seed" else config.experts.training

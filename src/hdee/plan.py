@@ -7,7 +7,7 @@ Budgets. A configuration trains, in each of `iterations` BTM iterations, one exp
 (difficulty class). Its cost is the sum over those expert jobs of
 
     proxy:  |FFN| x steps                                  (the paper's constraint)
-    flops:  training FLOPs per token x tokens per step x steps   (model.py's count)
+    flops:  training FLOPs per token x tokens per step x steps   (shapes.py's count)
 
 The seeds (one per size) are reported beside the expert budget, not hidden.
 """
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from hdee.config import DIFFICULTY_CLASSES, Configuration, ExperimentConfig, stable_hash
-from hdee.model import ModelShape, llama_config, model_shapes, training_flops_per_token
+from hdee.shapes import Architecture, ModelShape, model_shapes, training_flops_per_token
 
 
 class PlanError(ValueError):
@@ -285,8 +285,8 @@ def build_plan(
     fingerprints = corpus_fingerprints(config, manifests)
 
     def flops_per_step(size: str, training) -> float:
-        cfg = llama_config(shapes[size], vocab_size=vocab_size, seq_len=seq_len)
-        return training_flops_per_token(cfg, seq_len) * tokens_per_step(config, training)
+        architecture = Architecture.of(shapes[size], vocab_size)
+        return training_flops_per_token(architecture, seq_len) * tokens_per_step(config, training)
 
     expert_training = config.experts.training
     expert_flops = {size: flops_per_step(size, expert_training) for size in shapes}

@@ -47,11 +47,10 @@ from hdee.model import (
     attention_implementation,
     check_safetensors,
     load_model,
-    parameter_counts,
     save_model,
-    training_flops_per_token,
     write_model_files,
 )
+from hdee.shapes import parameter_counts, training_flops_per_token
 
 LOG_EVERY = 10  # optimizer steps between training-loss log lines (plus the first and last)
 TRAINER_STATE_JSON = "trainer_state.json"
