@@ -413,17 +413,3 @@ def test_hf_revision_and_data_files_reach_load_dataset(monkeypatch):
     assert args[0] == "someone/corpus"
     assert kwargs["revision"] == "abc123"
     assert kwargs["data_files"] == "en/part-*.json.gz"
-
-
-def test_hdee_prepare_does_not_import_torch():
-    # Start-up: torch and transformers' model code take seconds to import; prepare needs neither.
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "import hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir\n"
-        "print(sorted(m for m in ('torch', 'transformers.models.llama') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +275,20 @@ def test_plan_before_prepare_with_an_unloadable_tokenizer(tmp_path: Path, capsys
     assert "--vocab-size" in capsys.readouterr().err
     assert main(["plan", str(config_path), "--vocab-size", "1000"]) == 0
     assert "Provisional plan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir",  # hdee prepare
+        "hdee.cli, hdee.pipeline, hdee.plan, hdee.shapes",  # hdee plan
+    ],
+)
+def test_prepare_and_plan_start_without_torch(modules: str):
+    # torch and transformers' model code take seconds to import; neither command needs them.
+    code = (
+        f"import sys\nimport {modules}\n"
+        "print(sorted(m for m in ('torch', 'transformers.models.llama') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

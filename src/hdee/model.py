@@ -14,6 +14,7 @@ import importlib.util
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from hdee.atomic import atomic_directory
-from hdee.shapes import ModelShape
+from hdee.shapes import Architecture, ModelShape
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -52,15 +53,9 @@ def llama_config(
     if vocab_size <= 0:
         raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
     return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
+        **asdict(Architecture.of(shape, vocab_size)),
         max_position_embeddings=seq_len,
         rope_theta=shape.rope_theta,
-        tie_word_embeddings=shape.tie_embeddings,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         # Dropout 0 keeps training a pure function of (weights, data), so resume is exact.

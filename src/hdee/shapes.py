@@ -9,9 +9,12 @@ Sizes within a family differ only in the FFN width (`intermediate_size`), as in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from hdee.config import ModelConfig
+
+if TYPE_CHECKING:  # only for annotations: importing transformers takes seconds
+    from transformers import LlamaConfig
 
 
 @dataclass(frozen=True)
@@ -83,18 +86,6 @@ def model_shapes(model_cfg: ModelConfig) -> dict[str, ModelShape]:
     }
 
 
-class LlamaDims(Protocol):
-    """What the counts read from a config: `LlamaConfig` and `Architecture` both have it."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None
-    intermediate_size: int
-    tie_word_embeddings: bool
-
-
 @dataclass(frozen=True)
 class Architecture:
     """The dimensions `llama_config(shape, vocab_size, ...)` gives, without building one."""
@@ -120,7 +111,7 @@ class Architecture:
         )
 
 
-def _dims(cfg: LlamaDims) -> tuple[int, int, int, int, int, int]:
+def _dims(cfg: Architecture | LlamaConfig) -> tuple[int, int, int, int, int, int]:
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
     kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
@@ -134,7 +125,7 @@ def _dims(cfg: LlamaDims) -> tuple[int, int, int, int, int, int]:
     )
 
 
-def parameter_counts(cfg: LlamaDims) -> tuple[int, int]:
+def parameter_counts(cfg: Architecture | LlamaConfig) -> tuple[int, int]:
     """(total, non_embedding) parameters of `LlamaForCausalLM(cfg)`, computed arithmetically.
 
     non_embedding = total minus the token-embedding table and minus an untied LM head, i.e. the
@@ -153,14 +144,14 @@ def parameter_counts(cfg: LlamaDims) -> tuple[int, int]:
     return non_embedding + embeddings, non_embedding
 
 
-def matmul_parameters(cfg: LlamaDims) -> int:
+def matmul_parameters(cfg: Architecture | LlamaConfig) -> int:
     """Parameters that take part in a matmul per token: everything except the input embedding
     table (a lookup, no FLOPs); the LM head counts even when tied to the embedding."""
     vocab, hidden = cfg.vocab_size, cfg.hidden_size
     return parameter_counts(cfg)[1] + vocab * hidden
 
 
-def training_flops_per_token(cfg: LlamaDims, seq_len: int) -> int:
+def training_flops_per_token(cfg: Architecture | LlamaConfig, seq_len: int) -> int:
     """Training FLOPs per token, PaLM-style (Chowdhery et al. 2022, appendix B):
 
         6 * N + 12 * layers * hidden * seq_len
