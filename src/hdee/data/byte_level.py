@@ -246,13 +246,9 @@ class ByteLevelEncoder:
         return ids
 
     def _encode_rust(self, texts: list[str]) -> np.ndarray:
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        pieces = []
-        eos = np.array([self.eos_id], dtype=np.uint32)
-        for encoding in encodings:
-            pieces.append(np.asarray(encoding.ids, dtype=np.uint32))
-            pieces.append(eos)
-        return np.concatenate(pieces)
+        from hdee.data.packing import encode_batch  # packing imports this module
+
+        return encode_batch(self.backend, texts, self.eos_id)
 
     def _encode_vectorised(self, texts: list[str]) -> np.ndarray | None:
         joined = "".join(texts)
