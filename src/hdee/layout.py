@@ -2,16 +2,19 @@
 
 RUN/
   config.yaml                  the resolved experiment config
-  run.lock                     held while `hdee run` writes here
+  run.lock                     held while an hdee command writes here
   data/tokenizer/              PreTrainedTokenizerFast directory
   data/<corpus>/<split>.bin    flat token array (uint16 or uint32), memory-mapped
   data/<corpus>/<split>.json   manifest of that array
-  jobs/<job_id>/               one training job (seed or expert), see train.py
+  jobs/<job_id>/               one training job (seed or expert): see JobLayout
   difficulty/                  difficulty.json, difficulty.png
   plan.json                    lanes, iterations, configurations, budgets, job graph
   evaluation/logprobs/<job_id>/<domain>.<split>.safetensors   cached label log-probs
   evaluation/results.json, results.csv
   report/report.md, report/*.png
+
+The typed contents of plan.json, result.json, difficulty.json and results.json are in
+`hdee.records`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,63 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class JobLayout:
+    """One training job's directory:
+
+    spec.json          the TrainSpec (what determines the result)
+    checkpoints/step_XXXXXXX/   HF model files + trainer state, the last few kept
+    final/             the finished model (HF directory: config.json + model.safetensors)
+    metrics.jsonl      one JSON row per logged step / evaluation
+    tensorboard/       the same metrics for TensorBoard
+    train.log          what the job printed, when it ran in a worker process
+    result.json        written last: a job is finished exactly when it exists
+    """
+
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "train.log"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    def is_done(self) -> bool:
+        return self.result.is_file()
+
+    def status(self) -> str:
+        """'done', 'partial' (has checkpoints) or 'pending'."""
+        if self.is_done():
+            return "done"
+        return "partial" if self.checkpoints.is_dir() else "pending"
 
 
 @dataclass(frozen=True)
@@ -61,13 +121,21 @@ class RunLayout:
     def jobs(self) -> Path:
         return self.root / "jobs"
 
-    def job(self, job_id: str) -> Path:
-        return self.jobs / job_id
+    def job(self, job_id: str) -> JobLayout:
+        return JobLayout(self.jobs / job_id)
 
     # method stages
     @property
     def difficulty(self) -> Path:
         return self.root / "difficulty"
+
+    @property
+    def difficulty_record(self) -> Path:
+        return self.difficulty / "difficulty.json"
+
+    @property
+    def difficulty_plot(self) -> Path:
+        return self.difficulty / "difficulty.png"
 
     @property
     def plan(self) -> Path:
@@ -81,5 +149,20 @@ class RunLayout:
         return self.evaluation / "logprobs" / job_id / f"{domain}.{split}.safetensors"
 
     @property
+    def results(self) -> Path:
+        return self.evaluation / "results.json"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.evaluation / "results.csv"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def report_markdown(self) -> Path:
+        return self.report / "report.md"
+
+    def report_plot(self, name: str) -> Path:
+        return self.report / f"{name}.png"

@@ -1,0 +1,278 @@
+"""The typed files of a run directory: written and read only through these models.
+
+    plan.json                  Plan              (plan.py builds it)
+    jobs/<id>/result.json      JobResult         (train.py writes it last)
+    difficulty/difficulty.json DifficultyRecord  (difficulty.py)
+    evaluation/results.json    EvaluationResults (evaluate.py; schema in docs/evaluation.md)
+
+Each file carries `format` and `version`; reading a file of another format, an older version
+or with missing or wrong fields is a `RecordError` that names the file and says what to do,
+never a KeyError somewhere later. Paths come from `hdee.layout`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
+
+from hdee.atomic import write_json
+
+
+class RecordError(ValueError):
+    """A run-directory file is missing, corrupt, foreign or from another hdee version."""
+
+
+class Record(BaseModel):
+    """A versioned JSON file of a run directory."""
+
+    # NaN stays NaN in the file (a cut point between empty classes is NaN, not null).
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+    # Each record declares `format: Literal["hdee-..."]` and `version: Literal[N]` with those
+    # values as defaults, so a record made in code always carries its own.
+    MADE_BY: ClassVar[str]  # the command that writes it, for error messages
+
+    @classmethod
+    def expected(cls) -> tuple[str, int]:
+        return cls.model_fields["format"].default, cls.model_fields["version"].default
+
+    def write(self, path: str | Path) -> None:
+        # Optional keys that do not apply are left out (every optional field defaults to None).
+        write_json(path, self.model_dump(mode="json", exclude_none=True))
+
+    @classmethod
+    def read(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise RecordError(f"{path} is missing: run {cls.MADE_BY} first")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RecordError(f"{path}: corrupt JSON ({error})") from None
+        form, version = cls.expected()
+        if not isinstance(data, dict) or data.get("format") != form:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RecordError(f"{path}: not an {form} file (format {found!r})")
+        if data.get("version") != version:
+            raise RecordError(
+                f"{path}: {form} version {data.get('version')!r}, this hdee reads version "
+                f"{version}; run {cls.MADE_BY} again to rewrite it"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors()
+            )
+            raise RecordError(f"{path}: invalid {form} file: {problems}") from None
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+# ----------------------------------------------------------------------------------------------
+# plan.json
+
+
+class PlannedJob(_Part):
+    """One training job. Its id is a hash of everything that determines its weights."""
+
+    job_id: str
+    kind: Literal["seed", "expert"]
+    size: str
+    steps: int
+    domain: str
+    lane: str | None = None
+    iteration: int | None = None
+    init_from: str | None = None
+
+    @property
+    def depends_on(self) -> list[str]:
+        return [self.init_from] if self.init_from else []
+
+
+class Budget(_Part):
+    proxy: float  # sum of |FFN| x steps (the paper's constraint)
+    flops: float  # training FLOPs
+
+    def measure(self, name: str) -> float:
+        return self.proxy if name == "proxy" else self.flops
+
+    def __add__(self, other: Budget) -> Budget:
+        return Budget(proxy=self.proxy + other.proxy, flops=self.flops + other.flops)
+
+
+class PlannedConfiguration(_Part):
+    name: str
+    sizes: dict[str, str]  # lane -> model size
+    steps: dict[str, int]  # lane -> steps per iteration
+    budget: Budget
+    # ensembles[k] is the ensemble after iteration k + 1: lane -> expert job id (read it with
+    # Plan.ensemble, which orders the lanes as the plan does).
+    ensembles: list[dict[str, str]] = []
+
+
+class Plan(Record):
+    format: Literal["hdee-plan"] = "hdee-plan"
+    version: Literal[2] = 2
+    MADE_BY: ClassVar[str] = "the 'plan' stage (`hdee run CONFIG --until plan`)"
+
+    lanes: list[str]
+    classes: dict[str, str] | None = None  # domain -> class; None until the seeds ranked them
+    schedule: dict[str, list[str]]  # lane -> domain of each iteration
+    trained_domains: list[str]
+    held_out_domains: list[str]
+    seeds: dict[str, str]  # size -> seed job id
+    jobs: dict[str, PlannedJob]
+    configurations: dict[str, PlannedConfiguration]
+    seed_budget: Budget
+    baseline: str
+    budget_measure: Literal["proxy", "flops"]
+    provisional: bool = False  # True when classes were not known yet (domains are placeholders)
+
+    @property
+    def iterations(self) -> int:
+        return len(self.schedule[self.lanes[0]]) if self.lanes else 0
+
+    def expert_jobs(self) -> list[PlannedJob]:
+        return [job for job in self.jobs.values() if job.kind == "expert"]
+
+    def seed_jobs(self) -> list[PlannedJob]:
+        return [self.jobs[job_id] for job_id in self.seeds.values()]
+
+    def relative_budget_gap(self, name: str, measure: str | None = None) -> float:
+        measure = measure or self.budget_measure
+        base = self.configurations[self.baseline].budget.measure(measure)
+        return self.configurations[name].budget.measure(measure) / base - 1.0
+
+    def configuration(self, name: str) -> PlannedConfiguration:
+        if name not in self.configurations:
+            raise ValueError(
+                f"configuration {name!r} is not in the plan; choose one of "
+                f"{sorted(self.configurations)}"
+            )
+        return self.configurations[name]
+
+    def ensemble(self, name: str, iteration: int | None = None) -> tuple[int, dict[str, str]]:
+        """(iteration, {lane: job id}) of a configuration's ensemble after `iteration`
+        (1-based; default: the last), lanes in the plan's order."""
+        ensembles = self.configuration(name).ensembles
+        index = len(ensembles) if iteration is None else iteration
+        if not 1 <= index <= len(ensembles):
+            raise ValueError(f"{name!r} has iterations 1..{len(ensembles)}, not {iteration}")
+        ensemble = ensembles[index - 1]
+        ordered = [lane for lane in self.lanes if lane in ensemble]
+        ordered += [lane for lane in ensemble if lane not in ordered]
+        return index, {lane: ensemble[lane] for lane in ordered}
+
+    def domain_kinds(self) -> dict[str, Literal["trained", "held_out"]]:
+        """Domain -> "trained" | "held_out", trained first, each once."""
+        kinds: dict[str, Literal["trained", "held_out"]] = {}
+        for domain in self.trained_domains:
+            kinds.setdefault(domain, "trained")
+        for domain in self.held_out_domains:
+            kinds.setdefault(domain, "held_out")
+        return kinds
+
+
+# ----------------------------------------------------------------------------------------------
+# jobs/<id>/result.json
+
+
+class ValidationScore(_Part):
+    loss: float
+    perplexity: float
+
+
+class JobResult(Record):
+    format: Literal["hdee-job-result"] = "hdee-job-result"
+    version: Literal[1] = 1
+    MADE_BY: ClassVar[str] = "the job (`hdee train SPEC` or `hdee run`)"
+
+    kind: Literal["seed", "expert"]
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float | None = None
+    validation: dict[str, ValidationScore]  # validation corpus -> score at the last step
+    flops: float
+    parameters: int
+    non_embedding_parameters: int
+    world_size: int
+
+
+# ----------------------------------------------------------------------------------------------
+# difficulty/difficulty.json
+
+
+class DifficultyRecord(Record):
+    format: Literal["hdee-difficulty"] = "hdee-difficulty"
+    version: Literal[1] = 1
+    MADE_BY: ClassVar[str] = "the 'difficulty' stage"
+
+    method: str
+    seed_sizes: list[str]
+    perplexity: dict[str, float]  # domain -> the ranking perplexity
+    seed_perplexity: dict[str, dict[str, float]]  # seed size -> domain -> perplexity
+    ranking: list[str]  # easiest first
+    classes: dict[str, str]  # trainable domain -> class
+    cut_points: list[float]
+    held_out_classes: dict[str, str]  # held-out domain -> the class its perplexity falls in
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation/results.json (documented in docs/evaluation.md)
+
+
+class Score(_Part):
+    perplexity: float
+    tokens: int
+    expert: str | None = None  # best_single: the lane of the winning expert
+    job_id: str | None = None  # single experts and best_single
+
+
+class DomainScores(_Part):
+    methods: dict[str, Score]  # method -> score
+    mean_posterior: dict[str, dict[str, float]] = {}  # method -> lane -> mean weight
+    single_experts: dict[str, Score] | None = None  # lane -> score
+    cached_prior: dict[str, float] | None = None  # lane -> prior
+    cached_prior_sequences: int | None = None
+
+
+class IterationResults(_Part):
+    experts: dict[str, str]  # lane -> job id
+    domains: dict[str, DomainScores]
+
+
+class ConfigurationResults(_Part):
+    final_iteration: int
+    iterations: dict[int, IterationResults]
+
+    @property
+    def final(self) -> IterationResults:
+        return self.iterations[self.final_iteration]
+
+
+class DomainInfo(_Part):
+    kind: Literal["trained", "held_out"]
+    test_windows: int
+    validation_windows: int | None = None
+
+
+class EvaluationResults(Record):
+    format: Literal["hdee-evaluation"] = "hdee-evaluation"
+    version: Literal[2] = 2
+    MADE_BY: ClassVar[str] = "`hdee evaluate RUN`"
+
+    posterior: Literal["prefix", "updating"]
+    methods: list[str]
+    seq_len: int
+    cached_prior_decay: float
+    device: str
+    domains: dict[str, DomainInfo]
+    configurations: dict[str, ConfigurationResults]
