@@ -3,9 +3,10 @@
 Everything the ensembling methods need is each expert's log-probability of each *label* token,
 `lp[j, n, t] = log p_j(x_{t+1} | x_<=t)` for expert j, sequence n and position t: a tensor
 `[E experts, N sequences, T positions]`. No method needs the full vocabulary distribution, so an
-evaluator runs each expert once, keeps `[N, T]` floats per expert, and mixes afterwards.
+evaluator runs each expert once (`hdee.scoring.label_log_probs`), keeps `[N, T]` floats per
+expert, and mixes afterwards.
 
-The methods (see DESIGN.md, "Ensembling with a domain posterior"):
+The methods (see docs/design.md, "Ensembling with a domain posterior"):
 
     simple average:   p(x_t | x_<t) = 1/E * sum_j p_j(x_t | x_<t)
     domain posterior: p(x_t | x_<t) = sum_j p_j(x_t | x_<t) * P(j | x_<t)
@@ -25,38 +26,6 @@ from torch import Tensor
 
 PosteriorMode = Literal["prefix", "updating"]
 POSTERIOR_MODES: tuple[str, ...] = ("prefix", "updating")
-
-
-# ----------------------------------------------------------------------------------------------
-# Label log-probabilities of one model
-
-
-@torch.inference_mode()
-def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int = 512) -> Tensor:
-    """log p(label_t | inputs_<=t) of a causal LM, float32 `[B, T]`, for `batch` `[B, T + 1]`.
-
-    Inputs are `batch[:, :-1]`, labels `batch[:, 1:]`. The base model runs once; the LM head,
-    log-sum-exp and label gather then run on `chunk_size` token positions at a time, so at most
-    `chunk_size x vocabulary` logits exist at once instead of `B x T x vocabulary` (which is
-    4 GB for 32 x 1024 tokens with Llama-3's 128K vocabulary).
-    """
-    if batch.dim() != 2 or batch.shape[1] < 2:
-        raise ValueError(f"batch must be [B, T + 1] with T >= 1, got shape {tuple(batch.shape)}")
-    device = next(model.parameters()).device
-    batch = batch.to(device)
-    inputs, labels = batch[:, :-1], batch[:, 1:]
-    hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, H]
-    head = model.get_output_embeddings()
-    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
-    out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=device)
-    for start in range(0, flat_labels.shape[0], chunk_size):
-        stop = start + chunk_size
-        # float32 for the normaliser: a bf16 log-sum-exp over 32K+ logits loses ~2 digits.
-        logits = head(flat_hidden[start:stop]).float()
-        label_logit = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
-        out[start:stop] = label_logit - torch.logsumexp(logits, dim=1)
-    return out.reshape(labels.shape)
 
 
 # ----------------------------------------------------------------------------------------------
