@@ -1,7 +1,8 @@
 """One training job: a seed (from scratch) or an expert (branched from a checkpoint).
 
-The loop is nanoGPT-style and reads top to bottom in `run_training`. A job is described
-completely by a `TrainSpec` and lives in its own directory (see docs/architecture.md):
+`run_training` reads top to bottom in three parts: `build` (data, model, optimizer, resume),
+`train_steps` (the nanoGPT-style loop) and `finish` (final evaluation, `final/`, result.json).
+A job is described completely by a `TrainSpec` and lives in its own directory (`JobLayout`):
 
     spec.json, checkpoints/step_XXXXXXX/, final/, metrics.jsonl, tensorboard/, result.json
 
@@ -23,39 +24,42 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
-from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hdee.atomic import atomic_directory, read_json, write_json, write_text
+from hdee.atomic import read_json, write_json
+from hdee.checkpoint import (
+    checkpoint_dirs,
+    cleanup_temporaries,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from hdee.config import TrainingConfig
 from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, read_manifest
-from hdee.model import (
-    attention_implementation,
-    check_safetensors,
-    load_model,
-    save_model,
-    write_model_files,
-)
+from hdee.layout import JobLayout
+from hdee.metrics import MetricsLogger
+from hdee.model import attention_implementation, load_model, save_model
+from hdee.records import JobResult, ValidationScore
+from hdee.scoring import autocast, label_log_probs, resolve_device, resolve_precision
 from hdee.shapes import parameter_counts, training_flops_per_token
 
 LOG_EVERY = 10  # optimizer steps between training-loss log lines (plus the first and last)
-TRAINER_STATE_JSON = "trainer_state.json"
-TRAINER_STATE_TENSORS = "trainer_state.safetensors"
-CHECKPOINT_PREFIX = "step_"
 
 
 class TrainSpec(BaseModel):
@@ -143,7 +147,7 @@ def lr_at(step: int, training: TrainingConfig) -> float:
 
 
 @dataclass(frozen=True)
-class _Runtime:
+class Runtime:
     rank: int
     local_rank: int
     world_size: int
@@ -160,19 +164,14 @@ class _Runtime:
         return self.world_size > 1
 
     def autocast(self) -> AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
 
-def _setup_runtime(training: TrainingConfig) -> _Runtime:
+def setup_runtime(training: TrainingConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if training.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(training.device)
+    device = resolve_device(training.device)
     if device.type == "cuda":
         # One GPU per process under torchrun; an explicit index applies to single-process runs.
         index = local_rank if world_size > 1 or device.index is None else device.index
@@ -182,15 +181,11 @@ def _setup_runtime(training: TrainingConfig) -> _Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns_group = True
-    precision = training.precision
-    if precision == "auto":
-        bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "bf16" if bf16_ok else "fp32"
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
-    return _Runtime(rank, local_rank, world_size, device, amp_dtype, owns_group)
+    amp_dtype = resolve_precision(training.precision, device)
+    return Runtime(rank, local_rank, world_size, device, amp_dtype, owns_group)
 
 
-def _all_reduce_sum(values: list[float], runtime: _Runtime) -> list[float]:
+def _all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
     if not runtime.ddp:
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
@@ -199,92 +194,7 @@ def _all_reduce_sum(values: list[float], runtime: _Runtime) -> list[float]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: HF model files + optimizer tensors (safetensors) + the rest (JSON)
-
-
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split `optimizer.state_dict()` into named tensors and a JSON-able remainder."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, param_state in state["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.state.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        _, _, index, key = name.split(".", 3)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in meta.get("scalars", {}).items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state() -> dict[str, Any]:
-    # Training itself uses no randomness (dropout 0, data from the step); saved so anything
-    # stochastic added later resumes exactly too.
-    state: dict[str, Any] = {"torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if torch.cuda.is_available() and "cuda" in state:
-        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _checkpoint_dirs(root: Path) -> list[Path]:
-    """Complete step checkpoints, oldest first (temporary `.step_*` dirs are not listed)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)]
-    return sorted(found, key=lambda p: p.name)
-
-
-def save_checkpoint(
-    directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
-) -> Path:
-    """Write one checkpoint atomically: HF model files plus trainer state."""
-    with atomic_directory(directory) as tmp:
-        write_model_files(model, tmp)  # type: ignore[arg-type]
-        tensors, meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(tensors, str(tmp / TRAINER_STATE_TENSORS))
-        write_json(tmp / TRAINER_STATE_JSON, {**state, "optimizer": meta})
-    return directory
-
-
-def load_checkpoint(
-    directory: Path, runtime: _Runtime, attn_implementation: str
-) -> tuple[LlamaForCausalLM, dict[str, Any], dict[str, Any]]:
-    """(model, trainer state JSON, optimizer state dict) of a checkpoint; ValueError naming
-    the file when any part is missing or corrupt."""
-    state_path = directory / TRAINER_STATE_JSON
-    if not state_path.is_file():
-        raise ValueError(f"{state_path}: trainer state is missing")
-    state = read_json(state_path)
-    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise ValueError(f"{state_path}: not a trainer state (no 'step' / 'optimizer')")
-    tensor_path = directory / TRAINER_STATE_TENSORS
-    check_safetensors(tensor_path)
-    try:
-        tensors = load_file(str(tensor_path))
-    except Exception as error:  # safetensors has its own error types
-        raise ValueError(f"{tensor_path}: corrupt trainer state ({error})") from None
-    model = load_model(directory, runtime.device, torch.float32, attn_implementation)
-    return model, state, _unflatten_optimizer(tensors, state["optimizer"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
+# Validation
 
 
 @torch.no_grad()
@@ -294,14 +204,14 @@ def evaluate(
     seq_len: int,
     batch_size: int,
     max_batches: int,
-    runtime: _Runtime | None = None,
-) -> dict[str, float]:
+    runtime: Runtime | None = None,
+) -> ValidationScore:
     """Mean loss and perplexity on the first `max_batches` fixed validation batches; ranks
     split the batches and sum (loss, count), so every rank gets the same numbers. Without a
     runtime: one process, fp32, on the model's device."""
     if runtime is None:
         device = next(model.parameters()).device
-        runtime = _Runtime(0, 0, 1, device, None, owns_group=False)
+        runtime = Runtime(0, 0, 1, device, None, owns_group=False)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
@@ -309,27 +219,173 @@ def evaluate(
     for index, batch in enumerate(batches):
         if index % runtime.world_size != runtime.rank:
             continue
-        batch = batch.to(runtime.device)
         with runtime.autocast():
-            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(
-            logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
-        )
-        total += float(loss)
-        count += batch[:, 1:].numel()
+            log_probs = label_log_probs(model, batch.to(runtime.device))
+        total -= float(log_probs.double().sum())
+        count += log_probs.numel()
     total, count = _all_reduce_sum([total, count], runtime)
     model.train(was_training)
     mean = total / max(count, 1.0)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 700.0))}
+    return ValidationScore(loss=mean, perplexity=math.exp(min(mean, 700.0)))
 
 
 # ----------------------------------------------------------------------------------------------
-# Small helpers
+# Part 1: build everything the loop needs
 
 
-def _build_optimizer(
-    model: torch.nn.Module, training: TrainingConfig, device: torch.device
-) -> torch.optim.AdamW:
+@dataclass
+class Job:
+    """A built training job: what `train_steps` and `finish` work on."""
+
+    spec: TrainSpec
+    runtime: Runtime
+    layout: JobLayout
+    raw_model: LlamaForCausalLM  # the model itself (saved, evaluated, clipped)
+    model: torch.nn.Module  # what is called for the loss: raw_model wrapped (loss, compile, DDP)
+    optimizer: torch.optim.Optimizer
+    train_tokens: np.ndarray
+    validation: dict[str, np.ndarray]
+    start_step: int
+    resumed: dict[str, Any] = field(default_factory=dict)  # trainer state of the checkpoint
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def training(self) -> TrainingConfig:
+        return self.spec.training
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.training
+        return tc.batch_size * self.spec.seq_len * tc.grad_accum * self.runtime.world_size
+
+    @property
+    def flops_per_token(self) -> float:
+        return training_flops_per_token(self.raw_model.config, self.spec.seq_len)
+
+    def elapsed(self) -> float:
+        """Training seconds, including those before the checkpoint we resumed from."""
+        return float(self.resumed.get("seconds", 0.0)) + time.perf_counter() - self.started
+
+    def validate(self) -> dict[str, ValidationScore]:
+        tc, spec = self.training, self.spec
+        return {
+            name: evaluate(
+                self.raw_model, tokens, spec.seq_len, tc.batch_size, tc.eval_batches, self.runtime
+            )
+            for name, tokens in self.validation.items()
+        }
+
+
+def build(spec: TrainSpec, runtime: Runtime) -> Job:
+    """Check the job directory, load the data, and build the model and optimizer: resumed
+    from the newest readable checkpoint, else branched from `init_from`, else initialised."""
+    layout = JobLayout(Path(spec.output_dir))
+    _check_spec(layout, spec)
+    if runtime.is_main:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        cleanup_temporaries(layout)
+        if not layout.spec.exists():
+            write_json(layout.spec, spec.model_dump(mode="json"))
+
+    train_tokens = load_tokens(spec.train_tokens)
+    validation = {name: load_tokens(path) for name, path in spec.validation.items()}
+    config = LlamaConfig.from_dict(dict(spec.model))
+    _check_data(spec, config)
+
+    attn = attention_implementation(runtime.device, runtime.amp_dtype or torch.float32)
+    model, resumed, optimizer_state = _resume(layout, runtime, attn)
+    if model is None:
+        model = _initial_model(spec, config, runtime, attn)
+    model.train()
+    optimizer = _build_optimizer(model, spec.training)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    # What DDP and compile wrap: the model and its loss, so a chunked loss syncs like any.
+    wrapped: torch.nn.Module = CausalLMLoss(model, spec.training.loss_chunk_tokens)
+    if spec.training.compile:
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    if runtime.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(wrapped, device_ids=device_ids)
+    job = Job(
+        spec=spec,
+        runtime=runtime,
+        layout=layout,
+        raw_model=model,
+        model=wrapped,
+        optimizer=optimizer,
+        train_tokens=train_tokens,
+        validation=validation,
+        start_step=int(resumed.get("step", 0)),
+        resumed=resumed,
+    )
+    if runtime.is_main:
+        _print_summary(job, attn)
+    return job
+
+
+def _check_spec(layout: JobLayout, spec: TrainSpec) -> None:
+    if layout.spec.exists():
+        stored = read_json(layout.spec)
+        stored.pop("output_dir", None)
+        if stored != spec.identity():
+            raise ValueError(
+                f"{layout.spec}: this job directory holds a different job; use a new output_dir "
+                "(or delete the directory to start over)"
+            )
+
+
+def _check_data(spec: TrainSpec, config: LlamaConfig) -> None:
+    if spec.seq_len > config.max_position_embeddings:
+        raise ValueError(
+            f"seq_len {spec.seq_len} exceeds the model's max_position_embeddings "
+            f"{config.max_position_embeddings}"
+        )
+    for path in [spec.train_tokens, *spec.validation.values()]:
+        data_vocab = read_manifest(path).get("vocab_size")
+        if data_vocab is not None and int(data_vocab) > config.vocab_size:
+            raise ValueError(
+                f"{path}: tokens from a vocabulary of {data_vocab}, model has {config.vocab_size}"
+            )
+
+
+def _resume(
+    layout: JobLayout, runtime: Runtime, attn: str
+) -> tuple[LlamaForCausalLM | None, dict[str, Any], dict[str, Any] | None]:
+    """(model, trainer state, optimizer state) of the newest readable checkpoint, or
+    (None, {}, None) when there is none."""
+    for directory in reversed(checkpoint_dirs(layout)):
+        try:
+            model, state, optimizer_state = load_checkpoint(directory, runtime.device, attn)
+        except ValueError as error:
+            warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
+            continue
+        set_rng_state(state.get("rng", {"torch": torch.get_rng_state().tolist()}))
+        return model, state, optimizer_state
+    return None, {}, None
+
+
+def _initial_model(
+    spec: TrainSpec, config: LlamaConfig, runtime: Runtime, attn: str
+) -> LlamaForCausalLM:
+    if spec.init_from:
+        # The "branch" of Branch-Train-Merge: start from the parent's weights.
+        model = load_model(spec.init_from, runtime.device, torch.float32, attn)
+        _check_same_architecture(spec.init_from, model.config, config)
+        return model
+    config._attn_implementation = attn
+    # Seeded init on the CPU generator (same weights on any device and every rank), without
+    # disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = LlamaForCausalLM(config)
+    return model.to(runtime.device)
+
+
+def _build_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.optim.AdamW:
     # Weight decay on matrices (linear weights, embeddings) only, never on norm gains.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -346,40 +402,164 @@ def _build_optimizer(
         return torch.optim.AdamW(groups, lr=training.lr, betas=betas, foreach=True)
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines after `step` (written after the checkpoint we resume from) and any
-    half-written last line, so the resumed log reads like an uninterrupted one."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            kept.append(line)
-    write_text(path, "".join(f"{line}\n" for line in kept))
+def _print_summary(job: Job, attn: str) -> None:
+    """What the job will cost, before it runs."""
+    spec, tc, runtime = job.spec, job.training, job.runtime
+    total_params, non_embedding = parameter_counts(job.raw_model.config)
+    tokens = job.tokens_per_step
+    precision = "bf16 autocast" if runtime.amp_dtype else "fp32"
+    print(
+        f"[hdee.train] {spec.kind} job -> {job.layout.root}\n"
+        f"  parameters {total_params:,} ({non_embedding:,} non-embedding), "
+        f"vocab {job.raw_model.config.vocab_size:,}\n"
+        f"  tokens/step {tokens:,} = batch {tc.batch_size} x seq {spec.seq_len} x "
+        f"accum {tc.grad_accum} x ranks {runtime.world_size}; {tc.steps:,} steps = "
+        f"{tokens * tc.steps:,} tokens\n"
+        f"  training FLOPs/token {job.flops_per_token:.3e}, total "
+        f"{job.flops_per_token * tokens * tc.steps:.3e}\n"
+        f"  device {runtime.device}, {precision}, attention {attn}"
+        + (f"; resuming at step {job.start_step}" if job.start_step else ""),
+        flush=True,
+    )
 
 
-def _cleanup_temporaries(output: Path) -> None:
-    """Remove temporary directories a killed writer left behind (`.name.XXXX.tmp`)."""
-    for parent in (output, output / "checkpoints"):
-        if parent.is_dir():
-            for path in parent.glob(".*.tmp"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+# ----------------------------------------------------------------------------------------------
+# Part 2: the step loop
 
 
-def _check_spec(output: Path, spec: TrainSpec) -> None:
-    path = output / "spec.json"
-    if path.exists():
-        stored = read_json(path)
-        stored.pop("output_dir", None)
-        if stored != spec.identity():
-            raise ValueError(
-                f"{path}: this job directory holds a different job; use a new output_dir "
-                "(or delete the directory to start over)"
-            )
+@dataclass
+class LoopOutcome:
+    step: int  # optimizer steps done
+    last_loss: float | None
+    last_eval: tuple[int, dict[str, ValidationScore]] | None  # (step, scores) of the last one
+
+    def finished(self, steps: int) -> bool:
+        return self.step >= steps
+
+
+def train_steps(
+    job: Job, metrics: MetricsLogger, progress: bool, stop_after: int | None = None
+) -> LoopOutcome:
+    """Optimizer steps from `job.start_step` to the end (or to `stop_after`), with logging,
+    validation every `eval_every` steps and a checkpoint every `checkpoint_every` steps."""
+    tc, runtime, spec = job.training, job.runtime, job.spec
+    show_bar = progress and runtime.is_main and sys.stdout.isatty()
+    # Without a terminal (a runner's log file) print a plain line about 20 times per job.
+    plain_every = max(1, tc.steps // 20 // LOG_EVERY) * LOG_EVERY
+    plain_lines = progress and runtime.is_main and not show_bar
+    bar = _progress_bar(show_bar, tc.steps, job.start_step, f"{spec.kind} {job.layout.root.name}")
+    outcome = LoopOutcome(job.start_step, job.resumed.get("last_loss"), None)
+    window_start, window_tokens = time.perf_counter(), 0
+    with bar:
+        for step in range(job.start_step, tc.steps):
+            lr = lr_at(step, tc)
+            loss_sum, grad_norm = _optimizer_step(job, step, lr)  # tensors: no device sync
+            done = outcome.step = step + 1
+            window_tokens += job.tokens_per_step
+
+            if done == 1 or done % LOG_EVERY == 0 or done == tc.steps:
+                (mean_loss,) = _all_reduce_sum([float(loss_sum) / tc.grad_accum], runtime)
+                outcome.last_loss = mean_loss / runtime.world_size
+                now = time.perf_counter()
+                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+                row = {
+                    "step": done,
+                    "loss": outcome.last_loss,
+                    "lr": lr,
+                    "tokens": done * job.tokens_per_step,
+                    "tokens_per_s": tokens_per_s,
+                }
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                metrics.log(row)
+                bar.update(
+                    bar.task_ids[0], loss=f"{outcome.last_loss:.4f}", tps=f"{tokens_per_s:,.0f}"
+                )
+                if plain_lines and (done % plain_every == 0 or done == tc.steps):
+                    eta = (tc.steps - done) * job.tokens_per_step / max(tokens_per_s, 1e-9)
+                    print(
+                        f"[hdee.train] step {done}/{tc.steps} loss {outcome.last_loss:.4f} "
+                        f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s",
+                        flush=True,
+                    )
+                window_start, window_tokens = now, 0
+            bar.update(bar.task_ids[0], completed=done)
+
+            paused = False
+            if job.validation and (done % tc.eval_every == 0 or done == tc.steps):
+                outcome.last_eval = (done, _log_validation(job, metrics, done))
+                paused = True
+            if done % tc.checkpoint_every == 0:
+                if runtime.is_main:
+                    _save_step_checkpoint(job, done, lr, outcome.last_loss)
+                paused = True
+            if paused:  # tokens/s measures training, not evaluation or checkpoint writing
+                window_start, window_tokens = time.perf_counter(), 0
+            if stop_after is not None and done >= stop_after and done < tc.steps:
+                break
+    return outcome
+
+
+def _optimizer_step(job: Job, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step over `grad_accum` micro-batches: (summed micro-batch loss, gradient
+    norm before clipping or None when clipping is off), as tensors on the device."""
+    tc, runtime, spec = job.training, job.runtime, job.spec
+    for group in job.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=runtime.device)
+    for micro_step in range(tc.grad_accum):
+        batch = train_batch(
+            job.train_tokens,
+            spec.seq_len,
+            tc.batch_size,
+            spec.seed,
+            step,
+            micro_step,
+            runtime.rank,
+            runtime.world_size,
+            tc.grad_accum,
+        )
+        if runtime.device.type == "cuda":
+            batch = batch.pin_memory().to(runtime.device, non_blocking=True)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        # DDP all-reduces gradients only on the last micro-step of a step.
+        last_micro = micro_step == tc.grad_accum - 1
+        sync = nullcontext() if last_micro or not runtime.ddp else job.model.no_sync()
+        with sync:
+            with runtime.autocast():
+                loss = job.model(inputs, labels)
+            (loss / tc.grad_accum).backward()
+        loss_sum += loss.detach()
+    # Gradients here are already averaged over ranks, so the clip is global.
+    grad_norm = None
+    if tc.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(job.raw_model.parameters(), tc.grad_clip)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def _log_validation(job: Job, metrics: MetricsLogger, step: int) -> dict[str, ValidationScore]:
+    scores = job.validate()
+    if scores:
+        row: dict[str, Any] = {"step": step, "tokens": step * job.tokens_per_step}
+        for name, score in scores.items():
+            row[f"val/{name}/loss"] = score.loss
+            row[f"val/{name}/ppl"] = score.perplexity
+        metrics.log(row)
+    return scores
+
+
+def _save_step_checkpoint(job: Job, step: int, lr: float, last_loss: float | None) -> None:
+    state = {
+        "step": step,
+        "lr": lr,
+        "last_loss": last_loss,
+        "seconds": job.elapsed(),
+        "rng": rng_state(),
+    }
+    save_checkpoint(job.layout.checkpoint(step), job.raw_model, job.optimizer, state)
+    prune_checkpoints(job.layout, job.training.keep_checkpoints)
 
 
 def _progress_bar(enabled: bool, total: int, start: int, description: str) -> Any:
@@ -406,288 +586,63 @@ def _progress_bar(enabled: bool, total: int, start: int, description: str) -> An
 
 
 # ----------------------------------------------------------------------------------------------
+# Part 3: finish
+
+
+def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
+    """Final validation (unless the last step just ran one), `final/`, then result.json last."""
+    tc = job.training
+    if outcome.last_eval is not None and outcome.last_eval[0] == tc.steps:
+        final_eval = outcome.last_eval[1]
+    else:  # resumed from a checkpoint of the last step
+        final_eval = _log_validation(job, metrics, tc.steps)
+    total_params, non_embedding = parameter_counts(job.raw_model.config)
+    result = JobResult(
+        kind=job.spec.kind,
+        steps=tc.steps,
+        tokens=tc.steps * job.tokens_per_step,
+        seconds=job.elapsed(),
+        final_loss=outcome.last_loss,
+        validation=final_eval,
+        flops=job.flops_per_token * tc.steps * job.tokens_per_step,
+        parameters=total_params,
+        non_embedding_parameters=non_embedding,
+        world_size=job.runtime.world_size,
+    )
+    if job.runtime.is_main:
+        save_model(job.raw_model, job.layout.final)
+        result.write(job.layout.result)
+    if job.runtime.ddp:
+        dist.barrier()  # no rank returns before the result exists
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # The job
 
 
 def run_training(
     spec: TrainSpec, progress: bool = True, *, stop_after: int | None = None
-) -> dict[str, Any]:
+) -> JobResult | None:
     """Run (or resume, or skip) one training job and return its result (result.json).
 
     `stop_after`: stop once this global step is reached, writing nothing more, as if the process
-    had been killed there (tests and time-slicing schedulers use it); returns
-    {"finished": False, "step": ...}.
+    had been killed there (tests and time-slicing schedulers use it); returns None then.
     """
-    output = Path(spec.output_dir)
-    result_path = output / "result.json"
-    if result_path.exists():
-        return read_json(result_path)
-    runtime = _setup_runtime(spec.training)
+    layout = JobLayout(Path(spec.output_dir))
+    if layout.is_done():
+        return JobResult.read(layout.result)
+    runtime = setup_runtime(spec.training)
     try:
-        return _train(spec, runtime, progress, stop_after)
+        job = build(spec, runtime)
+        with MetricsLogger(layout, job.start_step, enabled=runtime.is_main) as metrics:
+            outcome = train_steps(job, metrics, progress, stop_after)
+            if not outcome.finished(spec.training.steps):
+                return None
+            return finish(job, outcome, metrics)
     finally:
         if runtime.owns_group:
             dist.destroy_process_group()
-
-
-def _train(
-    spec: TrainSpec, runtime: _Runtime, progress: bool, stop_after: int | None
-) -> dict[str, Any]:
-    tc = spec.training
-    output = Path(spec.output_dir)
-    checkpoints = output / "checkpoints"
-    started = time.perf_counter()
-    _check_spec(output, spec)
-    if runtime.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        _cleanup_temporaries(output)
-        if not (output / "spec.json").exists():
-            write_json(output / "spec.json", spec.model_dump(mode="json"))
-
-    # ---- data
-    train_tokens = load_tokens(spec.train_tokens)
-    validation = {name: load_tokens(path) for name, path in spec.validation.items()}
-    config = LlamaConfig.from_dict(dict(spec.model))
-    if spec.seq_len > config.max_position_embeddings:
-        raise ValueError(
-            f"seq_len {spec.seq_len} exceeds the model's max_position_embeddings "
-            f"{config.max_position_embeddings}"
-        )
-    for path in [spec.train_tokens, *spec.validation.values()]:
-        data_vocab = read_manifest(path).get("vocab_size")
-        if data_vocab is not None and int(data_vocab) > config.vocab_size:
-            raise ValueError(
-                f"{path}: tokens from a vocabulary of {data_vocab}, model has {config.vocab_size}"
-            )
-
-    # ---- model and optimizer: resume from the newest readable checkpoint, else initialise
-    attn = attention_implementation(runtime.device, runtime.amp_dtype or torch.float32)
-    start_step, state, optimizer_state = 0, {}, None
-    model: LlamaForCausalLM | None = None
-    for directory in reversed(_checkpoint_dirs(checkpoints)):
-        try:
-            model, state, optimizer_state = load_checkpoint(directory, runtime, attn)
-            start_step = int(state["step"])
-            break
-        except ValueError as error:
-            warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
-    if model is None:
-        if spec.init_from:
-            # The "branch" of Branch-Train-Merge: start from the parent's weights.
-            model = load_model(spec.init_from, runtime.device, torch.float32, attn)
-            _check_same_architecture(spec.init_from, model.config, config)
-        else:
-            config._attn_implementation = attn
-            # Seeded init on the CPU generator (same weights on any device and every rank),
-            # without disturbing the caller's RNG.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed)
-                model = LlamaForCausalLM(config)
-            model = model.to(runtime.device)
-    else:
-        _set_rng_state(state.get("rng", {"torch": torch.get_rng_state().tolist()}))
-    model.train()
-    raw_model = model
-    optimizer = _build_optimizer(raw_model, tc, runtime.device)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    # What DDP and compile wrap: the model and its loss, so a chunked loss syncs like any.
-    model = CausalLMLoss(raw_model, tc.loss_chunk_tokens)  # type: ignore[assignment]
-    if tc.compile:
-        model = torch.compile(model)  # type: ignore[assignment]
-    if runtime.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids)  # type: ignore[assignment]
-
-    # ---- derived numbers
-    vocab = raw_model.config.vocab_size
-    total_params, non_embedding = parameter_counts(raw_model.config)
-    tokens_per_step = tc.batch_size * spec.seq_len * tc.grad_accum * runtime.world_size
-    flops_per_token = training_flops_per_token(raw_model.config, spec.seq_len)
-    if runtime.is_main:
-        precision = "bf16 autocast" if runtime.amp_dtype else "fp32"
-        print(
-            f"[hdee.train] {spec.kind} job -> {output}\n"
-            f"  parameters {total_params:,} ({non_embedding:,} non-embedding), vocab {vocab:,}\n"
-            f"  tokens/step {tokens_per_step:,} = batch {tc.batch_size} x seq {spec.seq_len} x "
-            f"accum {tc.grad_accum} x ranks {runtime.world_size}; {tc.steps:,} steps = "
-            f"{tokens_per_step * tc.steps:,} tokens\n"
-            f"  training FLOPs/token {flops_per_token:.3e}, total "
-            f"{flops_per_token * tokens_per_step * tc.steps:.3e}\n"
-            f"  device {runtime.device}, {precision}, attention {attn}"
-            + (f"; resuming at step {start_step}" if start_step else ""),
-            flush=True,
-        )
-
-    # ---- logging (rank 0 only)
-    metrics_path = output / "metrics.jsonl"
-    writer = None
-    metrics_file = None
-    if runtime.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        _trim_metrics(metrics_path, start_step)
-        metrics_file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
-        # purge_step drops TensorBoard events after the checkpoint we resume from.
-        writer = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
-
-    def log(row: dict[str, Any]) -> None:
-        if metrics_file is None or writer is None:
-            return
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                writer.add_scalar(key, value, row["step"])
-
-    def run_eval(step: int) -> dict[str, dict[str, float]]:
-        results = {
-            name: evaluate(raw_model, tokens, spec.seq_len, tc.batch_size, tc.eval_batches, runtime)
-            for name, tokens in validation.items()
-        }
-        row: dict[str, Any] = {"step": step, "tokens": step * tokens_per_step}
-        for name, values in results.items():
-            row[f"val/{name}/loss"] = values["loss"]
-            row[f"val/{name}/ppl"] = values["perplexity"]
-        if results:
-            log(row)
-        return results
-
-    # ---- the loop
-    show_bar = progress and runtime.is_main and sys.stdout.isatty()
-    # Without a terminal (a runner's log file) print a plain line about 20 times per job.
-    plain_every = max(1, tc.steps // 20 // LOG_EVERY) * LOG_EVERY
-    plain_lines = progress and runtime.is_main and not show_bar
-    bar = _progress_bar(show_bar, tc.steps, start_step, f"{spec.kind} {output.name}")
-    last_loss = state.get("last_loss")
-    seconds = float(state.get("seconds", 0.0))
-    last_eval: tuple[int, dict[str, dict[str, float]]] | None = None
-    window_start, window_tokens = time.perf_counter(), 0
-    step = start_step
-    with bar:
-        for step in range(start_step, tc.steps):
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=runtime.device)
-            for micro_step in range(tc.grad_accum):
-                batch = train_batch(
-                    train_tokens,
-                    spec.seq_len,
-                    tc.batch_size,
-                    spec.seed,
-                    step,
-                    micro_step,
-                    runtime.rank,
-                    runtime.world_size,
-                    tc.grad_accum,
-                )
-                if runtime.device.type == "cuda":
-                    batch = batch.pin_memory().to(runtime.device, non_blocking=True)
-                inputs, labels = batch[:, :-1], batch[:, 1:]
-                # DDP all-reduces gradients only on the last micro-step of a step.
-                last_micro = micro_step == tc.grad_accum - 1
-                sync = nullcontext() if last_micro or not runtime.ddp else model.no_sync()
-                with sync:
-                    with runtime.autocast():
-                        loss = model(inputs, labels)
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach()
-            # Gradients here are already averaged over ranks, so the clip is global.
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
-                if tc.grad_clip > 0
-                else None
-            )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            window_tokens += tokens_per_step
-
-            if done == 1 or done % LOG_EVERY == 0 or done == tc.steps:
-                (mean_loss,) = _all_reduce_sum([float(loss_sum) / tc.grad_accum], runtime)
-                last_loss = mean_loss / runtime.world_size
-                now = time.perf_counter()
-                tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                row = {
-                    "step": done,
-                    "loss": last_loss,
-                    "lr": lr,
-                    "tokens": done * tokens_per_step,
-                    "tokens_per_s": tokens_per_s,
-                }
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                log(row)
-                bar.update(bar.task_ids[0], loss=f"{last_loss:.4f}", tps=f"{tokens_per_s:,.0f}")
-                if plain_lines and (done % plain_every == 0 or done == tc.steps):
-                    eta = (tc.steps - done) * tokens_per_step / max(tokens_per_s, 1e-9)
-                    print(
-                        f"[hdee.train] step {done}/{tc.steps} loss {last_loss:.4f} lr {lr:.2e} "
-                        f"{tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s",
-                        flush=True,
-                    )
-                window_start, window_tokens = now, 0
-            bar.update(bar.task_ids[0], completed=done)
-
-            paused = False
-            if validation and (done % tc.eval_every == 0 or done == tc.steps):
-                last_eval = (done, run_eval(done))
-                paused = True
-            if done % tc.checkpoint_every == 0:
-                if runtime.is_main:
-                    elapsed = seconds + time.perf_counter() - started
-                    ckpt = {
-                        "step": done,
-                        "lr": lr,
-                        "last_loss": last_loss,
-                        "seconds": elapsed,
-                        "rng": _rng_state(),
-                    }
-                    save_checkpoint(
-                        checkpoints / f"{CHECKPOINT_PREFIX}{done:07d}", raw_model, optimizer, ckpt
-                    )
-                    for old in _checkpoint_dirs(checkpoints)[: -tc.keep_checkpoints]:
-                        shutil.rmtree(old, ignore_errors=True)
-                paused = True
-            if paused:  # tokens/s measures training, not evaluation or checkpoint writing
-                window_start = time.perf_counter()
-                window_tokens = 0
-            if stop_after is not None and done >= stop_after and done < tc.steps:
-                if metrics_file is not None and writer is not None:
-                    metrics_file.close()
-                    writer.close()
-                return {"finished": False, "step": done}
-
-    # ---- the end: final evaluation, final/ model, result.json (last)
-    if last_eval is not None and last_eval[0] == tc.steps:
-        final_eval = last_eval[1]
-    else:
-        final_eval = run_eval(tc.steps)
-    total_seconds = seconds + time.perf_counter() - started
-    result = {
-        "kind": spec.kind,
-        "steps": tc.steps,
-        "tokens": tc.steps * tokens_per_step,
-        "seconds": total_seconds,
-        "final_loss": last_loss,
-        "validation": final_eval,
-        "flops": flops_per_token * tc.steps * tokens_per_step,
-        "parameters": total_params,
-        "non_embedding_parameters": non_embedding,
-        "world_size": runtime.world_size,
-    }
-    if runtime.is_main:
-        assert metrics_file is not None and writer is not None
-        metrics_file.close()
-        writer.close()
-        save_model(raw_model, output / "final")
-        write_json(output / "result.json", result)
-    if runtime.ddp:
-        dist.barrier()  # no rank returns before the result exists
-    return result
 
 
 def _check_same_architecture(source: str, loaded: LlamaConfig, wanted: LlamaConfig) -> None:
@@ -708,7 +663,7 @@ def _check_same_architecture(source: str, loaded: LlamaConfig, wanted: LlamaConf
         )
 
 
-def main_train(spec_path: str | Path) -> dict[str, Any]:
+def main_train(spec_path: str | Path) -> JobResult | None:
     """Entry point of `hdee train SPEC.json` and `python -m hdee.train SPEC.json`."""
     spec_path = Path(spec_path)
     if not spec_path.is_file():
@@ -721,5 +676,5 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m hdee.train SPEC.json")
     outcome = main_train(sys.argv[1])
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(outcome, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0 and outcome is not None:
+        print(json.dumps(outcome.model_dump(mode="json"), indent=2))
