@@ -67,7 +67,7 @@ def build_run(root: Path) -> None:
         model = LlamaForCausalLM(config)
         with torch.no_grad():  # sharper than random init, so the experts disagree visibly
             model.lm_head.weight.mul_(2)
-        model.save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
+        model.save_pretrained(layout.job(job_id).final, safe_serialization=True)
     rng = np.random.default_rng(0)
     windows = {"test": TEST_WINDOWS, "validation": VALIDATION_WINDOWS}
     for domain in DOMAINS:
@@ -137,7 +137,7 @@ def run_reference(root: Path) -> dict[str, float]:
 
     layout = RunLayout.of(root)
     models = [
-        LlamaForCausalLM.from_pretrained(layout.job(job) / "final", use_safetensors=True).eval()
+        LlamaForCausalLM.from_pretrained(layout.job(job).final, use_safetensors=True).eval()
         for job, _ in LANES.values()
     ]
 

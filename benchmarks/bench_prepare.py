@@ -37,6 +37,7 @@ from hdee.config import parse_config
 from hdee.data.packing import Encoder
 from hdee.data.prepare import prepare_data
 from hdee.data.tokenizer import load_pretrained, load_tokenizer, save_tokenizer, train_bpe
+from hdee.layout import RunLayout
 
 MB = 1_000_000
 
@@ -205,7 +206,7 @@ def main() -> None:
         check_same_ids(files, tokenizer_dir)
 
         started = time.perf_counter()
-        summary = prepare_data(config, progress=False)
+        summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
         ours_s = time.perf_counter() - started
         tokens = sum(s["tokens"] for c in summary["corpora"].values() for s in c["splits"].values())
         ours = total / MB / ours_s

@@ -10,8 +10,8 @@ import pytest
 
 from hdee.data import byte_level
 from hdee.data.byte_level import ByteLevelEncoder, code_points, is_plain_byte_level_bpe
-from hdee.data.packing import batch_encoder, encode_batch
-from hdee.data.tokenizer import train_bpe
+from hdee.data.packing import batch_encoder
+from hdee.data.tokenizer import encode_batch, train_bpe
 
 # Every class of character and every rule of the regex: contractions (and near misses), runs of
 # mixed whitespace (ASCII, \x85, NBSP, ideographic, line separator), characters that are not

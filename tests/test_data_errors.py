@@ -142,7 +142,7 @@ def test_bad_input_raises_data_error_naming_corpus_and_file(tmp_path: Path, case
     write_good(tmp_path)
     config = config_with(tmp_path, make(tmp_path))
     with pytest.raises(DataError) as info:
-        prepare_data(config, progress=False)
+        prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     message = str(info.value)
     assert "baddomain" in message
     assert filename in message
@@ -156,7 +156,7 @@ def test_domain_too_small_for_one_sequence(tmp_path: Path):
     jsonl(tmp_path / "short.jsonl", [{"text": f"tiny {i}"} for i in range(10)])
     config = config_with(tmp_path, {"paths": ["short.jsonl"]}, seq_len=64)
     with pytest.raises(DataError, match=r"baddomain.*short\.jsonl.*seq_len \+ 1 = 65"):
-        prepare_data(config, progress=False)
+        prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     # The general corpus was fine and is complete; the bad domain left nothing.
     assert RunLayout.of(config.run_dir).manifest("general", "test").is_file()
     assert_nothing_half_written(Path(config.run_dir))
@@ -166,13 +166,13 @@ def test_a_failed_rebuild_keeps_the_previous_complete_files(tmp_path: Path):
     write_good(tmp_path)
     jsonl(tmp_path / "dom.jsonl", [{"text": f"{i} {GOOD}"} for i in range(5)])
     config = config_with(tmp_path, {"paths": ["dom.jsonl"]})
-    prepare_data(config, progress=False)
+    prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     layout = RunLayout.of(config.run_dir)
     before = layout.tokens("baddomain", "train").read_bytes()
     # Make the domain invalid after the tokenizer pass could have read it.
     jsonl(tmp_path / "dom.jsonl", [{"text": f"{i} {GOOD}"} for i in range(5)] + [{"x": 1}])
     with pytest.raises(DataError, match="dom.jsonl"):
-        prepare_data(config, progress=False)
+        prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert layout.tokens("baddomain", "train").read_bytes() == before
     assert layout.manifest("baddomain", "train").is_file()
     assert not list(Path(config.run_dir).rglob("*.tmp"))
@@ -191,5 +191,5 @@ def test_zst_without_zstandard_says_what_to_install(tmp_path: Path, monkeypatch)
     monkeypatch.setitem(sys.modules, "zstandard", None)  # as if it were not installed
     config = config_with(tmp_path, {"paths": ["docs.jsonl.zst"]})
     with pytest.raises(DataError, match=r"baddomain.*docs\.jsonl\.zst.*pip install zstandard"):
-        prepare_data(config, progress=False)
+        prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert_nothing_half_written(Path(config.run_dir))

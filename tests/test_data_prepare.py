@@ -109,7 +109,7 @@ def corpus(tmp_path: Path) -> dict[str, list[str]]:
 
 def test_prepare_writes_every_corpus_and_tokens_decode_back(tmp_path: Path, corpus):
     config = make_config(tmp_path)
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     layout = RunLayout.of(config.run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     eos = tokenizer.eos_token_id
@@ -149,11 +149,11 @@ def _mtimes(run: Path) -> dict[str, int]:
 
 def test_prepare_is_idempotent_and_rebuilds_only_what_changed(tmp_path: Path, corpus):
     config = make_config(tmp_path)
-    first = prepare_data(config, progress=False)
+    first = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     run = Path(config.run_dir)
     before = _mtimes(run)
 
-    second = prepare_data(config, progress=False)
+    second = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert set(statuses(second).values()) == {"skipped"}
     assert second["tokenizer"]["rebuilt"] is False
     assert second["corpora"] == {
@@ -165,7 +165,7 @@ def test_prepare_is_idempotent_and_rebuilds_only_what_changed(tmp_path: Path, co
     # text, comes out identical, so its id and every other corpus stay valid.
     law = tmp_path / "law.jsonl"
     os.utime(law, ns=(law.stat().st_atime_ns, law.stat().st_mtime_ns + 10**9))
-    third = prepare_data(config, progress=False)
+    third = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert statuses(third) == {
         "general": "skipped",
         "law": "rebuilt",
@@ -180,9 +180,10 @@ def test_prepare_is_idempotent_and_rebuilds_only_what_changed(tmp_path: Path, co
 
 
 def test_changed_tokenizer_rebuilds_everything(tmp_path: Path, corpus):
-    first = prepare_data(make_config(tmp_path), progress=False)
+    original = make_config(tmp_path)
+    first = prepare_data(original, RunLayout.of(original.run_dir), progress=False)
     config = make_config(tmp_path, tokenizer={"vocab_size": 320})
-    second = prepare_data(config, progress=False)
+    second = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert second["tokenizer"]["rebuilt"] is True
     assert second["tokenizer"]["id"] != first["tokenizer"]["id"]
     assert set(statuses(second).values()) == {"rebuilt"}
@@ -193,7 +194,7 @@ def test_changed_tokenizer_rebuilds_everything(tmp_path: Path, corpus):
 def test_pretrained_tokenizer_and_changed_domain_content(tmp_path: Path, corpus):
     # Train once, then use that directory as a "pretrained" tokenizer for a second run.
     bpe_config = make_config(tmp_path)
-    prepare_data(bpe_config, progress=False)
+    prepare_data(bpe_config, RunLayout.of(bpe_config.run_dir), progress=False)
     pretrained = str(RunLayout.of(bpe_config.run_dir).tokenizer)
     raw_tokenizer = {"kind": "pretrained", "name_or_path": pretrained}
     config = parse_config(
@@ -204,12 +205,12 @@ def test_pretrained_tokenizer_and_changed_domain_content(tmp_path: Path, corpus)
         },
         base_dir=tmp_path,
     )
-    first = prepare_data(config, progress=False)
+    first = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert set(statuses(first).values()) == {"rebuilt"}
     # A domain whose content changes is rebuilt, alone, with the new text.
     new_docs = make_docs(99, 10)
     (tmp_path / "math.json").write_text(json.dumps(new_docs), encoding="utf-8")
-    second = prepare_data(config, progress=False)
+    second = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert [n for n, s in statuses(second).items() if s == "rebuilt"] == ["math"]
     layout = RunLayout.of(config.run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
@@ -229,7 +230,7 @@ def test_max_documents_and_split_override(tmp_path: Path, corpus):
             {**local("math", "math.json"), "split": {"train": 0.6, "validation": 0.2, "test": 0.2}},
         ],
     )
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     docs = lambda name: [summary["corpora"][name]["splits"][s]["documents"] for s in SPLITS]  # noqa: E731
     assert docs("law") == [3, 1, 1]
     assert docs("math") == [6, 2, 2]
@@ -254,7 +255,7 @@ def test_hf_datasets_local_directory_keeps_its_own_splits(tmp_path: Path, corpus
             {"name": "hf1", "source": {"type": "hf", "path": str(tmp_path / "hfsingle")}},
         ],
     )
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     layout = RunLayout.of(config.run_dir)
     tokenizer = load_tokenizer(layout.tokenizer)
     for split, texts in own.items():
@@ -284,13 +285,13 @@ def test_hf_datasets_save_to_disk_directory(tmp_path: Path, corpus):
             }
         ],
     )
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert sum(v["documents"] for v in summary["corpora"]["saved"]["splits"].values()) == 9
 
 
 def test_worker_pool_gives_the_same_tokens_as_one_process(tmp_path: Path, corpus):
     config = make_config(tmp_path)
-    prepare_data(config, progress=False)
+    prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     tokdir = RunLayout.of(config.run_dir).tokenizer
     items = [("a" if i % 3 else "b", text) for i, text in enumerate(make_docs(5, 60))]
 
@@ -309,7 +310,7 @@ def test_worker_pool_gives_the_same_tokens_as_one_process(tmp_path: Path, corpus
 
 def test_workers_start_up_front_only_when_the_expected_input_pays_for_them(tmp_path: Path, corpus):
     config = make_config(tmp_path)
-    prepare_data(config, progress=False)
+    prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     tokdir = RunLayout.of(config.run_dir).tokenizer
     with Encoder(tokdir, 0, num_workers=2, pool_min_chars=1000, expected_chars=999) as encoder:
         assert encoder._pool is None
@@ -370,12 +371,15 @@ def test_hf_data_files_are_read_relative_to_the_config_and_fingerprinted(tmp_pat
         "data_files": {split: f"files/{split}.jsonl" for split in own},
     }
     config = make_config(tmp_path, domains=[{"name": "jsonfiles", "source": source}])
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     documents = {s: summary["corpora"]["jsonfiles"]["splits"][s]["documents"] for s in SPLITS}
     assert documents == {split: len(texts) for split, texts in own.items()}
-    assert statuses(prepare_data(config, progress=False))["jsonfiles"] == "skipped"
+    assert (
+        statuses(prepare_data(config, RunLayout.of(config.run_dir), progress=False))["jsonfiles"]
+        == "skipped"
+    )
     _write_jsonl(tmp_path / "files" / "test.jsonl", make_docs(23, 3))  # a data file changed
-    summary = prepare_data(config, progress=False)
+    summary = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert statuses(summary)["jsonfiles"] == "rebuilt"
     assert summary["corpora"]["jsonfiles"]["splits"]["test"]["documents"] == 3
 

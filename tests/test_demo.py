@@ -31,11 +31,11 @@ def test_quick_demo_runs_the_whole_experiment(tmp_path: Path):
     assert set(plan["configurations"]) == {"MHo-IHo", "MHo-IHe", "MHe-IHo"}
     assert len(plan["schedule"]["easy"]) == config.plan.iterations == 3
 
-    difficulty = read_json(layout.difficulty / "difficulty.json")
+    difficulty = read_json(layout.difficulty_record)
     ranked = [difficulty["perplexity"][d] for d in difficulty["ranking"]]
     assert ranked == sorted(ranked) and ranked[-1] > ranked[0]
 
-    results = read_json(layout.evaluation / "results.json")
+    results = read_json(layout.results)
     vocab = config.data.tokenizer.vocab_size
     for configuration in results["configurations"].values():
         final = configuration["iterations"]["3"]
@@ -48,7 +48,7 @@ def test_quick_demo_runs_the_whole_experiment(tmp_path: Path):
         assert max(perplexities) < vocab
         assert math.exp(sum(map(math.log, perplexities)) / len(perplexities)) < vocab / 2
 
-    report = (layout.report / "report.md").read_text()
+    report = (layout.report_markdown).read_text()
     assert "## Trained domains" in report and "## Held-out domains" in report
 
     # Running it again resumes: nothing is retrained.

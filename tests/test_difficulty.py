@@ -59,12 +59,12 @@ def test_seeds_combine_by_geometric_mean():
 def test_record_places_held_out_domains_by_cut_points():
     per_seed = {"M": PPL}
     record = difficulty_record(per_seed, DifficultyConfig(), list("abcdef"), ["g"])
-    assert record["ranking"][0] == "a" and record["ranking"][-1] == "e"
-    assert record["held_out_classes"] == {"g": "easy"}  # 12 < sqrt(8 * 20) = 12.6
+    assert record.ranking[0] == "a" and record.ranking[-1] == "e"
+    assert record.held_out_classes == {"g": "easy"}  # 12 < sqrt(8 * 20) = 12.6
     only_m = difficulty_record(
         {"M": PPL, "S": {k: v * 2 for k, v in PPL.items()}},
         DifficultyConfig(seed_size="M"),
         list("abcdef"),
         [],
     )
-    assert only_m["seed_sizes"] == ["M"] and only_m["perplexity"]["a"] == 5.0
+    assert only_m.seed_sizes == ["M"] and only_m.perplexity["a"] == 5.0

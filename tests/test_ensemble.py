@@ -10,13 +10,13 @@ from transformers import LlamaForCausalLM
 
 from hdee.ensemble import (
     estimate_cached_prior,
-    label_log_probs,
     mean_posterior,
     mixture_log_probs,
     perplexity,
     posterior_weights,
     simple_average,
 )
+from hdee.scoring import label_log_probs
 from train_helpers import random_llama
 
 
@@ -28,7 +28,7 @@ def random_lp(experts: int, sequences: int, positions: int, seed: int) -> torch.
 
 
 def literal_posterior(lp: torch.Tensor, prior: list[float], mode: str) -> list[list[list[float]]]:
-    """P(j | x_<t) straight from DESIGN.md, in probability space with Python loops."""
+    """P(j | x_<t) straight from docs/design.md, in probability space with Python loops."""
     experts, sequences, positions = lp.shape
     p = lp.exp().tolist()
     weights = [[[0.0] * positions for _ in range(sequences)] for _ in range(experts)]

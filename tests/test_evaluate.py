@@ -13,14 +13,16 @@ import yaml
 from transformers import LlamaForCausalLM
 
 import hdee.evaluate as evaluate_module
-from hdee.atomic import read_json, write_json
-from hdee.config import ExperimentConfig, parse_config
+from hdee.atomic import read_json
+from hdee.config import ExperimentConfig, load_config, parse_config
 from hdee.data.loaders import eval_batches
 from hdee.data.tokens import load_tokens, write_tokens
-from hdee.ensemble import label_log_probs, perplexity
+from hdee.ensemble import perplexity
 from hdee.evaluate import evaluate_run
 from hdee.layout import RunLayout
-from train_helpers import random_llama
+from hdee.records import Plan
+from hdee.scoring import label_log_probs
+from train_helpers import ensembles_plan, random_llama
 
 VOCAB = 48
 SEQ_LEN = 8
@@ -44,7 +46,7 @@ def write_split(layout: RunLayout, domain: str, split: str, seed: int, count: in
 
 def save_expert(layout: RunLayout, job_id: str, seed: int) -> None:
     model = random_llama(VOCAB, seed, layers=1, kv_heads=2)
-    model.save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
+    model.save_pretrained(layout.job(job_id).final, safe_serialization=True)
 
 
 def make_config(run_dir: Path, **evaluation: Any) -> ExperimentConfig:
@@ -76,18 +78,20 @@ def run_dir(tmp_path: Path) -> Path:
     jobs = sorted({job for ensemble in PLAN_CONFIGURATIONS.values() for job in ensemble.values()})
     for seed, job_id in enumerate(jobs):
         save_expert(layout, job_id, seed)
-    plan = {
-        "classes": {"alpha": "easy", "beta": "difficult"},
-        "lanes": ["easy", "moderate", "difficult"],
-        "trained_domains": TRAINED,
-        "held_out_domains": HELD_OUT,
-        "configurations": {
-            name: {"sizes": {}, "steps": {}, "ensembles": [ensemble]}
-            for name, ensemble in PLAN_CONFIGURATIONS.items()
-        },
-    }
-    write_json(layout.plan, plan)
+    ensembles_plan(
+        ["easy", "moderate", "difficult"],
+        {name: [ensemble] for name, ensemble in PLAN_CONFIGURATIONS.items()},
+        TRAINED,
+        HELD_OUT,
+        classes={"alpha": "easy", "beta": "difficult"},
+    ).write(layout.plan)
     return layout.root
+
+
+def evaluate(run_dir: Path, config: ExperimentConfig) -> dict[str, Any]:
+    """`evaluate_run`'s results as the JSON of results.json (the documented schema)."""
+    results = evaluate_run(config, RunLayout.of(run_dir), progress=False)
+    return results.model_dump(mode="json", exclude_none=True)
 
 
 @pytest.fixture()
@@ -107,7 +111,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_results_for_every_configuration_domain_and_method(
     run_dir: Path, counted: list[str]
 ) -> None:
-    results = evaluate_run(run_dir, make_config(run_dir), progress=False)
+    results = evaluate(run_dir, make_config(run_dir))
     assert results["posterior"] == "prefix"
     assert set(results["configurations"]) == set(PLAN_CONFIGURATIONS)
     assert results["domains"]["gamma"]["kind"] == "held_out"
@@ -146,7 +150,7 @@ def test_results_for_every_configuration_domain_and_method(
 
 def test_each_expert_runs_once_and_cache_is_reused(run_dir: Path, counted: list[str]) -> None:
     config = make_config(run_dir)
-    first = evaluate_run(run_dir, config, progress=False)
+    first = evaluate(run_dir, config)
     jobs = {job for ensemble in PLAN_CONFIGURATIONS.values() for job in ensemble.values()}
     # The shared moderate expert is loaded once, like every other expert.
     assert sorted(counted) == sorted(jobs)
@@ -154,15 +158,15 @@ def test_each_expert_runs_once_and_cache_is_reused(run_dir: Path, counted: list[
     assert len(files) == len(jobs) * 3 * 2  # 3 domains x (test, validation)
 
     counted.clear()
-    second = evaluate_run(run_dir, config, progress=False)
+    second = evaluate(run_dir, config)
     assert counted == []  # everything came from the cache
     assert second == first
 
 
 def test_single_expert_perplexity_matches_a_direct_computation(run_dir: Path) -> None:
-    results = evaluate_run(run_dir, make_config(run_dir), progress=False)
+    results = evaluate(run_dir, make_config(run_dir))
     layout = RunLayout.of(run_dir)
-    model = LlamaForCausalLM.from_pretrained(layout.job("m_mod") / "final", use_safetensors=True)
+    model = LlamaForCausalLM.from_pretrained(layout.job("m_mod").final, use_safetensors=True)
     tokens = load_tokens(layout.tokens("beta", "test"))
     lp = torch.cat([label_log_probs(model.eval(), b) for b in eval_batches(tokens, SEQ_LEN, 3, 5)])
     score = results["configurations"]["hetero"]["iterations"]["1"]["domains"]["beta"]
@@ -171,12 +175,12 @@ def test_single_expert_perplexity_matches_a_direct_computation(run_dir: Path) ->
 
 def test_cached_prior_uses_validation_data_only(run_dir: Path) -> None:
     config = make_config(run_dir)
-    before = evaluate_run(run_dir, config, progress=False)
+    before = evaluate(run_dir, config)
     # New test data for every domain: test perplexities change, the cached prior must not.
     layout = RunLayout.of(run_dir)
     for i, domain in enumerate(TRAINED + HELD_OUT):
         write_split(layout, domain, "test", seed=1000 + i)
-    after = evaluate_run(run_dir, config, progress=False)
+    after = evaluate(run_dir, config)
     for name in PLAN_CONFIGURATIONS:
         old = before["configurations"][name]["iterations"]["1"]["domains"]
         new = after["configurations"][name]["iterations"]["1"]["domains"]
@@ -190,18 +194,18 @@ def test_cached_prior_uses_validation_data_only(run_dir: Path) -> None:
 
 def test_config_from_run_dir_methods_posterior_and_every_iteration(run_dir: Path) -> None:
     layout = RunLayout.of(run_dir)
-    plan = read_json(layout.plan)
-    first = plan["configurations"]["homo"]["ensembles"][0]
-    plan["configurations"]["homo"]["ensembles"] = [
+    plan = Plan.read(layout.plan)
+    first = plan.configurations["homo"].ensembles[0]
+    plan.configurations["homo"].ensembles = [
         {**first, "difficult": "l_diff"},
         first,  # iteration 1 uses another difficult expert
     ]
-    write_json(layout.plan, plan)
+    plan.write(layout.plan)
     config = make_config(
         run_dir, methods=["uniform_prior"], posterior="updating", every_iteration=True
     )
     layout.config.write_text(yaml.safe_dump(config.to_dict()))
-    results = evaluate_run(run_dir, progress=False)
+    results = evaluate(run_dir, load_config(layout.config))
     assert results["posterior"] == "updating"
     homo = results["configurations"]["homo"]
     assert homo["final_iteration"] == 2 and set(homo["iterations"]) == {"1", "2"}

@@ -11,11 +11,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hdee.atomic import write_json
 from hdee.ensemble import posterior_weights
 from hdee.generate import ensemble_dirs, generate_from_run, generate_ids
 from hdee.layout import RunLayout
-from train_helpers import random_llama
+from hdee.records import EvaluationResults, RecordError
+from train_helpers import ensembles_plan, random_llama
 
 VOCAB = 40
 
@@ -100,19 +100,19 @@ def test_generate_from_run(tmp_path: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     tokenizer.save_pretrained(layout.tokenizer)
     for seed, job_id in enumerate(["a", "b", "c"]):
-        tiny_llama(seed).save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
-    plan = {
-        "lanes": ["easy", "moderate", "difficult"],
-        "configurations": {
-            "homo": {"ensembles": [{"difficult": "c", "easy": "a", "moderate": "b"}]},
-        },
-    }
-    write_json(layout.plan, plan)
-    assert [p.parent.name for p in ensemble_dirs(layout.root, "homo")] == ["a", "b", "c"]
-    text = generate_from_run(layout.root, "homo", "w1 w2 w3", max_new_tokens=4, stop_at_eos=False)
+        tiny_llama(seed).save_pretrained(layout.job(job_id).final, safe_serialization=True)
+    plan = ensembles_plan(
+        ["easy", "moderate", "difficult"],
+        {"homo": [{"difficult": "c", "easy": "a", "moderate": "b"}]},
+        trained=["law"],
+    )
+    plan.write(layout.plan)
+    _, ensemble = plan.ensemble("homo")
+    assert [p.parent.name for p in ensemble_dirs(layout, ensemble)] == ["a", "b", "c"]
+    text = generate_from_run(layout, "homo", "w1 w2 w3", max_new_tokens=4, stop_at_eos=False)
     assert len(text.split()) == 4 and all(w in words for w in text.split())
     with pytest.raises(ValueError, match="not in"):
-        generate_from_run(layout.root, "nope", "w1")
+        generate_from_run(layout, "nope", "w1")
 
 
 def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> None:
@@ -126,22 +126,30 @@ def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> No
         layout.tokenizer
     )
     for seed, job_id in enumerate(["a", "b"]):
-        tiny_llama(seed).save_pretrained(layout.job(job_id) / "final", safe_serialization=True)
-    write_json(
-        layout.plan,
-        {
-            "lanes": ["easy", "difficult"],
-            "configurations": {"het": {"ensembles": [{"difficult": "b", "easy": "a"}]}},
-        },
-    )
-    with pytest.raises(FileNotFoundError, match="hdee evaluate"):
-        generate_from_run(layout.root, "het", "w1", prior_domain="law")
+        tiny_llama(seed).save_pretrained(layout.job(job_id).final, safe_serialization=True)
+    ensembles_plan(
+        ["easy", "difficult"], {"het": [{"difficult": "b", "easy": "a"}]}, trained=["law", "math"]
+    ).write(layout.plan)
+    with pytest.raises(RecordError, match="results.json is missing: run `hdee evaluate"):
+        generate_from_run(layout, "het", "w1", prior_domain="law")
     prior = {"difficult": 0.75, "easy": 0.25}
-    domains = {"law": {"cached_prior": prior}, "math": {"methods": {}}}
-    write_json(
-        layout.evaluation / "results.json",
-        {"configurations": {"het": {"iterations": {"1": {"domains": domains}}}}},
-    )
+    domains = {"law": {"methods": {}, "cached_prior": prior}, "math": {"methods": {}}}
+    EvaluationResults.model_validate(
+        {
+            "posterior": "prefix",
+            "methods": ["cached_prior"],
+            "seq_len": 4,
+            "cached_prior_decay": 0.3,
+            "device": "cpu",
+            "domains": {d: {"kind": "trained", "test_windows": 1} for d in domains},
+            "configurations": {
+                "het": {
+                    "final_iteration": 1,
+                    "iterations": {"1": {"experts": {}, "domains": domains}},
+                }
+            },
+        }
+    ).write(layout.results)
     seen: list[object] = []
     real_generate = generate_module.generate
     monkeypatch.setattr(
@@ -149,12 +157,12 @@ def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> No
         "generate",
         lambda *args, **kwargs: seen.append(kwargs["prior"]) or real_generate(*args, **kwargs),
     )
-    text = generate_from_run(layout.root, "het", "w1", max_new_tokens=2, prior_domain="law")
+    text = generate_from_run(layout, "het", "w1", max_new_tokens=2, prior_domain="law")
     assert len(text.split()) <= 2
     assert seen == [[0.25, 0.75]]  # in the plan's lane order: easy, difficult
     with pytest.raises(ValueError, match="domains evaluated: \\['law', 'math'\\]"):
-        generate_from_run(layout.root, "het", "w1", prior_domain="bio")
+        generate_from_run(layout, "het", "w1", prior_domain="bio")
     with pytest.raises(ValueError, match="no cached prior"):
-        generate_from_run(layout.root, "het", "w1", prior_domain="math")
+        generate_from_run(layout, "het", "w1", prior_domain="math")
     with pytest.raises(ValueError, match="not both"):
-        generate_from_run(layout.root, "het", "w1", prior_domain="law", prior=[1.0, 1.0])
+        generate_from_run(layout, "het", "w1", prior_domain="law", prior=[1.0, 1.0])

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from hdee.atomic import read_json
-from hdee.ensemble import label_log_probs
 from hdee.model import load_model
+from hdee.scoring import label_log_probs
 from hdee.train import run_training
 from train_helpers import tiny_spec
 
@@ -31,7 +31,7 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_learns(tmp_path: Path):
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
     model = load_model(tmp_path / "job" / "final")
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert read_json(tmp_path / "job" / "result.json")["steps"] == result["steps"] == 30
+    assert read_json(tmp_path / "job" / "result.json")["steps"] == result.steps == 30
 
 
 def test_label_log_probs_agree_on_cpu_and_cuda(tmp_path: Path):

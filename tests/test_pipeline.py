@@ -17,7 +17,7 @@ from hdee.cli import main
 from hdee.config import parse_config
 from hdee.layout import RunLayout
 from hdee.pipeline import RunError, run_experiment, run_lock, select_stages
-from hdee.plan import plan_from_json
+from hdee.records import Plan
 
 
 def small_run(tmp_path: Path) -> dict[str, Any]:
@@ -49,17 +49,17 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunLay
 
 def test_run_produces_every_stage_output(finished_run):
     _, layout = finished_run
-    plan = plan_from_json(read_json(layout.plan))
+    plan = Plan.read(layout.plan)
     assert not plan.provisional
     assert sorted(plan.held_out_domains) == ["d6", "d7"]
     for job_id in plan.jobs:
-        assert (layout.job(job_id) / "result.json").is_file(), job_id
-        assert (layout.job(job_id) / "final" / "model.safetensors").is_file()
+        assert (layout.job(job_id).result).is_file(), job_id
+        assert (layout.job(job_id).final / "model.safetensors").is_file()
         # --quiet: the job's own output went to its log, not the terminal.
-        assert "[hdee.train]" in (layout.job(job_id) / "train.log").read_text()
-    difficulty = read_json(layout.difficulty / "difficulty.json")
+        assert "[hdee.train]" in (layout.job(job_id).log).read_text()
+    difficulty = read_json(layout.difficulty_record)
     assert set(difficulty["classes"]) == set(plan.trained_domains)
-    results = read_json(layout.evaluation / "results.json")
+    results = read_json(layout.results)
     assert set(results["configurations"]) == {"MHo-IHo", "MHo-IHe", "MHe-IHo"}
     for configuration in results["configurations"].values():
         final = configuration["iterations"][str(configuration["final_iteration"])]
@@ -67,20 +67,20 @@ def test_run_produces_every_stage_output(finished_run):
         for entry in final["domains"].values():
             for method in ("simple_average", "uniform_prior", "cached_prior", "best_single"):
                 assert 1.0 < entry["methods"][method]["perplexity"] < 400.0
-    report = (layout.report / "report.md").read_text()
+    report = (layout.report_markdown).read_text()
     assert "A heterogeneous configuration is best in" in report
     assert "## Compute budgets" in report
     for png in ("perplexity.png", "posterior.png", "training_curves.png"):
         assert (layout.report / png).stat().st_size > 1000
-    assert (layout.difficulty / "difficulty.png").is_file()
+    assert (layout.difficulty_plot).is_file()
 
 
 def test_experts_branch_from_their_lane_on_disk(finished_run):
     _, layout = finished_run
-    plan = plan_from_json(read_json(layout.plan))
+    plan = Plan.read(layout.plan)
     for job in plan.expert_jobs():
-        spec = read_json(layout.job(job.job_id) / "spec.json")
-        assert spec["init_from"] == str(layout.job(job.init_from) / "final")
+        spec = read_json(layout.job(job.job_id).spec)
+        assert spec["init_from"] == str(layout.job(job.init_from).final)
         assert spec["training"]["steps"] == job.steps
         assert spec["train_tokens"] == str(layout.tokens(job.domain, "train"))
 
@@ -88,10 +88,10 @@ def test_experts_branch_from_their_lane_on_disk(finished_run):
 def test_rerun_does_no_work(finished_run):
     config_path, layout = finished_run
     before = result_mtimes(layout)
-    results_before = (layout.evaluation / "results.json").read_text()
+    results_before = (layout.results).read_text()
     assert main(["run", str(config_path), "--quiet"]) == 0
     assert result_mtimes(layout) == before
-    assert (layout.evaluation / "results.json").read_text() == results_before
+    assert (layout.results).read_text() == results_before
 
 
 def test_plan_command_shows_status(finished_run, capsys):
@@ -112,7 +112,7 @@ def test_jobs_command_lists_specs_parents_first(finished_run, capsys):
     for job_id, iteration, parent, spec_path in lines:
         assert parent.startswith("seed-") or parent in seen, "a child listed before its parent"
         seen.add(job_id)
-        assert read_json(spec_path)["output_dir"] == str(layout.job(job_id))
+        assert read_json(spec_path)["output_dir"] == str(layout.job(job_id).root)
         assert int(iteration) in (1, 2)
 
 
@@ -131,15 +131,15 @@ def test_resume_between_and_inside_jobs(tmp_path: Path):
     from hdee.pipeline import prepared_vocab, write_job_spec
     from hdee.train import TrainSpec, run_training
 
-    plan = plan_from_json(read_json(layout.plan))
+    plan = Plan.read(layout.plan)
     victim = plan.expert_jobs()[0]
     vocab, eos = prepared_vocab(layout)
     spec_path = write_job_spec(config, layout, victim, vocab, eos)
     outcome = run_training(
         TrainSpec.model_validate(read_json(spec_path)), progress=False, stop_after=2
     )
-    assert outcome["finished"] is False
-    assert not (layout.job(victim.job_id) / "result.json").exists()
+    assert outcome is None  # stopped after step 2, as a kill would
+    assert not (layout.job(victim.job_id).result).exists()
 
     run_experiment(config, start="experts", progress=False)
     after = result_mtimes(layout)
@@ -147,9 +147,7 @@ def test_resume_between_and_inside_jobs(tmp_path: Path):
     assert set(after) == set(plan.jobs)
     steps = [
         row["step"]
-        for row in map(
-            json.loads, (layout.job(victim.job_id) / "metrics.jsonl").read_text().splitlines()
-        )
+        for row in map(json.loads, (layout.job(victim.job_id).metrics).read_text().splitlines())
         if "loss" in row
     ]
     assert steps == sorted(set(steps)), "resumed job repeated or lost logged steps"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hdee.config import parse_config
-from hdee.plan import PlanError, auto_schedule, build_plan, equalise_steps, plan_from_json
+from hdee.plan import PlanError, auto_schedule, build_plan, equalise_steps
+from hdee.records import Plan, RecordError
 
 VOCAB = 300
 CLASSES = {f"d{i}": ("easy", "moderate", "difficult")[i % 3] for i in range(9)}
@@ -175,9 +178,27 @@ def test_unknown_size_in_a_configuration(config_dict):
         plan_for(config_dict)
 
 
-def test_plan_json_round_trip(config_dict):
+def test_plan_json_round_trip(config_dict, tmp_path):
     plan = plan_for(config_dict)
-    again = plan_from_json(plan.to_json())
-    assert again.jobs == plan.jobs
+    plan.write(tmp_path / "plan.json")
+    again = Plan.read(tmp_path / "plan.json")
+    assert again == plan
     assert again.configurations["MHe-IHo"].ensembles == plan.configurations["MHe-IHo"].ensembles
-    assert again.to_json() == plan.to_json()
+
+
+def test_a_plan_file_of_another_version_or_format_is_refused(config_dict, tmp_path):
+    path = tmp_path / "plan.json"
+    data = plan_for(config_dict).model_dump(mode="json")
+    path.write_text(json.dumps({**data, "version": 1}))
+    with pytest.raises(RecordError, match=r"plan.json: hdee-plan version 1, this hdee reads"):
+        Plan.read(path)
+    path.write_text(json.dumps({"format": "hdee-evaluation", "version": 2}))
+    with pytest.raises(RecordError, match="not an hdee-plan file"):
+        Plan.read(path)
+    del data["lanes"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="invalid hdee-plan file: lanes: Field required"):
+        Plan.read(path)
+    path.write_text("{not json")
+    with pytest.raises(RecordError, match="corrupt JSON"):
+        Plan.read(path)

@@ -150,7 +150,7 @@ def test_killed_worker_is_retried_and_resumes_from_its_checkpoint(tmp_path: Path
     assert not runner.is_alive(), "the retried job did not finish"
     if "error" in outcome:
         raise outcome["error"]
-    assert outcome["results"]["victim"]["steps"] == 150
+    assert outcome["results"]["victim"].steps == 150
     assert (output / "result.json").stat().st_mtime > killed_at
     assert ray_worker_pid("victim") is None
     rows = metric_rows(output)

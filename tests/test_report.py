@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hdee.records import EvaluationResults
 from hdee.report import best_per_domain, final_perplexities, heterogeneous_wins
 
 TABLE = {
@@ -27,16 +28,25 @@ def test_a_clear_margin_is_a_win():
 
 
 def test_final_perplexities_reads_the_last_iteration():
-    results = {
-        "configurations": {
-            "A": {
-                "final_iteration": 2,
-                "iterations": {
-                    "1": {"domains": {"x": {"methods": {"uniform_prior": {"perplexity": 9.0}}}}},
-                    "2": {"domains": {"x": {"methods": {"uniform_prior": {"perplexity": 7.0}}}}},
-                },
-            }
+    def iteration(perplexity: float) -> dict:
+        score = {"perplexity": perplexity, "tokens": 10}
+        return {"experts": {}, "domains": {"x": {"methods": {"uniform_prior": score}}}}
+
+    results = EvaluationResults.model_validate(
+        {
+            "posterior": "prefix",
+            "methods": ["uniform_prior"],
+            "seq_len": 8,
+            "cached_prior_decay": 0.3,
+            "device": "cpu",
+            "domains": {"x": {"kind": "trained", "test_windows": 1}},
+            "configurations": {
+                "A": {
+                    "final_iteration": 2,
+                    "iterations": {"1": iteration(9.0), "2": iteration(7.0)},
+                }
+            },
         }
-    }
+    )
     assert final_perplexities(results, "uniform_prior") == {"A": {"x": 7.0}}
     assert final_perplexities(results, "cached_prior") == {"A": {}}

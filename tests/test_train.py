@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from hdee.config import TrainingConfig
 from hdee.data.tokens import load_tokens
 from hdee.model import load_model
+from hdee.records import JobResult
 from hdee.train import TrainSpec, evaluate, lr_at, run_training
 from train_helpers import tiny_spec
 
@@ -58,10 +59,10 @@ def test_loss_decreases_and_logs_are_written(tmp_path: Path) -> None:
     assert val_rows[-1]["val/val/ppl"] < val_rows[0]["val/val/ppl"]
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in train_rows)
     assert list((out / "tensorboard").iterdir())
-    assert result["steps"] == 40 and result["tokens"] == 40 * 4 * 16
-    assert result["validation"]["val"]["perplexity"] == pytest.approx(val_rows[-1]["val/val/ppl"])
-    assert result["flops"] > 0 and result["final_loss"] == train_rows[-1]["loss"]
-    assert json.loads((out / "result.json").read_text()) == result
+    assert result.steps == 40 and result.tokens == 40 * 4 * 16
+    assert result.validation["val"].perplexity == pytest.approx(val_rows[-1]["val/val/ppl"])
+    assert result.flops > 0 and result.final_loss == train_rows[-1]["loss"]
+    assert JobResult.read(out / "result.json") == result
     assert (out / "final" / "model.safetensors").is_file()
     assert json.loads((out / "spec.json").read_text())["seed"] == 1
 
@@ -81,15 +82,15 @@ def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
     run_training(whole, progress=False)
     parts = tiny_spec(tmp_path, "parts", grad_accum=2)
     # Stop at step 6 as if killed: the newest checkpoint is step 4, so steps 5-6 are redone.
-    assert run_training(parts, progress=False, stop_after=6) == {"finished": False, "step": 6}
+    assert run_training(parts, progress=False, stop_after=6) is None
     checkpoints = Path(parts.output_dir) / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_0000004"]
     assert not (Path(parts.output_dir) / "result.json").exists()
     result = run_training(parts, progress=False)
     _assert_same_weights(Path(whole.output_dir) / "final", Path(parts.output_dir) / "final")
     expected = json.loads((Path(whole.output_dir) / "result.json").read_text())
-    assert result["final_loss"] == expected["final_loss"]
-    assert result["validation"] == expected["validation"]
+    assert result.final_loss == expected["final_loss"]
+    assert result.model_dump(mode="json")["validation"] == expected["validation"]
     # The log reads like an uninterrupted one: no step logged twice.
     rows = [
         json.loads(x) for x in (Path(parts.output_dir) / "metrics.jsonl").read_text().splitlines()
@@ -182,8 +183,9 @@ def test_evaluate_without_a_runtime(tmp_path: Path) -> None:
     result = run_training(spec, progress=False)
     model = load_model(Path(spec.output_dir) / "final")
     tokens = load_tokens(spec.validation["val"])
-    values = evaluate(model, tokens, spec.seq_len, 4, spec.training.eval_batches)
-    assert values == pytest.approx(result["validation"]["val"])
+    score = evaluate(model, tokens, spec.seq_len, 4, spec.training.eval_batches)
+    assert score.loss == pytest.approx(result.validation["val"].loss)
+    assert score.perplexity == pytest.approx(result.validation["val"].perplexity)
 
 
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hdee.config import ModelConfig, TrainingConfig
 from hdee.data.tokens import write_tokens
 from hdee.model import llama_config
+from hdee.records import Budget, Plan, PlannedConfiguration
 from hdee.shapes import model_shapes
 from hdee.train import TrainSpec
 
@@ -84,3 +85,37 @@ def random_llama(
         with torch.no_grad():
             model.lm_head.weight.mul_(sharpen)
     return model
+
+
+def ensembles_plan(
+    lanes: list[str],
+    ensembles: dict[str, list[dict[str, str]]],
+    trained: list[str],
+    held_out: list[str] | None = None,
+    classes: dict[str, str] | None = None,
+) -> Plan:
+    """A plan.json record holding only what evaluation and generation read: lanes, domains and
+    each configuration's ensembles (job ids of experts saved by the test itself)."""
+    configurations = {
+        name: PlannedConfiguration(
+            name=name,
+            sizes={},
+            steps={},
+            budget=Budget(proxy=0.0, flops=0.0),
+            ensembles=per_iteration,
+        )
+        for name, per_iteration in ensembles.items()
+    }
+    return Plan(
+        lanes=lanes,
+        classes=classes,
+        schedule={lane: [] for lane in lanes},
+        trained_domains=trained,
+        held_out_domains=held_out or [],
+        seeds={},
+        jobs={},
+        configurations=configurations,
+        seed_budget=Budget(proxy=0.0, flops=0.0),
+        baseline=next(iter(ensembles)),
+        budget_measure="proxy",
+    )

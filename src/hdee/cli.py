@@ -17,6 +17,7 @@ import yaml
 
 from hdee import __version__
 from hdee.config import STAGES, ConfigError, ExperimentConfig, load_config
+from hdee.layout import RunLayout
 
 EXAMPLES = """\
 examples:
@@ -45,7 +46,7 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
 
 def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfig:
     """The resolved config a run directory holds (its run_dir pointed at where it is now)."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunLayout.of(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir!r} a run directory made by `hdee run`?")
     overrides = {"run_dir": str(Path(run_dir).resolve()), **_overrides(extra)}
@@ -58,20 +59,18 @@ def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfi
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from hdee.data.prepare import prepare_data
-    from hdee.layout import RunLayout
     from hdee.rundir import run_lock, save_resolved_config
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
     with run_lock(layout):
         save_resolved_config(config, layout)
-        prepare_data(config, progress=not args.quiet)
+        prepare_data(config, layout, progress=not args.quiet)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from rich.console import Console
 
-    from hdee.layout import RunLayout
     from hdee.pipeline import current_classes, training_manifests
     from hdee.plan import build_plan, print_plan
 
@@ -87,9 +86,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     console = Console()
     print_plan(plan, console, layout)
     if args.json:
-        import json
-
-        print(json.dumps(plan.to_json(), indent=2))
+        print(plan.model_dump_json(indent=2))
 
 
 def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int | None) -> int:
@@ -123,7 +120,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_jobs(args: argparse.Namespace) -> None:
     from hdee.pipeline import write_stage_specs
 
-    for job, spec_path in write_stage_specs(_config(args), args.stage):
+    config = _config(args)
+    for job, spec_path in write_stage_specs(config, RunLayout.of(config.run_dir), args.stage):
         print(job.job_id, job.iteration or 0, job.init_from or "-", spec_path)
 
 
@@ -149,21 +147,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
 
     config = _run_config(args.run, args.set)
-    evaluate_run(config.run_dir, config, progress=not args.quiet)
+    evaluate_run(config, RunLayout.of(config.run_dir), progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from hdee.report import write_report
 
     config = _run_config(args.run)
-    print(write_report(config.run_dir, config))
+    print(write_report(config, RunLayout.of(config.run_dir)))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from hdee.generate import generate_from_run
 
     text = generate_from_run(
-        args.run,
+        RunLayout.of(args.run),
         args.configuration,
         args.prompt,
         iteration=args.iteration,

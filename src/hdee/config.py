@@ -399,8 +399,9 @@ class ExperimentConfig(_Strict):
         return self
 
     @property
-    def run_path(self) -> Path:
-        return Path(self.run_dir)
+    def trainable_domains(self) -> list[str]:
+        """The domains that may be trained: every domain not held out."""
+        return [name for name in self.data.domain_names if name not in self.plan.held_out]
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

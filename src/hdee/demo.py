@@ -55,7 +55,7 @@ def run_demo(
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     config = parse_config(raw, config_path)
     layout = run_experiment(config, progress=progress, console=console)
-    report = layout.report / "report.md"
+    report = layout.report_markdown
     console.print(f"\n[bold]Demo finished.[/] Report: {report}")
     console.print(f"Config: {config_path}  (re-run with `hdee run {config_path}`)")
     return layout

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
-from hdee.atomic import atomic_path, write_json
-from hdee.config import DIFFICULTY_CLASSES, DifficultyConfig
+from hdee.atomic import atomic_path
+from hdee.config import DIFFICULTY_CLASSES, DifficultyConfig, ExperimentConfig
+from hdee.layout import RunLayout
+from hdee.records import DifficultyRecord
 
 HELD_OUT = "held-out"
 
@@ -113,21 +113,21 @@ def difficulty_record(
     config: DifficultyConfig,
     trainable: list[str],
     held_out: list[str],
-) -> dict[str, Any]:
+) -> DifficultyRecord:
     """Everything behind the classes, as written to difficulty.json."""
     used = {config.seed_size: per_seed[config.seed_size]} if config.seed_size else per_seed
     perplexity = combine_seed_perplexities(used)
     classes, cuts = classify(perplexity, config, trainable)
-    return {
-        "method": config.method,
-        "seed_sizes": sorted(used),
-        "perplexity": perplexity,
-        "seed_perplexity": per_seed,
-        "ranking": sorted(perplexity, key=lambda d: (perplexity[d], d)),
-        "classes": classes,
-        "cut_points": cuts,
-        "held_out_classes": {d: class_by_cut_points(perplexity[d], cuts) for d in held_out},
-    }
+    return DifficultyRecord(
+        method=config.method,
+        seed_sizes=sorted(used),
+        perplexity=perplexity,
+        seed_perplexity=per_seed,
+        ranking=sorted(perplexity, key=lambda d: (perplexity[d], d)),
+        classes=classes,
+        cut_points=cuts,
+        held_out_classes={d: class_by_cut_points(perplexity[d], cuts) for d in held_out},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,60 +135,59 @@ def difficulty_record(
 
 
 def measure_difficulty(
-    seed_dirs: dict[str, Path],
-    validation_tokens: dict[str, Path],
-    seq_len: int,
-    config: DifficultyConfig,
-    trainable: list[str],
-    held_out: list[str],
-    out_dir: Path,
-    batch_size: int = 8,
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Seed perplexity of every domain's validation split; writes difficulty.json + a plot."""
+    config: ExperimentConfig, layout: RunLayout, seed_dirs: dict[str, Path]
+) -> DifficultyRecord:
+    """Seed perplexity of every domain's validation split (`difficulty.eval_batches` batches
+    of `evaluation.batch_size` windows); writes difficulty.json and its plot."""
     from hdee.data.tokens import load_tokens
     from hdee.ensemble import perplexity
-    from hdee.evaluate import compute_log_probs, pick_device
-    from hdee.model import load_model
+    from hdee.scoring import load_expert, resolve_device, window_log_probs
 
-    torch_device = pick_device() if device == "auto" else torch.device(device)
-    max_windows = config.eval_batches * batch_size
+    device = resolve_device(config.seeds.training.device)
+    batch_size = config.evaluation.batch_size
+    max_windows = config.difficulty.eval_batches * batch_size
     per_seed: dict[str, dict[str, float]] = {}
     for size, seed_dir in sorted(seed_dirs.items()):
-        if config.seed_size and size != config.seed_size:
+        if config.difficulty.seed_size and size != config.difficulty.seed_size:
             continue
-        model = load_model(seed_dir, device=torch_device).eval()
+        model = load_expert(seed_dir, device)
         per_seed[size] = {
             domain: perplexity(
-                compute_log_probs(
-                    model, load_tokens(path), seq_len, batch_size, max_windows, torch_device
+                window_log_probs(
+                    model,
+                    load_tokens(layout.tokens(domain, "validation")),
+                    config.data.seq_len,
+                    batch_size,
+                    max_windows,
                 )
             )
-            for domain, path in sorted(validation_tokens.items())
+            for domain in sorted(config.data.domain_names)
         }
         del model
-    record = difficulty_record(per_seed, config, trainable, held_out)
-    write_json(out_dir / "difficulty.json", record)
-    plot_difficulty(record, out_dir / "difficulty.png")
+    trainable = config.trainable_domains
+    held_out = [d for d in config.data.domain_names if d not in trainable]
+    record = difficulty_record(per_seed, config.difficulty, trainable, held_out)
+    record.write(layout.difficulty_record)
+    plot_difficulty(record, layout.difficulty_plot)
     return record
 
 
-def plot_difficulty(record: dict[str, Any], path: Path) -> None:
+def plot_difficulty(record: DifficultyRecord, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     colours = {"easy": "#4c9f70", "moderate": "#e0a030", "difficult": "#c0504d", HELD_OUT: "#888"}
-    ranking = record["ranking"]
-    values = [record["perplexity"][d] for d in ranking]
-    labels = [record["classes"].get(d, HELD_OUT) for d in ranking]
+    ranking = record.ranking
+    values = [record.perplexity[d] for d in ranking]
+    labels = [record.classes.get(d, HELD_OUT) for d in ranking]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(ranking) + 1.2))
     ax.barh(ranking, values, color=[colours[c] for c in labels])
     ax.set_xscale("log")
     ax.invert_yaxis()
     ax.set_xlabel("seed validation perplexity (log scale)")
-    for cut in record["cut_points"]:
+    for cut in record.cut_points:
         if not math.isnan(cut):
             ax.axvline(cut, color="black", linestyle=":", linewidth=1)
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[c]) for c in colours]

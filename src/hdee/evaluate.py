@@ -25,15 +25,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
 
-from hdee.atomic import atomic_path, read_json, write_json, write_text
-from hdee.config import ExperimentConfig, load_config
-from hdee.data.loaders import eval_batches, eval_windows
+from hdee.atomic import atomic_path, write_text
+from hdee.config import ExperimentConfig
+from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import (
     estimate_cached_prior,
-    label_log_probs,
     mean_posterior,
     mixture_log_probs,
     perplexity,
@@ -41,10 +39,17 @@ from hdee.ensemble import (
     simple_average,
 )
 from hdee.layout import RunLayout
-from hdee.model import load_model
+from hdee.records import (
+    ConfigurationResults,
+    DomainInfo,
+    DomainScores,
+    EvaluationResults,
+    IterationResults,
+    Plan,
+    Score,
+)
+from hdee.scoring import load_expert, resolve_device, window_log_probs
 
-RESULTS_FORMAT = "hdee-evaluation"
-RESULTS_VERSION = 1
 CACHE_FORMAT = "hdee-label-logprobs"
 CACHE_VERSION = "1"
 CSV_COLUMNS = (
@@ -65,40 +70,16 @@ CSV_COLUMNS = (
 # Which ensembles and which (expert, domain, split) log-probs are needed
 
 
-def _lanes(plan: dict[str, Any], ensemble: dict[str, str]) -> list[str]:
-    """The ensemble's lanes in the plan's lane order (stable expert order in every table)."""
-    ordered = [lane for lane in plan.get("lanes", []) if lane in ensemble]
-    return ordered + [lane for lane in ensemble if lane not in ordered]
-
-
-def selected_ensembles(
-    plan: dict[str, Any], every_iteration: bool
-) -> list[tuple[str, int, dict[str, str]]]:
+def selected_ensembles(plan: Plan, every_iteration: bool) -> list[tuple[str, int, dict[str, str]]]:
     """(configuration, 1-based iteration, {lane: job_id}) of every ensemble to evaluate."""
     chosen = []
-    for name, configuration in plan["configurations"].items():
-        ensembles = configuration["ensembles"]
-        if not ensembles:
+    for name, configuration in plan.configurations.items():
+        if not configuration.ensembles:
             raise ValueError(f"plan.json: configuration {name!r} has no ensembles")
-        first = 0 if every_iteration else len(ensembles) - 1
-        for index in range(first, len(ensembles)):
-            ensemble = ensembles[index]
-            chosen.append(
-                (name, index + 1, {lane: ensemble[lane] for lane in _lanes(plan, ensemble)})
-            )
+        last = len(configuration.ensembles)
+        for iteration in range(1 if every_iteration else last, last + 1):
+            chosen.append((name, *plan.ensemble(name, iteration)))
     return chosen
-
-
-def evaluation_domains(plan: dict[str, Any]) -> dict[str, str]:
-    """Domain -> "trained" | "held_out", trained first, each once."""
-    kinds: dict[str, str] = {}
-    for domain in plan.get("trained_domains", []):
-        kinds.setdefault(domain, "trained")
-    for domain in plan.get("held_out_domains", []):
-        kinds.setdefault(domain, "held_out")
-    if not kinds:
-        raise ValueError("plan.json lists no trained_domains or held_out_domains to evaluate")
-    return kinds
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,39 +126,6 @@ def read_cached_log_probs(path: Path, expected: dict[str, str]) -> torch.Tensor 
 def write_cached_log_probs(path: Path, log_probs: torch.Tensor, metadata: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
         save_file({"log_probs": log_probs.float().contiguous()}, str(tmp), metadata=metadata)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_expert(model_dir: Path, device: torch.device) -> LlamaForCausalLM:
-    """An expert from its HF directory (safetensors only: never unpickle a checkpoint)."""
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no expert model here (has its job finished?)")
-    return load_model(model_dir, device=device).eval()
-
-
-def compute_log_probs(
-    model: torch.nn.Module,
-    tokens: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    max_windows: int | None,
-    device: torch.device,
-) -> torch.Tensor:
-    """Label log-probs of every evaluation window, float32 `[num_windows, seq_len]` on CPU."""
-    rows = []
-    # bf16 autocast on CUDA (as in training); full precision on CPU, where bf16 is slower.
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        for batch in eval_batches(tokens, seq_len, batch_size, max_windows):
-            rows.append(label_log_probs(model, batch).cpu())
-    return torch.cat(rows)
 
 
 class _LogProbCache:
@@ -231,13 +179,13 @@ class _LogProbCache:
         task = progress.add_task("label log-probs", total=total) if progress else None
         batch_size = self.config.evaluation.batch_size
         for job_id, pairs in missing.items():
-            model = load_expert(self.layout.job(job_id) / "final", self.device)
+            model = load_expert(self.layout.job(job_id).final, self.device)
             for domain, split in pairs:
                 tokens, count, _ = self.windows(domain, split)
                 if progress is not None and task is not None:
                     progress.update(task, description=f"{job_id} {domain}/{split}")
-                log_probs = compute_log_probs(
-                    model, tokens, self.seq_len, batch_size, self.max_windows(split), self.device
+                log_probs = window_log_probs(
+                    model, tokens, self.seq_len, batch_size, self.max_windows(split)
                 )
                 write_cached_log_probs(
                     self.layout.label_logprobs(job_id, domain, split),
@@ -255,8 +203,8 @@ class _LogProbCache:
 # Mixing one ensemble on one domain
 
 
-def _score(log_probs: torch.Tensor) -> dict[str, Any]:
-    return {"perplexity": perplexity(log_probs), "tokens": int(log_probs.numel())}
+def _score(log_probs: torch.Tensor, **extra: str) -> Score:
+    return Score(perplexity=perplexity(log_probs), tokens=int(log_probs.numel()), **extra)
 
 
 def evaluate_ensemble_on_domain(
@@ -267,36 +215,35 @@ def evaluate_ensemble_on_domain(
     methods: list[str],
     posterior: str,
     decay: float,
-) -> dict[str, Any]:
+) -> DomainScores:
     """All methods for one ensemble on one domain, from label log-probs `[E, N, T]`."""
-    result: dict[str, Any] = {"methods": {}, "mean_posterior": {}}
-    methods_out = result["methods"]
+    scores = DomainScores(methods={})
     if "simple_average" in methods:
-        methods_out["simple_average"] = _score(simple_average(test_lp))
+        scores.methods["simple_average"] = _score(simple_average(test_lp))
     if "uniform_prior" in methods:
-        methods_out["uniform_prior"] = _score(mixture_log_probs(test_lp, None, posterior))
+        scores.methods["uniform_prior"] = _score(mixture_log_probs(test_lp, None, posterior))
         weights = mean_posterior(posterior_weights(test_lp, None, posterior))
-        result["mean_posterior"]["uniform_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
+        scores.mean_posterior["uniform_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
     if "cached_prior" in methods:
         assert validation_lp is not None
         # Sequence log-likelihood of each validation window under each expert: [N_val, E].
         sequence_ll = validation_lp.to(torch.float64).sum(dim=2).T
         prior = estimate_cached_prior(sequence_ll, decay)
         log_prior = prior.log()
-        methods_out["cached_prior"] = _score(mixture_log_probs(test_lp, log_prior, posterior))
+        scores.methods["cached_prior"] = _score(mixture_log_probs(test_lp, log_prior, posterior))
         weights = mean_posterior(posterior_weights(test_lp, log_prior, posterior))
-        result["mean_posterior"]["cached_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
-        result["cached_prior"] = dict(zip(lanes, prior.tolist(), strict=True))
-        result["cached_prior_sequences"] = int(validation_lp.shape[1])
+        scores.mean_posterior["cached_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
+        scores.cached_prior = dict(zip(lanes, prior.tolist(), strict=True))
+        scores.cached_prior_sequences = int(validation_lp.shape[1])
     if "single_experts" in methods:
         singles = {
-            lane: {**_score(test_lp[j]), "job_id": job_id}
+            lane: _score(test_lp[j], job_id=job_id)
             for j, (lane, job_id) in enumerate(zip(lanes, job_ids, strict=True))
         }
-        result["single_experts"] = singles
-        best_lane = min(singles, key=lambda lane: singles[lane]["perplexity"])
-        methods_out["best_single"] = {**singles[best_lane], "expert": best_lane}
-    return result
+        scores.single_experts = singles
+        best_lane = min(singles, key=lambda lane: singles[lane].perplexity)
+        scores.methods["best_single"] = singles[best_lane].model_copy(update={"expert": best_lane})
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,24 +251,21 @@ def evaluate_ensemble_on_domain(
 
 
 def evaluate_run(
-    run_dir: str | Path, config: ExperimentConfig | None = None, progress: bool = True
-) -> dict[str, Any]:
+    config: ExperimentConfig, layout: RunLayout, progress: bool = True
+) -> EvaluationResults:
     """Evaluate every configuration in `RUN/plan.json`; write and return the results.
 
     Writes `RUN/evaluation/results.json` and `results.csv` (schema: docs/evaluation.md).
     """
-    layout = RunLayout.of(run_dir)
-    if config is None:
-        config = load_config(layout.config)
-    if not layout.plan.is_file():
-        raise FileNotFoundError(f"{layout.plan}: no plan yet (run the plan stage first)")
-    plan = read_json(layout.plan)
+    plan = Plan.read(layout.plan)
     settings = config.evaluation
     methods = list(dict.fromkeys(settings.methods))
-    domains = evaluation_domains(plan)
+    domains = plan.domain_kinds()
+    if not domains:
+        raise ValueError(f"{layout.plan} lists no trained or held-out domains to evaluate")
     ensembles = selected_ensembles(plan, settings.every_iteration)
     splits = ["test"] + (["validation"] if "cached_prior" in methods else [])
-    device = pick_device()
+    device = resolve_device()
     cache = _LogProbCache(layout, config, device)
 
     # Every (job, domain, split) any selected ensemble needs, each once, in a stable order.
@@ -337,30 +281,33 @@ def evaluate_run(
     with _progress(progress) as bar:
         cache.fill(needed, bar)
 
-    results: dict[str, Any] = {
-        "format": RESULTS_FORMAT,
-        "version": RESULTS_VERSION,
-        "posterior": settings.posterior,
-        "methods": methods,
-        "seq_len": config.data.seq_len,
-        "cached_prior_decay": settings.cached_prior_decay,
-        "device": str(device),
-        "domains": {},
-        "configurations": {},
-    }
-    for domain, kind in domains.items():
-        entry: dict[str, Any] = {"kind": kind, "test_windows": cache.windows(domain, "test")[1]}
-        if "validation" in splits:
-            entry["validation_windows"] = cache.windows(domain, "validation")[1]
-        results["domains"][domain] = entry
-
+    results = EvaluationResults(
+        posterior=settings.posterior,
+        methods=methods,
+        seq_len=config.data.seq_len,
+        cached_prior_decay=settings.cached_prior_decay,
+        device=str(device),
+        domains={
+            domain: DomainInfo(
+                kind=kind,
+                test_windows=cache.windows(domain, "test")[1],
+                validation_windows=(
+                    cache.windows(domain, "validation")[1] if "validation" in splits else None
+                ),
+            )
+            for domain, kind in domains.items()
+        },
+        configurations={},
+    )
     for name, iteration, ensemble in ensembles:
         lanes, job_ids = list(ensemble), list(ensemble.values())
-        configuration = results["configurations"].setdefault(
+        configuration = results.configurations.setdefault(
             name,
-            {"final_iteration": len(plan["configurations"][name]["ensembles"]), "iterations": {}},
+            ConfigurationResults(
+                final_iteration=len(plan.configurations[name].ensembles), iterations={}
+            ),
         )
-        per_domain: dict[str, Any] = {}
+        per_domain: dict[str, DomainScores] = {}
         for domain in domains:
             test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
             validation_lp = (
@@ -377,10 +324,10 @@ def evaluate_run(
                 settings.posterior,
                 settings.cached_prior_decay,
             )
-        configuration["iterations"][str(iteration)] = {"experts": ensemble, "domains": per_domain}
+        configuration.iterations[iteration] = IterationResults(experts=ensemble, domains=per_domain)
 
-    write_json(layout.evaluation / "results.json", results)
-    write_text(layout.evaluation / "results.csv", results_csv(results))
+    results.write(layout.results)
+    write_text(layout.results_csv, results_csv(results))
     return results
 
 
@@ -399,44 +346,42 @@ def _progress(enabled: bool) -> Iterator[Progress | None]:
         yield bar
 
 
-def results_rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def results_rows(results: EvaluationResults) -> Iterator[dict[str, Any]]:
     """One tidy row per configuration / iteration / domain / method (single experts: one row
     per expert, `expert` naming its lane)."""
-    posterior = results["posterior"]
-    for name, configuration in results["configurations"].items():
-        for iteration, entry in configuration["iterations"].items():
-            for domain, scores in entry["domains"].items():
-                kind = results["domains"][domain]["kind"]
+    for name, configuration in results.configurations.items():
+        for iteration, entry in configuration.iterations.items():
+            for domain, scores in entry.domains.items():
                 base = {
                     "configuration": name,
-                    "iteration": int(iteration),
+                    "iteration": iteration,
                     "domain": domain,
-                    "domain_kind": kind,
+                    "domain_kind": results.domains[domain].kind,
                 }
-                for method, score in scores["methods"].items():
+                for method, score in scores.methods.items():
                     uses_posterior = method in ("uniform_prior", "cached_prior")
                     yield {
                         **base,
                         "method": method,
-                        "expert": score.get("expert", ""),
-                        "job_id": score.get("job_id", ""),
-                        "perplexity": score["perplexity"],
-                        "tokens": score["tokens"],
-                        "posterior": posterior if uses_posterior else "",
+                        "expert": score.expert or "",
+                        "job_id": score.job_id or "",
+                        "perplexity": score.perplexity,
+                        "tokens": score.tokens,
+                        "posterior": results.posterior if uses_posterior else "",
                     }
-                for lane, score in scores.get("single_experts", {}).items():
+                for lane, score in (scores.single_experts or {}).items():
                     yield {
                         **base,
                         "method": "single_expert",
                         "expert": lane,
-                        "job_id": score["job_id"],
-                        "perplexity": score["perplexity"],
-                        "tokens": score["tokens"],
+                        "job_id": score.job_id or "",
+                        "perplexity": score.perplexity,
+                        "tokens": score.tokens,
                         "posterior": "",
                     }
 
 
-def results_csv(results: dict[str, Any]) -> str:
+def results_csv(results: EvaluationResults) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -8,7 +8,6 @@ with the token that was chosen (prompt tokens included), exactly as in evaluatio
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from hdee.atomic import read_json
 from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
 from hdee.layout import RunLayout
-from hdee.model import load_model
+from hdee.records import EvaluationResults, Plan
+from hdee.scoring import device_of, inference_autocast, load_expert, resolve_device
 
 
 @dataclass
@@ -32,17 +31,6 @@ class Generation:
     token_ids: list[int]  # the new tokens only
     token_log_probs: list[float] = field(default_factory=list)  # mixture log-prob of each
     posterior: list[float] = field(default_factory=list)  # P(j | everything), after the last
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    # bf16 autocast on CUDA as in training and evaluation; full precision on CPU.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _normalised_log_prior(prior: Sequence[float] | Tensor | None, experts: int) -> Tensor:
@@ -101,7 +89,7 @@ def generate_ids(
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     log_prior = _normalised_log_prior(prior, len(models))
     generator = torch.Generator().manual_seed(seed)
-    device = _device_of(models[0])
+    device = device_of(models[0])
     prompt = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
 
     # Prompt: one forward per expert fills its KV cache; the prompt's own tokens (after the
@@ -110,7 +98,7 @@ def generate_ids(
     next_lp: list[Tensor] = []  # each expert's log p_j(. | sequence so far), [V] float64
     evidence = torch.zeros(len(models), dtype=torch.float64)
     for j, model in enumerate(models):
-        with _autocast(device):
+        with inference_autocast(device):
             out = model(input_ids=prompt, use_cache=True)
         lp = torch.log_softmax(out.logits[0].double(), dim=-1)  # [L, V]
         caches.append(out.past_key_values)
@@ -133,7 +121,7 @@ def generate_ids(
             break
         step = torch.tensor([[token]], dtype=torch.long, device=device)
         for j, model in enumerate(models):
-            with _autocast(device):
+            with inference_autocast(device):
                 out = model(input_ids=step, past_key_values=caches[j], use_cache=True)
             caches[j] = out.past_key_values
             next_lp[j] = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
@@ -147,12 +135,11 @@ def load_models(
     experts: Sequence[str | Path | PreTrainedModel], device: torch.device | None = None
 ) -> list[torch.nn.Module]:
     """Models from HF directories (safetensors only) or already-loaded models, on one device."""
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     models = []
     for expert in experts:
         if isinstance(expert, (str, Path)):
-            expert = load_model(expert)
+            expert = load_expert(Path(expert), device)
         models.append(expert.to(device).eval())
     return models
 
@@ -194,37 +181,9 @@ def generate(
     return tokenizer.decode(generation.token_ids, skip_special_tokens=True)
 
 
-def ensemble_lanes(
-    run_dir: str | Path, configuration: str, iteration: int | None = None
-) -> tuple[int, dict[str, str]]:
-    """(iteration, {lane: job id}) of a configuration's ensemble (default: its last iteration),
-    lanes in the plan's order."""
-    layout = RunLayout.of(run_dir)
-    plan = read_json(layout.plan)
-    configurations = plan["configurations"]
-    if configuration not in configurations:
-        raise ValueError(
-            f"configuration {configuration!r} is not in {layout.plan}; "
-            f"choose one of {sorted(configurations)}"
-        )
-    ensembles = configurations[configuration]["ensembles"]
-    index = len(ensembles) if iteration is None else iteration
-    if not 1 <= index <= len(ensembles):
-        raise ValueError(f"{configuration!r} has iterations 1..{len(ensembles)}, not {iteration}")
-    ensemble = ensembles[index - 1]
-    lanes = [lane for lane in plan.get("lanes", []) if lane in ensemble]
-    lanes += [lane for lane in ensemble if lane not in lanes]
-    return index, {lane: ensemble[lane] for lane in lanes}
-
-
-def ensemble_dirs(
-    run_dir: str | Path, configuration: str, iteration: int | None = None
-) -> list[Path]:
-    """Model directories of a configuration's ensemble (default: after its last iteration),
-    in the plan's lane order."""
-    layout = RunLayout.of(run_dir)
-    _, jobs = ensemble_lanes(run_dir, configuration, iteration)
-    dirs = [layout.job(job_id) / "final" for job_id in jobs.values()]
+def ensemble_dirs(layout: RunLayout, ensemble: dict[str, str]) -> list[Path]:
+    """Model directories of an ensemble ({lane: job id}), in its lane order."""
+    dirs = [layout.job(job_id).final for job_id in ensemble.values()]
     for model_dir in dirs:
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: expert not trained yet")
@@ -232,48 +191,48 @@ def ensemble_dirs(
 
 
 def cached_prior_from_run(
-    run_dir: str | Path, configuration: str, domain: str, iteration: int | None = None
+    layout: RunLayout, configuration: str, iteration: int, ensemble: dict[str, str], domain: str
 ) -> list[float]:
     """The cached prior `hdee evaluate` estimated for this ensemble on `domain`'s validation
     text, in the ensemble's lane order: generation weighted as if the text were from `domain`."""
-    layout = RunLayout.of(run_dir)
-    index, jobs = ensemble_lanes(run_dir, configuration, iteration)
-    path = layout.evaluation / "results.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no evaluation results yet (run `hdee evaluate` first)")
-    results = read_json(path)
-    entry = results.get("configurations", {}).get(configuration, {}).get("iterations", {})
-    domains = entry.get(str(index), {}).get("domains", {})
+    path = layout.results
+    results = EvaluationResults.read(path)
+    entry = results.configurations.get(configuration)
+    evaluated = entry.iterations.get(iteration) if entry else None
+    domains = evaluated.domains if evaluated else {}
     if domain not in domains:
         raise ValueError(
-            f"{path}: no results for {configuration!r} iteration {index} on domain {domain!r}; "
-            f"domains evaluated: {sorted(domains) or 'none'}"
+            f"{path}: no results for {configuration!r} iteration {iteration} on domain "
+            f"{domain!r}; domains evaluated: {sorted(domains) or 'none'}"
         )
-    prior = domains[domain].get("cached_prior")
-    if not isinstance(prior, dict) or set(prior) != set(jobs):
+    prior = domains[domain].cached_prior
+    if prior is None or set(prior) != set(ensemble):
         raise ValueError(
             f"{path}: no cached prior for {configuration!r} on {domain!r} (add cached_prior to "
             "evaluation.methods and run `hdee evaluate` again)"
         )
-    return [float(prior[lane]) for lane in jobs]
+    return [float(prior[lane]) for lane in ensemble]
 
 
 def generate_from_run(
-    run_dir: str | Path,
+    layout: RunLayout,
     configuration: str,
     prompt: str,
     iteration: int | None = None,
     prior_domain: str | None = None,
     **kwargs: Any,
 ) -> str:
-    """`generate` with a run's tokenizer and a configuration's (final) ensemble; with
-    `prior_domain`, the experts are weighted by the cached prior of that domain (else by
-    `prior=` or uniformly)."""
-    layout = RunLayout.of(run_dir)
-    dirs = ensemble_dirs(run_dir, configuration, iteration)
+    """`generate` with a run's tokenizer and a configuration's ensemble (default: after its
+    last iteration); with `prior_domain`, the experts are weighted by the cached prior of that
+    domain (else by `prior=` or uniformly)."""
+    plan = Plan.read(layout.plan)
+    iteration, ensemble = plan.ensemble(configuration, iteration)
+    dirs = ensemble_dirs(layout, ensemble)
     if prior_domain is not None:
         if kwargs.get("prior") is not None:
             raise ValueError("give a prior or a prior domain, not both")
-        kwargs["prior"] = cached_prior_from_run(run_dir, configuration, prior_domain, iteration)
+        kwargs["prior"] = cached_prior_from_run(
+            layout, configuration, iteration, ensemble, prior_domain
+        )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     return generate(dirs, tokenizer, prompt, **kwargs)

@@ -2,30 +2,24 @@
 
     prepare -> seeds -> difficulty -> plan -> experts -> evaluate -> report
 
-Each stage is idempotent, so running the same command again resumes: prepared data is reused,
-finished jobs are skipped (a job is finished when its result.json exists), an interrupted job
-continues from its last checkpoint, and evaluation reuses cached log-probabilities.
+Each stage is a function of `(config, layout)` and idempotent, so running the same command
+again resumes: prepared data is reused, finished jobs are skipped (`JobLayout.is_done`), an
+interrupted job continues from its last checkpoint, and evaluation reuses cached
+log-probabilities. What the stages hand each other are the typed records of `hdee.records`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from hdee.atomic import read_json, write_json
 from hdee.config import STAGES, ExperimentConfig, TrainingConfig
 from hdee.layout import RunLayout
-from hdee.plan import (
-    Plan,
-    PlannedJob,
-    build_plan,
-    plan_from_json,
-    print_plan,
-    trainable_domains,
-)
+from hdee.plan import build_plan, print_plan
+from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.local import JobTask, run_jobs
 
@@ -51,14 +45,6 @@ def training_manifests(config: ExperimentConfig, layout: RunLayout) -> dict[str,
     return hashes
 
 
-def job_model_dir(layout: RunLayout, job_id: str) -> Path:
-    return layout.job(job_id) / "final"
-
-
-def job_is_done(layout: RunLayout, job_id: str) -> bool:
-    return (layout.job(job_id) / "result.json").is_file()
-
-
 def write_job_spec(
     config: ExperimentConfig,
     layout: RunLayout,
@@ -78,15 +64,15 @@ def write_job_spec(
         model=llama_config(
             shape, vocab_size=vocab_size, seq_len=config.data.seq_len, eos_token_id=eos_token_id
         ).to_dict(),
-        init_from=str(job_model_dir(layout, job.init_from)) if job.init_from else None,
+        init_from=str(layout.job(job.init_from).final) if job.init_from else None,
         train_tokens=str(layout.tokens(job.domain, "train")),
         validation={job.domain: str(layout.tokens(job.domain, "validation"))},
         seq_len=config.data.seq_len,
         seed=config.seed,
         training=base.model_copy(update={"steps": job.steps}),
-        output_dir=str(layout.job(job.job_id)),
+        output_dir=str(layout.job(job.job_id).root),
     )
-    path = layout.job(job.job_id) / "spec.json"
+    path = layout.job(job.job_id).spec
     write_json(path, spec.model_dump(mode="json"))
     return path
 
@@ -98,7 +84,7 @@ def run_training_jobs(
     console: Console,
     label: str,
     progress: bool = False,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, JobResult]:
     vocab_size, eos = prepared_vocab(layout)
     tasks = []
     job_ids = {job.job_id for job in jobs}
@@ -106,23 +92,22 @@ def run_training_jobs(
         spec_path = write_job_spec(config, layout, job, vocab_size, eos)
         # Dependencies outside this batch (a seed, for the first expert) are already finished.
         tasks.append(JobTask(job.job_id, spec_path, [d for d in job.depends_on if d in job_ids]))
-    done = sum(job_is_done(layout, job.job_id) for job in jobs)
+    done = sum(layout.job(job.job_id).is_done() for job in jobs)
     console.print(f"[bold]{label}[/]: {len(jobs)} job(s), {done} already finished")
     started: dict[str, float] = {}
     finished = [done]
 
     def on_start(job_id: str) -> None:
         started[job_id] = time.time()
-        if not job_is_done(layout, job_id):
+        if not layout.job(job_id).is_done():
             console.print(f"  start  {job_id}")
 
-    def on_done(job_id: str, result: dict[str, Any]) -> None:
+    def on_done(job_id: str, result: JobResult) -> None:
         seconds = time.time() - started.get(job_id, time.time())
         if seconds > 0.5:  # a job that only returned its stored result is not news
             finished[0] += 1
             vals = ", ".join(
-                f"{name} ppl {v['perplexity']:.2f}"
-                for name, v in (result.get("validation") or {}).items()
+                f"{name} ppl {score.perplexity:.2f}" for name, score in result.validation.items()
             )
             console.print(
                 f"  done   [{finished[0]}/{len(jobs)}] {job_id} in {seconds:.0f}s ({vals})"
@@ -149,30 +134,25 @@ def run_training_jobs(
     )
 
 
-def write_stage_specs(config: ExperimentConfig, stage: str) -> list[tuple[PlannedJob, Path]]:
+def write_stage_specs(
+    config: ExperimentConfig, layout: RunLayout, stage: str
+) -> list[tuple[PlannedJob, Path]]:
     """Write the spec of every job of a training stage ('seeds' or 'experts'), parents first,
     for running them outside `hdee run` (an external scheduler, see docs/scaling.md)."""
-    layout = RunLayout.of(config.run_dir)
     if stage == "seeds":
-        plan = make_plan(config, layout)
-        jobs = [plan.jobs[job_id] for job_id in plan.seeds.values()]
+        jobs = make_plan(config, layout).seed_jobs()
     elif stage == "experts":
-        jobs = sorted(load_plan(layout).expert_jobs(), key=lambda job: job.iteration or 0)
+        jobs = sorted(Plan.read(layout.plan).expert_jobs(), key=lambda job: job.iteration or 0)
     else:
         raise RunError(f"unknown training stage {stage!r}: expected 'seeds' or 'experts'")
     vocab_size, eos = prepared_vocab(layout)
     return [(job, write_job_spec(config, layout, job, vocab_size, eos)) for job in jobs]
 
 
-def load_plan(layout: RunLayout) -> Plan:
-    if not layout.plan.is_file():
-        raise RunError(f"{layout.plan} is missing: run the stages up to 'plan' first")
-    return plan_from_json(read_json(layout.plan))
-
-
 def current_classes(layout: RunLayout) -> dict[str, str] | None:
-    path = layout.difficulty / "difficulty.json"
-    return read_json(path)["classes"] if path.is_file() else None
+    """The difficulty classes, once the 'difficulty' stage has written them."""
+    path = layout.difficulty_record
+    return DifficultyRecord.read(path).classes if path.is_file() else None
 
 
 def make_plan(config: ExperimentConfig, layout: RunLayout) -> Plan:
@@ -195,14 +175,13 @@ def stage_prepare(
 ) -> None:
     from hdee.data.prepare import prepare_data
 
-    prepare_data(config, progress=progress)
+    prepare_data(config, layout, progress=progress)
 
 
 def stage_seeds(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
-    plan = make_plan(config, layout)
-    seeds = [plan.jobs[job_id] for job_id in plan.seeds.values()]
+    seeds = make_plan(config, layout).seed_jobs()
     run_training_jobs(config, layout, seeds, console, "seeds", progress)
 
 
@@ -212,25 +191,15 @@ def stage_difficulty(
     from hdee.difficulty import measure_difficulty
 
     plan = make_plan(config, layout)
-    missing = [size for size, job_id in plan.seeds.items() if not job_is_done(layout, job_id)]
+    missing = [size for size, job_id in plan.seeds.items() if not layout.job(job_id).is_done()]
     if missing:
         raise RunError(f"seed(s) {missing} are not trained yet: run the 'seeds' stage first")
-    trainable = trainable_domains(config)
-    record = measure_difficulty(
-        seed_dirs={size: job_model_dir(layout, job_id) for size, job_id in plan.seeds.items()},
-        validation_tokens={d: layout.tokens(d, "validation") for d in config.data.domain_names},
-        seq_len=config.data.seq_len,
-        config=config.difficulty,
-        trainable=trainable,
-        held_out=[d for d in config.data.domain_names if d not in trainable],
-        out_dir=layout.difficulty,
-        batch_size=config.evaluation.batch_size,
-        device=config.seeds.training.device,
-    )
+    seed_dirs = {size: layout.job(job_id).final for size, job_id in plan.seeds.items()}
+    record = measure_difficulty(config, layout, seed_dirs)
     console.print("[bold]difficulty[/] (seed validation perplexity):")
-    for domain in record["ranking"]:
-        cls = record["classes"].get(domain) or f"held-out ({record['held_out_classes'][domain]})"
-        console.print(f"  {record['perplexity'][domain]:10.2f}  {domain:24s} {cls}")
+    for domain in record.ranking:
+        cls = record.classes.get(domain) or f"held-out ({record.held_out_classes[domain]})"
+        console.print(f"  {record.perplexity[domain]:10.2f}  {domain:24s} {cls}")
 
 
 def stage_plan(
@@ -239,14 +208,14 @@ def stage_plan(
     if current_classes(layout) is None and not isinstance(config.plan.schedule, dict):
         raise RunError("difficulty classes are missing: run the 'difficulty' stage first")
     plan = make_plan(config, layout)
-    write_json(layout.plan, plan.to_json())
+    plan.write(layout.plan)
     print_plan(plan, console, layout)
 
 
 def stage_experts(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
-    plan = load_plan(layout)
+    plan = Plan.read(layout.plan)
     run_training_jobs(config, layout, plan.expert_jobs(), console, "experts", progress)
 
 
@@ -255,7 +224,7 @@ def stage_evaluate(
 ) -> None:
     from hdee.evaluate import evaluate_run
 
-    evaluate_run(layout.root, config, progress=progress)
+    evaluate_run(config, layout, progress=progress)
 
 
 def stage_report(
@@ -263,7 +232,7 @@ def stage_report(
 ) -> None:
     from hdee.report import write_report
 
-    path = write_report(layout.root, config)
+    path = write_report(config, layout)
     console.print(f"[bold]report[/]: {path}")
 
 

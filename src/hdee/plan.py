@@ -15,106 +15,16 @@ The seeds (one per size) are reported beside the expert budget, not hidden.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 from hdee.config import DIFFICULTY_CLASSES, Configuration, ExperimentConfig, stable_hash
+from hdee.records import Budget, Plan, PlannedConfiguration, PlannedJob
 from hdee.shapes import Architecture, ModelShape, model_shapes, training_flops_per_token
 
 
 class PlanError(ValueError):
     """The config cannot be planned as asked (the message says why and what to change)."""
-
-
-@dataclass(frozen=True)
-class PlannedJob:
-    """One training job. Its id is a hash of everything that determines its result."""
-
-    job_id: str
-    kind: Literal["seed", "expert"]
-    size: str
-    steps: int
-    domain: str
-    lane: str | None = None
-    iteration: int | None = None
-    init_from: str | None = None
-
-    @property
-    def depends_on(self) -> list[str]:
-        return [self.init_from] if self.init_from else []
-
-
-@dataclass(frozen=True)
-class Budget:
-    proxy: float
-    flops: float
-
-    def measure(self, name: str) -> float:
-        return self.proxy if name == "proxy" else self.flops
-
-
-@dataclass
-class PlannedConfiguration:
-    name: str
-    sizes: dict[str, str]
-    steps: dict[str, int]
-    budget: Budget
-    # ensembles[k] is the ensemble after iteration k + 1: lane -> expert job id
-    ensembles: list[dict[str, str]] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    lanes: list[str]
-    classes: dict[str, str] | None
-    schedule: dict[str, list[str]]
-    trained_domains: list[str]
-    held_out_domains: list[str]
-    seeds: dict[str, str]
-    jobs: dict[str, PlannedJob]
-    configurations: dict[str, PlannedConfiguration]
-    seed_budget: Budget
-    baseline: str
-    budget_measure: str
-    provisional: bool = False  # True when classes were not known yet (domains are placeholders)
-
-    def expert_jobs(self) -> list[PlannedJob]:
-        return [job for job in self.jobs.values() if job.kind == "expert"]
-
-    def relative_budget_gap(self, name: str, measure: str | None = None) -> float:
-        measure = measure or self.budget_measure
-        base = self.configurations[self.baseline].budget.measure(measure)
-        return self.configurations[name].budget.measure(measure) / base - 1.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "lanes": self.lanes,
-            "classes": self.classes,
-            "schedule": self.schedule,
-            "trained_domains": self.trained_domains,
-            "held_out_domains": self.held_out_domains,
-            "seeds": self.seeds,
-            "jobs": {
-                job_id: {**asdict(job), "depends_on": job.depends_on}
-                for job_id, job in self.jobs.items()
-            },
-            "configurations": {
-                name: {
-                    "sizes": c.sizes,
-                    "steps": c.steps,
-                    "budget": asdict(c.budget),
-                    "relative_budget_gap": {
-                        m: self.relative_budget_gap(name, m) for m in ("proxy", "flops")
-                    },
-                    "ensembles": c.ensembles,
-                }
-                for name, c in self.configurations.items()
-            },
-            "seed_budget": asdict(self.seed_budget),
-            "baseline": self.baseline,
-            "budget_measure": self.budget_measure,
-            "provisional": self.provisional,
-        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,10 +151,6 @@ def seed_sizes(config: ExperimentConfig) -> list[str]:
     return sorted(used)
 
 
-def trainable_domains(config: ExperimentConfig) -> list[str]:
-    return [name for name in config.data.domain_names if name not in config.plan.held_out]
-
-
 def tokens_per_step(config: ExperimentConfig, training) -> int:
     world = max(1, config.runner.gpus_per_job)
     return training.batch_size * training.grad_accum * config.data.seq_len * world
@@ -297,7 +203,7 @@ def build_plan(
         schedule = {lane: list(config.plan.schedule[lane]) for lane in lanes}
         classes = classes or {d: lane for lane, ds in schedule.items() for d in ds}
     elif classes is not None:
-        trainable = {d: c for d, c in classes.items() if d in trainable_domains(config)}
+        trainable = {d: c for d, c in classes.items() if d in config.trainable_domains}
         schedule = auto_schedule(trainable, lanes, iterations, config.seed)
     else:
         schedule = placeholder_schedule(lanes, iterations)
@@ -309,7 +215,7 @@ def build_plan(
     jobs: dict[str, PlannedJob] = {}
     seeds: dict[str, str] = {}
     seed_training = config.seeds.training
-    seed_budget = Budget(0.0, 0.0)
+    seed_budget = Budget(proxy=0.0, flops=0.0)
     for size in seed_sizes(config):
         if size not in shapes:
             raise PlanError(f"seed size {size!r} is not a model size {sorted(shapes)}")
@@ -325,10 +231,15 @@ def build_plan(
         job_id = _job_id("seed", size, config.data.general.name, identity)
         seeds[size] = job_id
         jobs[job_id] = PlannedJob(
-            job_id, "seed", size, seed_training.steps, config.data.general.name
+            job_id=job_id,
+            kind="seed",
+            size=size,
+            steps=seed_training.steps,
+            domain=config.data.general.name,
         )
-        cost = job_budget(shapes[size], seed_training.steps, flops_per_step(size, seed_training))
-        seed_budget = Budget(seed_budget.proxy + cost.proxy, seed_budget.flops + cost.flops)
+        seed_budget += job_budget(
+            shapes[size], seed_training.steps, flops_per_step(size, seed_training)
+        )
 
     # Budgets, equalised if asked, checked against the baseline.
     measure = config.plan.budget_measure
@@ -400,7 +311,7 @@ def build_plan(
     # Experts: every lane of every configuration, iteration by iteration, branching from the
     # lane's own previous expert (iteration 1: the seed of the lane's size). Identical jobs
     # (same size, steps, domain and parent) get the same id and so run once.
-    for c in configurations.values():
+    for c in plan.configurations.values():
         previous: dict[str, str] = {lane: seeds[c.sizes[lane]] for lane in lanes}
         for k in range(iterations):
             ensemble: dict[str, str] = {}
@@ -418,45 +329,22 @@ def build_plan(
                     "seed": config.seed,
                 }
                 job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
-                jobs.setdefault(
+                plan.jobs.setdefault(
                     job_id,
-                    PlannedJob(job_id, "expert", size, steps, domain, lane, k + 1, previous[lane]),
+                    PlannedJob(
+                        job_id=job_id,
+                        kind="expert",
+                        size=size,
+                        steps=steps,
+                        domain=domain,
+                        lane=lane,
+                        iteration=k + 1,
+                        init_from=previous[lane],
+                    ),
                 )
                 ensemble[lane] = previous[lane] = job_id
             c.ensembles.append(ensemble)
     return plan
-
-
-def plan_from_json(data: dict[str, Any]) -> Plan:
-    """Read back a plan written by `Plan.to_json` (the run directory's plan.json)."""
-    jobs = {
-        job_id: PlannedJob(**{k: v for k, v in job.items() if k != "depends_on"})
-        for job_id, job in data["jobs"].items()
-    }
-    configurations = {
-        name: PlannedConfiguration(
-            name=name,
-            sizes=c["sizes"],
-            steps=c["steps"],
-            budget=Budget(**c["budget"]),
-            ensembles=c["ensembles"],
-        )
-        for name, c in data["configurations"].items()
-    }
-    return Plan(
-        lanes=data["lanes"],
-        classes=data["classes"],
-        schedule=data["schedule"],
-        trained_domains=data["trained_domains"],
-        held_out_domains=data["held_out_domains"],
-        seeds=data["seeds"],
-        jobs=jobs,
-        configurations=configurations,
-        seed_budget=Budget(**data["seed_budget"]),
-        baseline=data["baseline"],
-        budget_measure=data["budget_measure"],
-        provisional=data.get("provisional", False),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,14 +410,7 @@ def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
     for job in plan.jobs.values():
         status = ""
         if layout is not None:
-            job_dir = layout.job(job.job_id)
-            status = (
-                "done"
-                if (job_dir / "result.json").is_file()
-                else "partial"
-                if (job_dir / "checkpoints").is_dir()
-                else "pending"
-            )
+            status = layout.job(job.job_id).status()
         jobs.add_row(
             job.job_id,
             job.kind,

@@ -7,15 +7,16 @@ nothing here runs a model, so a report can be re-made at any time.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from hdee.atomic import atomic_path, read_json, write_text
+from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
 from hdee.layout import RunLayout
+from hdee.metrics import read_metrics
 from hdee.plan import si
+from hdee.records import DifficultyRecord, EvaluationResults, Plan
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
@@ -35,17 +36,16 @@ def _fmt(value: float | None) -> str:
 # Reading results (pure)
 
 
-def final_perplexities(results: dict[str, Any], method: str) -> dict[str, dict[str, float]]:
+def final_perplexities(results: EvaluationResults, method: str) -> dict[str, dict[str, float]]:
     """configuration -> domain -> test perplexity of `method` for the final ensemble."""
-    table: dict[str, dict[str, float]] = {}
-    for name, configuration in results["configurations"].items():
-        final = configuration["iterations"][str(configuration["final_iteration"])]
-        table[name] = {
-            domain: entry["methods"][method]["perplexity"]
-            for domain, entry in final["domains"].items()
-            if method in entry["methods"]
+    return {
+        name: {
+            domain: scores.methods[method].perplexity
+            for domain, scores in configuration.final.domains.items()
+            if method in scores.methods
         }
-    return table
+        for name, configuration in results.configurations.items()
+    }
 
 
 def best_per_domain(
@@ -96,87 +96,84 @@ def _perplexity_table(
     return lines
 
 
-def _budget_lines(plan: dict[str, Any]) -> list[str]:
-    lanes = plan["lanes"]
+def _budget_lines(plan: Plan) -> list[str]:
+    lanes = plan.lanes
     lines = [
         "| configuration | "
         + " | ".join(f"{lane} size / steps" for lane in lanes)
         + " | &#124;FFN&#124; x steps | training FLOPs | vs baseline (proxy / FLOPs) |",
         "| --- | " + " | ".join("---" for _ in lanes) + " | ---: | ---: | ---: |",
     ]
-    for name, c in plan["configurations"].items():
-        gap = c["relative_budget_gap"]
-        label = f"{name} (baseline)" if name == plan["baseline"] else name
+    for name, c in plan.configurations.items():
+        label = f"{name} (baseline)" if name == plan.baseline else name
         lines.append(
             f"| {label} | "
-            + " | ".join(f"{c['sizes'][lane]} / {c['steps'][lane]}" for lane in lanes)
-            + f" | {si(c['budget']['proxy'])} | {si(c['budget']['flops'])} | "
-            f"{gap['proxy']:+.2%} / {gap['flops']:+.2%} |"
+            + " | ".join(f"{c.sizes[lane]} / {c.steps[lane]}" for lane in lanes)
+            + f" | {si(c.budget.proxy)} | {si(c.budget.flops)} | "
+            f"{plan.relative_budget_gap(name, 'proxy'):+.2%} / "
+            f"{plan.relative_budget_gap(name, 'flops'):+.2%} |"
         )
-    seeds = plan["seed_budget"]
     lines += [
         "",
-        f"Seeds ({', '.join(sorted(plan['seeds']))}, one per size, shared by every "
-        f"configuration) cost a further {si(seeds['proxy'])} in |FFN| x steps and "
-        f"{si(seeds['flops'])} training FLOPs, not included above.",
+        f"Seeds ({', '.join(sorted(plan.seeds))}, one per size, shared by every "
+        f"configuration) cost a further {si(plan.seed_budget.proxy)} in |FFN| x steps and "
+        f"{si(plan.seed_budget.flops)} training FLOPs, not included above.",
     ]
     return lines
 
 
-def _schedule_lines(plan: dict[str, Any]) -> list[str]:
-    iterations = len(next(iter(plan["schedule"].values())))
+def _schedule_lines(plan: Plan) -> list[str]:
+    iterations = plan.iterations
     lines = [
         "| lane | " + " | ".join(f"iteration {k + 1}" for k in range(iterations)) + " |",
         "| --- | " + " | ".join("---" for _ in range(iterations)) + " |",
     ]
-    for lane in plan["lanes"]:
-        lines.append(f"| {lane} | " + " | ".join(plan["schedule"][lane]) + " |")
+    for lane in plan.lanes:
+        lines.append(f"| {lane} | " + " | ".join(plan.schedule[lane]) + " |")
     return lines
 
 
-def _difficulty_lines(record: dict[str, Any]) -> list[str]:
+def _difficulty_lines(record: DifficultyRecord) -> list[str]:
     lines = [
-        f"Seed validation perplexity ({', '.join(record['seed_sizes'])}), method "
-        f"`{record['method']}`; cut points "
-        + ", ".join(_fmt(c) for c in record["cut_points"])
-        + ".",
+        f"Seed validation perplexity ({', '.join(record.seed_sizes)}), method "
+        f"`{record.method}`; cut points " + ", ".join(_fmt(c) for c in record.cut_points) + ".",
         "",
         "| rank | domain | seed perplexity | class |",
         "| ---: | --- | ---: | --- |",
     ]
-    for rank, domain in enumerate(record["ranking"], 1):
-        cls = record["classes"].get(domain)
+    for rank, domain in enumerate(record.ranking, 1):
+        cls = record.classes.get(domain)
         if cls is None:
-            cls = f"held out (would be {record['held_out_classes'].get(domain, '?')})"
-        lines.append(f"| {rank} | {domain} | {_fmt(record['perplexity'][domain])} | {cls} |")
+            cls = f"held-out (would be {record.held_out_classes.get(domain, '?')})"
+        lines.append(f"| {rank} | {domain} | {_fmt(record.perplexity[domain])} | {cls} |")
     return lines
 
 
 def render_markdown(
-    plan: dict[str, Any],
-    results: dict[str, Any],
-    difficulty: dict[str, Any] | None,
+    plan: Plan,
+    results: EvaluationResults,
+    difficulty: DifficultyRecord | None,
     config: ExperimentConfig,
     plots: dict[str, str],
 ) -> str:
-    classes = dict(plan.get("classes") or {})
+    classes = dict(plan.classes or {})
     if difficulty:
-        classes.update({d: f"held out ({c})" for d, c in difficulty["held_out_classes"].items()})
-    for d in plan["held_out_domains"]:
+        classes.update({d: f"held-out ({c})" for d, c in difficulty.held_out_classes.items()})
+    for d in plan.held_out_domains:
         # A trainable domain the schedule did not reach is evaluated like a held-out one.
         classes[d] = (
             f"not scheduled ({classes[d]})"
-            if d in (plan.get("classes") or {})
-            else classes.get(d, "held out")
+            if d in (plan.classes or {})
+            else classes.get(d, "held-out")
         )
-    baseline = plan["baseline"]
+    baseline = plan.baseline
     methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
     headline = methods[0]
     table = final_perplexities(results, headline)
     wins, total = heterogeneous_wins(table, baseline)
     trained_wins, trained_total = heterogeneous_wins(
         {
-            n: {d: v for d, v in row.items() if d in plan["trained_domains"]}
+            n: {d: v for d, v in row.items() if d in plan.trained_domains}
             for n, row in table.items()
         },
         baseline,
@@ -185,30 +182,30 @@ def render_markdown(
     out = [
         "# HDEE report",
         "",
-        f"Run `{config.run_dir}`: {len(plan['trained_domains'])} trained and "
-        f"{len(plan['held_out_domains'])} held-out domains, {len(plan['schedule'][plan['lanes'][0]])} "
+        f"Run `{config.run_dir}`: {len(plan.trained_domains)} trained and "
+        f"{len(plan.held_out_domains)} held-out domains, {plan.iterations} "
         f"BTM iteration(s), model preset `{config.model.preset}`, sequence length "
         f"{config.data.seq_len}. Test-split perplexity of each configuration's final ensemble; "
-        f"the domain posterior is **{results['posterior']}** "
+        f"the domain posterior is **{results.posterior}** "
         + (
             "(the whole prefix, HDEE)."
-            if results["posterior"] == "prefix"
+            if results.posterior == "prefix"
             else "(previous token only, as in BTM / DEMix code)."
         ),
         "",
         f"**A heterogeneous configuration is best in {wins} of {total} domains** "
         f"({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
-        f"{total - trained_total} held out; baseline {baseline}, method: "
+        f"{total - trained_total} held-out; baseline {baseline}, method: "
         f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
         "baseline counts as the baseline's.",
         "",
         "## Trained domains",
         "",
-        *_perplexity_table(table, plan["trained_domains"], classes, baseline),
+        *_perplexity_table(table, plan.trained_domains, classes, baseline),
         "",
         "## Held-out domains",
         "",
-        *_perplexity_table(table, plan["held_out_domains"], classes, baseline),
+        *_perplexity_table(table, plan.held_out_domains, classes, baseline),
         "",
         "## Every method (geometric mean of perplexity over domains)",
         "",
@@ -291,15 +288,16 @@ def plot_perplexity(
     _save(fig, path)
 
 
-def plot_posteriors(results: dict[str, Any], domains: list[str], path: Path) -> bool:
+def plot_posteriors(results: EvaluationResults, domains: list[str], path: Path) -> bool:
     """Mean posterior weight of each lane's expert per domain, one panel per configuration."""
     panels = []
-    for name, configuration in results["configurations"].items():
-        final = configuration["iterations"][str(configuration["final_iteration"])]
-        lanes = list(final["experts"])
+    for name, configuration in results.configurations.items():
+        final = configuration.final
+        lanes = list(final.experts)
         rows = []
         for d in domains:
-            weights = final["domains"].get(d, {}).get("mean_posterior", {}).get("uniform_prior")
+            scores = final.domains.get(d)
+            weights = scores.mean_posterior.get("uniform_prior") if scores else None
             if weights is None:
                 return False
             rows.append([weights[lane] for lane in lanes])
@@ -322,37 +320,24 @@ def plot_posteriors(results: dict[str, Any], domains: list[str], path: Path) -> 
     return True
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write; the rest is still useful
-    return rows
-
-
-def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) -> bool:
+def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
     """Training loss (lines) and validation loss (dots) of every job, seeds then lanes."""
-    groups: dict[str, list[str]] = {"seeds": list(plan["seeds"].values())}
-    for job_id, job in plan["jobs"].items():
-        if job["kind"] == "expert":
-            groups.setdefault(f"{job['lane']} lane", []).append(job_id)
+    groups: dict[str, list[str]] = {"seeds": list(plan.seeds.values())}
+    for job in plan.expert_jobs():
+        groups.setdefault(f"{job.lane} lane", []).append(job.job_id)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
     drew = False
     for ax, (title, job_ids) in zip(axes[0], groups.items(), strict=True):
         colours: dict[str, str] = {}
         for job_id in job_ids:
-            job = plan["jobs"][job_id]
+            job = plan.jobs[job_id]
             # Experts continue their parent's curve: shift each by its ancestors' steps.
-            offset, parent = 0, job.get("init_from")
-            while parent and plan["jobs"][parent]["kind"] == "expert":
-                offset += plan["jobs"][parent]["steps"]
-                parent = plan["jobs"][parent].get("init_from")
-            rows = read_metrics(layout.job(job_id) / "metrics.jsonl")
+            offset, parent = 0, job.init_from
+            while parent and plan.jobs[parent].kind == "expert":
+                offset += plan.jobs[parent].steps
+                parent = plan.jobs[parent].init_from
+            rows = read_metrics(layout.job(job_id).metrics)
             train = [(r["step"] + offset, r["loss"]) for r in rows if "loss" in r]
             val = [
                 (r["step"] + offset, v)
@@ -363,7 +348,7 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
             if not train:
                 continue
             drew = True
-            label = job["size"] if job["kind"] == "seed" else f"{job['size']}/{job['steps']}"
+            label = job.size if job.kind == "seed" else f"{job.size}/{job.steps}"
             # One colour per size/steps, so a configuration's expert reads as one curve
             # continuing through the iterations.
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
@@ -388,37 +373,40 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
 # The report
 
 
-def write_report(run_dir: str | Path, config: ExperimentConfig) -> Path:
+def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
-    layout = RunLayout.of(run_dir)
-    for path, stage in ((layout.plan, "plan"), (layout.evaluation / "results.json", "evaluate")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run the '{stage}' stage first")
-    plan = read_json(layout.plan)
-    results = read_json(layout.evaluation / "results.json")
-    difficulty_path = layout.difficulty / "difficulty.json"
-    difficulty = read_json(difficulty_path) if difficulty_path.is_file() else None
-    out = layout.report
-    out.mkdir(parents=True, exist_ok=True)
+    plan = Plan.read(layout.plan)
+    results = EvaluationResults.read(layout.results)
+    path = layout.difficulty_record
+    difficulty = DifficultyRecord.read(path) if path.is_file() else None
+    layout.report.mkdir(parents=True, exist_ok=True)
 
-    domains = plan["trained_domains"] + plan["held_out_domains"]
+    domains = plan.trained_domains + plan.held_out_domains
     methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
-    plots: dict[str, str] = {}
+    plots: dict[str, str] = {}  # title -> file, relative to the report
+
+    def plot_path(name: str, title: str) -> Path:
+        path = layout.report_plot(name)
+        plots[title] = path.name
+        return path
+
     plot_perplexity(
         final_perplexities(results, methods[0]),
         domains,
-        out / "perplexity.png",
+        plot_path("perplexity", "Test perplexity by domain and configuration"),
         f"Test perplexity ({METHOD_TITLES[methods[0]]})",
     )
-    plots["Test perplexity by domain and configuration"] = "perplexity.png"
-    if plot_posteriors(results, domains, out / "posterior.png"):
-        plots["Mean posterior weight of each expert per domain (uniform prior)"] = "posterior.png"
-    if plot_training_curves(plan, layout, out / "training_curves.png"):
-        plots["Training and validation loss of every job"] = "training_curves.png"
-    if (layout.difficulty / "difficulty.png").is_file():
-        plots["Domain difficulty"] = "../difficulty/difficulty.png"
+    title = "Mean posterior weight of each expert per domain (uniform prior)"
+    if not plot_posteriors(results, domains, plot_path("posterior", title)):
+        del plots[title]
+    title = "Training and validation loss of every job"
+    if not plot_training_curves(plan, layout, plot_path("training_curves", title)):
+        del plots[title]
+    if layout.difficulty_plot.is_file():
+        plots["Domain difficulty"] = str(
+            Path("..") / layout.difficulty_plot.relative_to(layout.report.parent)
+        )
 
     markdown = render_markdown(plan, results, difficulty, config, plots)
-    path = out / "report.md"
-    write_text(path, markdown)
-    return path
+    write_text(layout.report_markdown, markdown)
+    return layout.report_markdown

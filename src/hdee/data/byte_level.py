@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from hdee.data.tokenizer import encode_batch
+
 LETTER, NUMBER, SPACE, OTHER = 0, 1, 2, 3
 _UNSEEN = 254  # table entry for a code point not classified yet
 _UNKNOWN = 255  # the probes disagreed: such a batch goes through the Rust encoder
@@ -246,8 +248,6 @@ class ByteLevelEncoder:
         return ids
 
     def _encode_rust(self, texts: list[str]) -> np.ndarray:
-        from hdee.data.packing import encode_batch  # packing imports this module
-
         return encode_batch(self.backend, texts, self.eos_id)
 
     def _encode_vectorised(self, texts: list[str]) -> np.ndarray | None:

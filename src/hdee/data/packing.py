@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from hdee.data.byte_level import ByteLevelEncoder, is_plain_byte_level_bpe
+from hdee.data.tokenizer import encode_batch
 
 K = TypeVar("K")
 
@@ -31,20 +32,6 @@ BATCH_CHARS = 1 << 20
 POOL_MIN_CHARS = 16 << 20
 
 _worker_encoder: Callable[[list[str]], np.ndarray] | None = None
-
-
-def encode_batch(backend: Any, texts: list[str], eos_id: int) -> np.ndarray:
-    """Token ids of `texts`, each followed by `eos_id`, as one uint32 array."""
-    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
-    out = np.empty(int(lengths.sum()), dtype=np.uint32)
-    ends = np.cumsum(lengths)
-    out[ends - 1] = eos_id
-    start = 0
-    for encoding, end in zip(encodings, ends, strict=True):
-        out[start : end - 1] = encoding.ids
-        start = int(end)
-    return out
 
 
 def batch_encoder(backend: Any, eos_id: int) -> Callable[[list[str]], np.ndarray]:

@@ -44,14 +44,15 @@ from hdee.layout import RunLayout
 PREPARE_VERSION = 1
 
 
-def prepare_data(config: ExperimentConfig, progress: bool = True) -> dict[str, Any]:
+def prepare_data(
+    config: ExperimentConfig, layout: RunLayout, progress: bool = True
+) -> dict[str, Any]:
     """Prepare (or reuse) the tokenizer and the token files of every corpus.
 
     Returns {"tokenizer": {"id", "vocab_size", "eos_token_id", "rebuilt"},
              "corpora": {name: {"status": "rebuilt" | "skipped",
                                 "splits": {split: {"tokens", "documents"}}}}}.
     """
-    layout = RunLayout.of(config.run_dir)
     data = config.data
     corpora = [data.general, *data.domains]
     # Resolving every source first makes a missing path fail before any work is done.

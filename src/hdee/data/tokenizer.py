@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hdee.atomic import atomic_directory, read_json, write_json
 from hdee.config import stable_hash
 from hdee.data import DataError
@@ -130,3 +132,18 @@ def train_bpe(texts: Iterable[str], vocab_size: int, max_bytes: int | None = Non
         texts = _capped(texts, max_bytes)
     backend.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS_TOKEN)
+
+
+def encode_batch(backend: Any, texts: list[str], eos_id: int) -> np.ndarray:
+    """Token ids of `texts`, each followed by `eos_id`, as one uint32 array: the Rust batch
+    encoder of a `tokenizers.Tokenizer` (any tokenizer; byte_level.py is faster for ours)."""
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(texts))
+    out = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    out[ends - 1] = eos_id
+    start = 0
+    for encoding, end in zip(encodings, ends, strict=True):
+        out[start : end - 1] = encoding.ids
+        start = int(end)
+    return out

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from hdee.atomic import read_json
+from hdee.layout import JobLayout
+from hdee.records import JobResult
 
 MAX_RETRIES = 2
 
@@ -65,25 +67,25 @@ def default_workers(gpus_per_job: int) -> int:
     return max(1, cpu_count() // 4)
 
 
-def execute_job(spec_path: str, gpus: int = 0, show_progress: bool = False) -> dict[str, Any]:
+def execute_job(spec_path: str, gpus: int = 0, show_progress: bool = False) -> JobResult:
     """Run one job to completion in this process (or under torchrun for several GPUs).
 
     With `show_progress` the job draws its progress bar here; otherwise (pool workers, Ray
     tasks, --quiet) everything it prints goes to RUN/jobs/<id>/train.log, so concurrent jobs
     never interleave and a finished job's log stays beside its checkpoints.
     """
-    output_dir = Path(read_json(spec_path)["output_dir"])
+    job = JobLayout(Path(read_json(spec_path)["output_dir"]))
     if show_progress:
-        return _execute(spec_path, gpus, output_dir, progress=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "train.log", "a", encoding="utf-8") as log:
+        return _execute(spec_path, gpus, job, progress=True)
+    job.root.mkdir(parents=True, exist_ok=True)
+    with open(job.log, "a", encoding="utf-8") as log:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return _execute(spec_path, gpus, output_dir, progress=True, log=log)
+            return _execute(spec_path, gpus, job, progress=True, log=log)
 
 
 def _execute(
-    spec_path: str, gpus: int, output_dir: Path, progress: bool, log: IO[str] | None = None
-) -> dict[str, Any]:
+    spec_path: str, gpus: int, job: JobLayout, progress: bool, log: IO[str] | None = None
+) -> JobResult:
     if gpus > 1:
         command = [
             sys.executable,
@@ -96,10 +98,12 @@ def _execute(
             spec_path,
         ]
         subprocess.run(command, check=True, stdout=log, stderr=log)
-        return read_json(output_dir / "result.json")
+        return JobResult.read(job.result)
     from hdee.train import TrainSpec, run_training
 
-    return run_training(TrainSpec.model_validate(read_json(spec_path)), progress=progress)
+    result = run_training(TrainSpec.model_validate(read_json(spec_path)), progress=progress)
+    assert result is not None  # no stop_after: the job ran to its end
+    return result
 
 
 def _die_with_parent() -> None:
@@ -138,10 +142,10 @@ def run_jobs(
     tasks: list[JobTask],
     workers: int = 0,
     gpus_per_job: int = 1,
-    on_done: Callable[[str, dict[str, Any]], None] | None = None,
+    on_done: Callable[[str, JobResult], None] | None = None,
     on_start: Callable[[str], None] | None = None,
     progress: bool = False,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, JobResult]:
     """Run every task once its dependencies are done. Returns job id -> result.
 
     `progress`: in-process jobs (workers == 1) draw their progress bar on this terminal; jobs
@@ -155,7 +159,7 @@ def run_jobs(
     gpus = gpu_count()
     per_job_gpus = gpus_per_job if gpus else 0
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, JobResult] = {}
     failed: dict[str, str] = {}
 
     def ready() -> list[JobTask]:

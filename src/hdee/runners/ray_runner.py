@@ -16,12 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from hdee.records import JobResult
 from hdee.runners.local import MAX_RETRIES, JobTask, _raise_if_failed, execute_job
 
 CPUS_PER_CPU_JOB = 4  # as the local runner: on the CPU one job per 4 cores
 
 
-def _train_job(spec_path: str, gpus: int, threads: int) -> dict[str, Any]:
+def _train_job(spec_path: str, gpus: int, threads: int) -> JobResult:
     """The Ray task: one job on a worker, with as many torch threads as it was given cores."""
     import torch
 
@@ -47,8 +48,8 @@ def run_jobs_on_ray(
     gpus_per_job: int = 1,
     cpus_per_job: int | None = None,
     on_start: Callable[[str], None] | None = None,
-    on_done: Callable[[str, dict[str, Any]], None] | None = None,
-) -> dict[str, dict[str, Any]]:
+    on_done: Callable[[str, JobResult], None] | None = None,
+) -> dict[str, JobResult]:
     """Run every task on Ray once its dependencies are done. Returns job id -> result.
 
     `address`: an existing cluster (`ray start --head` prints it); None starts a local Ray
@@ -75,7 +76,7 @@ def run_jobs_on_ray(
         num_cpus=cpus, num_gpus=per_job_gpus, max_retries=MAX_RETRIES, retry_exceptions=False
     )(_train_job)
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, JobResult] = {}
     failed: dict[str, str] = {}
     running: dict[Any, str] = {}  # ObjectRef -> job id
     try:

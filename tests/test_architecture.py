@@ -1,0 +1,99 @@
+"""The shape of the package: imports run one way, and only layout.py names run-directory files.
+
+Read from the source (ast), so the checks hold for lazy imports inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hdee"
+
+# File and directory names inside a run / job directory: only hdee.layout may spell them.
+RUN_DIRECTORY_NAMES = {
+    "final",
+    "result.json",
+    "spec.json",
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "train.log",
+    "plan.json",
+    "results.json",
+    "results.csv",
+    "difficulty.json",
+    "difficulty.png",
+    "report.md",
+    "config.yaml",
+    "run.lock",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def hdee_imports(path: Path) -> set[str]:
+    """Every hdee module `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("hdee"):
+            found.add(node.module)
+            for alias in node.names:  # `from hdee.data import packing` imports a module too
+                candidate = f"{node.module}.{alias.name}"
+                if (PACKAGE.parent / candidate.replace(".", "/")).with_suffix(".py").exists():
+                    found.add(candidate)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("hdee")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    return {name: hdee_imports(path) & set(modules) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == 1:
+                return path[path.index(child) :] + [child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle() -> None:
+    graph = import_graph()
+    assert "hdee.pipeline" in graph and graph["hdee.pipeline"], "the graph was not read"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_layout_names_files_of_a_run_directory() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in RUN_DIRECTORY_NAMES:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert offenders == []
