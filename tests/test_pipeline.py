@@ -17,7 +17,7 @@ from hdee.cli import main
 from hdee.config import parse_config
 from hdee.layout import RunLayout
 from hdee.pipeline import RunError, run_experiment, run_lock, select_stages
-from hdee.records import Plan
+from hdee.records import Plan, RecordError
 
 
 def small_run(tmp_path: Path) -> dict[str, Any]:
@@ -155,7 +155,7 @@ def test_resume_between_and_inside_jobs(tmp_path: Path):
 
 def test_from_a_stage_whose_inputs_are_missing(tmp_path: Path):
     config = parse_config(small_run(tmp_path))
-    with pytest.raises(RunError, match="plan.json is missing"):
+    with pytest.raises(RecordError, match="plan.json is missing"):
         run_experiment(config, start="experts", progress=False)
 
 

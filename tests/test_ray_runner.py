@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray", reason="the Ray runner needs ray: pip install '
 from conftest import tiny_run_config  # noqa: E402
 from hdee.atomic import read_json, write_json  # noqa: E402
 from hdee.cli import main  # noqa: E402
+from hdee.records import JobResult  # noqa: E402
 from hdee.runners.local import JobFailed, JobTask  # noqa: E402
 from hdee.runners.ray_runner import run_jobs_on_ray  # noqa: E402
 from train_helpers import tiny_spec  # noqa: E402
@@ -72,8 +73,8 @@ def test_dependencies_and_concurrency(tmp_path: Path) -> None:
         on_done=lambda j, _: events.append(("done", j)),
     )
     assert set(results) == {"a", "b", "c"}
-    assert results["a"]["steps"] == 100 and results["c"]["steps"] == 8
-    assert results["c"] == read_json(tmp_path / "c" / "result.json")
+    assert results["a"].steps == 100 and results["c"].steps == 8
+    assert results["c"] == JobResult.read(tmp_path / "c" / "result.json")
     # The independent seeds trained at the same time, on their own workers.
     (a0, a1), (b0, b1), (c0, _) = (span(tmp_path / n) for n in "abc")
     assert a0 < b1 and b0 < a1
