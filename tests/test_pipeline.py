@@ -168,6 +168,26 @@ def test_lock_stops_a_second_run(tmp_path: Path):
             run_experiment(config, until="prepare", progress=False)
 
 
+def test_the_prepare_stage_ends_with_its_table(tmp_path: Path):
+    import io
+
+    from rich.console import Console
+
+    from hdee.data.tokens import read_manifest
+
+    config = parse_config(small_run(tmp_path))
+    console = Console(file=io.StringIO(), width=40)  # a log file, narrower than the table
+    layout = run_experiment(config, until="prepare", progress=False, console=console)
+    lines = console.file.getvalue().splitlines()
+    assert lines[0] == "== prepare =="
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("d", "general"))}
+    assert sorted(rows) == ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "general"]
+    for name, row in rows.items():
+        manifest = read_manifest(layout.tokens(name, "test"))
+        assert row[1] == "rebuilt"
+        assert row[-2:] == [f"{manifest['num_documents']:,}", f"{manifest['num_tokens']:,}"]
+
+
 def test_stage_selection():
     assert select_stages() == [
         "prepare",

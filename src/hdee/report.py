@@ -14,8 +14,8 @@ from typing import Any
 
 from hdee.atomic import atomic_path, read_json, write_text
 from hdee.config import ExperimentConfig
+from hdee.formatting import si
 from hdee.layout import RunLayout
-from hdee.plan import si
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
