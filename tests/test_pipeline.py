@@ -300,8 +300,8 @@ def test_plan_before_prepare_with_an_unloadable_tokenizer(tmp_path: Path, capsys
 @pytest.mark.parametrize(
     "modules",
     [
-        "hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir",  # hdee prepare
-        "hdee.cli, hdee.pipeline, hdee.plan, hdee.shapes",  # hdee plan
+        "hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir, hdee.show",  # hdee prepare
+        "hdee.cli, hdee.pipeline, hdee.plan, hdee.shapes, hdee.show",  # hdee plan
     ],
 )
 def test_prepare_and_plan_start_without_torch(modules: str):
