@@ -69,7 +69,11 @@ def local(name: str, *paths: str, **extra: Any) -> dict[str, Any]:
 
 
 def make_config(root: Path, **data: Any):
-    raw = {
+    return parse_config(make_raw(**data), base_dir=root)
+
+
+def make_raw(**data: Any) -> dict[str, Any]:
+    return {
         "run_dir": "run",
         "seed": 0,
         "data": {
@@ -85,7 +89,6 @@ def make_config(root: Path, **data: Any):
             **data,
         },
     }
-    return parse_config(raw, base_dir=root)
 
 
 def split_documents(tokens: np.ndarray, eos: int, tokenizer: Any) -> list[str]:
@@ -417,3 +420,47 @@ def test_hf_revision_and_data_files_reach_load_dataset(monkeypatch):
     assert args[0] == "someone/corpus"
     assert kwargs["revision"] == "abc123"
     assert kwargs["data_files"] == "en/part-*.json.gz"
+
+
+def test_hdee_prepare_ends_with_documents_and_tokens_per_corpus_and_split(
+    tmp_path: Path, corpus, capsys
+):
+    import yaml
+
+    from hdee.cli import main
+
+    config_path = tmp_path / "experiment.yaml"
+    config_path.write_text(yaml.safe_dump(make_raw()))
+    layout = RunLayout.of(tmp_path / "run")
+
+    def table() -> dict[str, list[str]]:
+        # Piped (not a terminal): plain rows, "corpus status train docs train tokens ...".
+        lines = capsys.readouterr().out.splitlines()
+        header = lines.index(next(line for line in lines if line.startswith("corpus ")))
+        assert lines[header].split() == ["corpus", "status"] + [
+            word for split in SPLITS for word in (split, "docs", split, "tokens")
+        ]
+        return {line.split()[0]: line.split()[1:] for line in lines[header + 1 :]}
+
+    assert main(["prepare", str(config_path), "--quiet"]) == 0
+    rows = table()
+    assert list(rows) == [*corpus, "total"]
+    totals = [0] * 6
+    for name in corpus:
+        status, *counts = rows[name]
+        assert status == "rebuilt"
+        expected = []
+        for split in SPLITS:
+            manifest = read_manifest(layout.tokens(name, split))
+            expected += [manifest["num_documents"], manifest["num_tokens"]]
+        assert [int(c.replace(",", "")) for c in counts] == expected
+        totals = [t + e for t, e in zip(totals, expected, strict=True)]
+    assert [int(c.replace(",", "")) for c in rows["total"]] == totals
+    assert totals[0] + totals[2] + totals[4] == sum(len(docs) for docs in corpus.values())
+
+    assert main(["prepare", str(config_path), "--quiet"]) == 0
+    again = table()
+    assert {name: row[0] for name, row in again.items() if name != "total"} == dict.fromkeys(
+        corpus, "skipped"
+    )
+    assert again["total"] == rows["total"]

@@ -166,6 +166,26 @@ def test_lock_stops_a_second_run(tmp_path: Path):
             run_experiment(config, until="prepare", progress=False)
 
 
+def test_the_prepare_stage_ends_with_its_table(tmp_path: Path):
+    import io
+
+    from rich.console import Console
+
+    from hdee.data.tokens import read_manifest
+
+    config = parse_config(small_run(tmp_path))
+    console = Console(file=io.StringIO(), width=40)  # a log file, narrower than the table
+    layout = run_experiment(config, until="prepare", progress=False, console=console)
+    lines = console.file.getvalue().splitlines()
+    assert lines[0] == "== prepare =="
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("d", "general"))}
+    assert sorted(rows) == ["d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "general"]
+    for name, row in rows.items():
+        manifest = read_manifest(layout.tokens(name, "test"))
+        assert row[1] == "rebuilt"
+        assert row[-2:] == [f"{manifest['num_documents']:,}", f"{manifest['num_tokens']:,}"]
+
+
 def test_stage_selection():
     assert select_stages() == [
         "prepare",
@@ -278,8 +298,8 @@ def test_plan_before_prepare_with_an_unloadable_tokenizer(tmp_path: Path, capsys
 @pytest.mark.parametrize(
     "modules",
     [
-        "hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir",  # hdee prepare
-        "hdee.cli, hdee.pipeline, hdee.plan, hdee.shapes",  # hdee plan
+        "hdee.cli, hdee.data.prepare, hdee.layout, hdee.rundir, hdee.show",  # hdee prepare
+        "hdee.cli, hdee.pipeline, hdee.plan, hdee.shapes, hdee.show",  # hdee plan
     ],
 )
 def test_prepare_and_plan_start_without_torch(modules: str):

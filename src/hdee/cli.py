@@ -27,7 +27,15 @@ examples:
   hdee run configs/tiny.yaml --until seeds
   hdee evaluate runs/tiny && hdee report runs/tiny
   hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
+
+environment:
+  HDEE_PROGRESS=auto|1|plain|0   progress: a live bar on a terminal and plain lines otherwise
+                                 (auto, the default), always a bar (1), always plain lines
+                                 (plain), none (0; a command's --quiet is the same)
+  HDEE_DEBUG=1                   show the traceback of an error too
 """
+
+QUIET_HELP = "no progress bars or lines (the same as HDEE_PROGRESS=0)"
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, Any]:
@@ -58,21 +66,25 @@ def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfi
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from hdee.console import stdout_console
     from hdee.data.prepare import prepare_data
     from hdee.rundir import run_lock, save_resolved_config
+    from hdee.show import print_prepared
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
     with run_lock(layout):
         save_resolved_config(config, layout)
-        prepare_data(config, layout, progress=not args.quiet)
+        summary = prepare_data(config, layout, progress=not args.quiet)
+    statuses = {name: entry["status"] for name, entry in summary["corpora"].items()}
+    print_prepared(config, layout, statuses, stdout_console())
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from rich.console import Console
-
+    from hdee.console import stdout_console
     from hdee.pipeline import current_classes, training_manifests
-    from hdee.plan import build_plan, print_plan
+    from hdee.plan import build_plan
+    from hdee.show import print_plan
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
@@ -83,8 +95,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
         classes=current_classes(layout),
         manifests=training_manifests(config, layout),
     )
-    console = Console()
-    print_plan(plan, console, layout)
+    print_plan(plan, stdout_console(), layout)
     if args.json:
         print(plan.model_dump_json(indent=2))
 
@@ -219,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("prepare", "Tokenize, split and pack the general corpus and every domain.", cmd_prepare)
     add_config(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = add("plan", "Print the jobs, lanes and compute budgets of an experiment.", cmd_plan)
     add_config(p)
@@ -258,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
     p.add_argument("--address", help="Ray cluster address (with --runner ray)")
     p.add_argument("--workers", type=int, help="concurrent jobs (0: automatic)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = add(
         "evaluate",
@@ -272,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override an evaluation key, e.g. --set evaluation.posterior=updating",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = add("report", "Write the Markdown report, CSV and plots of a run.", cmd_report)
     p.add_argument("run", help="run directory")
@@ -313,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="a smaller variant (about 2 minutes)")
     p.add_argument("--run-dir", help="where to put it (default: runs/demo or runs/demo-quick)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     return parser
 
 
@@ -349,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     try:
+        from hdee.console import progress_setting
+
+        progress_setting()  # a mistyped HDEE_PROGRESS fails now, not after hours of work
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

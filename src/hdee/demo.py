@@ -14,6 +14,7 @@ from rich.console import Console
 
 from hdee.atomic import read_json, write_text
 from hdee.config import parse_config
+from hdee.console import section, stderr_console
 from hdee.demo_corpus import demo_config as corpus_config
 from hdee.demo_corpus import gather_demo_corpus
 from hdee.layout import RunLayout
@@ -31,7 +32,7 @@ def run_demo(
     console: Console | None = None,
 ) -> RunLayout:
     """Gather the corpus (once), write RUN/demo.yaml, and run (or resume) the experiment."""
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     run_dir = (run_dir or default_run_dir(quick)).resolve()
     corpus_dir = run_dir / "corpus"
     config_path = run_dir / "demo.yaml"
@@ -44,7 +45,7 @@ def run_demo(
         and read_json(description).get("quick") == quick
     )
     if not reuse:
-        console.rule("[bold]demo corpus")
+        section("demo corpus", console)
         corpus = gather_demo_corpus(corpus_dir, quick=quick)
         console.print(corpus.summary())
         write_text(

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from hdee.atomic import atomic_directory, write_json
+from hdee.console import warn
 
+# Only for debug detail (a skipped file); what a person should read goes through console.warn.
 log = logging.getLogger(__name__)
 
 # Where the sources live. Module-level so tests (and unusual machines) can point them elsewhere.
@@ -790,7 +792,7 @@ def gather_demo_corpus(
         docs = gatherer.take(spec.name, spec.read(gatherer.doc_bytes), budget)
         if len(docs) < 10:  # too few to split 80/10/10 by document: as good as missing
             missing.append(_missing(spec, found=len(docs)))
-            log.warning(missing[-1].message)
+            warn(missing[-1].message)
             continue
         gathered.append(spec)
         docs_of[spec.name] = docs

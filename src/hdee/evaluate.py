@@ -11,7 +11,6 @@ the test windows it then scored). Output schema: docs/evaluation.md.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -22,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import (
@@ -168,7 +167,7 @@ class _LogProbCache:
             self._loaded[key] = cached
         return self._loaded[key]
 
-    def fill(self, needed: list[tuple[str, str, str]], progress: Progress | None) -> None:
+    def fill(self, needed: list[tuple[str, str, str]], progress: bool) -> None:
         """Compute every missing (job, domain, split), grouped by job so each model loads once."""
         missing: dict[str, list[tuple[str, str]]] = {}
         for job_id, domain, split in needed:
@@ -176,27 +175,25 @@ class _LogProbCache:
             if read_cached_log_probs(path, self.metadata(job_id, domain, split)) is None:
                 missing.setdefault(job_id, []).append((domain, split))
         total = sum(self.windows(d, s)[1] for pairs in missing.values() for d, s in pairs)
-        task = progress.add_task("label log-probs", total=total) if progress else None
         batch_size = self.config.evaluation.batch_size
-        for job_id, pairs in missing.items():
-            model = load_expert(self.layout.job(job_id).final, self.device)
-            for domain, split in pairs:
-                tokens, count, _ = self.windows(domain, split)
-                if progress is not None and task is not None:
-                    progress.update(task, description=f"{job_id} {domain}/{split}")
-                log_probs = window_log_probs(
-                    model, tokens, self.seq_len, batch_size, self.max_windows(split)
-                )
-                write_cached_log_probs(
-                    self.layout.label_logprobs(job_id, domain, split),
-                    log_probs,
-                    self.metadata(job_id, domain, split),
-                )
-                if progress is not None and task is not None:
-                    progress.advance(task, count)
-            del model
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        with progress_bar("label log-probs", total=total, unit="windows", enabled=progress) as bar:
+            for job_id, pairs in missing.items():
+                model = load_expert(self.layout.job(job_id).final, self.device)
+                for domain, split in pairs:
+                    tokens, count, _ = self.windows(domain, split)
+                    bar.update(description=f"{job_id} {domain}/{split}")
+                    log_probs = window_log_probs(
+                        model, tokens, self.seq_len, batch_size, self.max_windows(split)
+                    )
+                    write_cached_log_probs(
+                        self.layout.label_logprobs(job_id, domain, split),
+                        log_probs,
+                        self.metadata(job_id, domain, split),
+                    )
+                    bar.update(advance=count)
+                del model
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +275,7 @@ def evaluate_run(
             for split in splits
         )
     )
-    with _progress(progress) as bar:
-        cache.fill(needed, bar)
+    cache.fill(needed, progress)
 
     results = EvaluationResults(
         posterior=settings.posterior,
@@ -329,21 +325,6 @@ def evaluate_run(
     results.write(layout.results)
     write_text(layout.results_csv, results_csv(results))
     return results
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Progress | None]:
-    if not enabled:
-        yield None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeElapsedColumn(),
-    ) as bar:
-        yield bar
 
 
 def results_rows(results: EvaluationResults) -> Iterator[dict[str, Any]]:

@@ -17,8 +17,10 @@ from rich.console import Console
 
 from hdee.atomic import read_json, write_json
 from hdee.config import STAGES, ExperimentConfig, TrainingConfig
+from hdee.console import print_table, section, status, stderr_console
+from hdee.console import progress as progress_bar
 from hdee.layout import RunLayout
-from hdee.plan import build_plan, print_plan
+from hdee.plan import build_plan
 from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.local import JobTask, run_jobs
@@ -93,45 +95,51 @@ def run_training_jobs(
         # Dependencies outside this batch (a seed, for the first expert) are already finished.
         tasks.append(JobTask(job.job_id, spec_path, [d for d in job.depends_on if d in job_ids]))
     done = sum(layout.job(job.job_id).is_done() for job in jobs)
-    console.print(f"[bold]{label}[/]: {len(jobs)} job(s), {done} already finished")
+    status(f"[bold]{label}[/]: {len(jobs)} job(s), {done} already finished", console)
     started: dict[str, float] = {}
     finished = [done]
+    # The bar counts finished jobs (ETA from their pace); an in-process job's own bar shows
+    # below it. Start and done lines stay in the scrollback (and in a log without a terminal).
+    with progress_bar(label, total=len(jobs), completed=done, unit="jobs", enabled=progress) as bar:
 
-    def on_start(job_id: str) -> None:
-        started[job_id] = time.time()
-        if not layout.job(job_id).is_done():
-            console.print(f"  start  {job_id}")
+        def on_start(job_id: str) -> None:
+            started[job_id] = time.time()
+            if not layout.job(job_id).is_done():
+                status(f"  start  {job_id}", console)
 
-    def on_done(job_id: str, result: JobResult) -> None:
-        seconds = time.time() - started.get(job_id, time.time())
-        if seconds > 0.5:  # a job that only returned its stored result is not news
-            finished[0] += 1
-            vals = ", ".join(
-                f"{name} ppl {score.perplexity:.2f}" for name, score in result.validation.items()
+        def on_done(job_id: str, result: JobResult) -> None:
+            seconds = time.time() - started.get(job_id, time.time())
+            if seconds > 0.5:  # a job that only returned its stored result is not news
+                finished[0] += 1
+                vals = ", ".join(
+                    f"{name} ppl {score.perplexity:.2f}"
+                    for name, score in result.validation.items()
+                )
+                status(
+                    f"  done   [{finished[0]}/{len(jobs)}] {job_id} in {seconds:.0f}s ({vals})",
+                    console,
+                )
+                bar.update(finished[0])
+
+        if config.runner.kind == "ray":
+            from hdee.runners.ray_runner import run_jobs_on_ray
+
+            return run_jobs_on_ray(
+                tasks,
+                address=config.runner.address,
+                gpus_per_job=config.runner.gpus_per_job,
+                cpus_per_job=config.runner.cpus_per_job,
+                on_start=on_start,
+                on_done=on_done,
             )
-            console.print(
-                f"  done   [{finished[0]}/{len(jobs)}] {job_id} in {seconds:.0f}s ({vals})"
-            )
-
-    if config.runner.kind == "ray":
-        from hdee.runners.ray_runner import run_jobs_on_ray
-
-        return run_jobs_on_ray(
+        return run_jobs(
             tasks,
-            address=config.runner.address,
+            workers=config.runner.workers,
             gpus_per_job=config.runner.gpus_per_job,
-            cpus_per_job=config.runner.cpus_per_job,
             on_start=on_start,
             on_done=on_done,
+            progress=progress,
         )
-    return run_jobs(
-        tasks,
-        workers=config.runner.workers,
-        gpus_per_job=config.runner.gpus_per_job,
-        on_start=on_start,
-        on_done=on_done,
-        progress=progress,
-    )
 
 
 def write_stage_specs(
@@ -174,8 +182,11 @@ def stage_prepare(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
     from hdee.data.prepare import prepare_data
+    from hdee.show import print_prepared
 
-    prepare_data(config, layout, progress=progress)
+    summary = prepare_data(config, layout, progress=progress)
+    statuses = {name: entry["status"] for name, entry in summary["corpora"].items()}
+    print_prepared(config, layout, statuses, console)
 
 
 def stage_seeds(
@@ -196,10 +207,21 @@ def stage_difficulty(
         raise RunError(f"seed(s) {missing} are not trained yet: run the 'seeds' stage first")
     seed_dirs = {size: layout.job(job_id).final for size, job_id in plan.seeds.items()}
     record = measure_difficulty(config, layout, seed_dirs)
-    console.print("[bold]difficulty[/] (seed validation perplexity):")
-    for domain in record.ranking:
-        cls = record.classes.get(domain) or f"held-out ({record.held_out_classes[domain]})"
-        console.print(f"  {record.perplexity[domain]:10.2f}  {domain:24s} {cls}")
+    rows = [
+        [
+            f"{record.perplexity[domain]:.2f}",
+            domain,
+            record.classes.get(domain) or f"held-out ({record.held_out_classes[domain]})",
+        ]
+        for domain in record.ranking
+    ]
+    print_table(
+        ["perplexity", "domain", "class"],
+        rows,
+        title="difficulty (seed validation perplexity)",
+        right={"perplexity"},
+        console=console,
+    )
 
 
 def stage_plan(
@@ -209,6 +231,8 @@ def stage_plan(
         raise RunError("difficulty classes are missing: run the 'difficulty' stage first")
     plan = make_plan(config, layout)
     plan.write(layout.plan)
+    from hdee.show import print_plan
+
     print_plan(plan, console, layout)
 
 
@@ -233,7 +257,7 @@ def stage_report(
     from hdee.report import write_report
 
     path = write_report(config, layout)
-    console.print(f"[bold]report[/]: {path}")
+    status(f"[bold]report[/]: {path}", console)
 
 
 STAGE_FUNCTIONS = {
@@ -266,14 +290,14 @@ def run_experiment(
     console: Console | None = None,
 ) -> RunLayout:
     """Run (or resume) the stages from `start` to `until` inclusive."""
-    console = console or Console(stderr=True)
+    console = console or stderr_console()
     layout = RunLayout.of(config.run_dir)
     stages = select_stages(start, until)
     with run_lock(layout):
         save_resolved_config(config, layout)
         for stage in stages:
             began = time.time()
-            console.rule(f"[bold]{stage}")
+            section(stage, console)
             STAGE_FUNCTIONS[stage](config, layout, console, progress)
-            console.print(f"[dim]{stage} took {time.time() - began:.1f}s[/]")
+            status(f"[dim]{stage} took {time.time() - began:.1f}s[/]", console)
     return layout

@@ -1,7 +1,8 @@
 """The planner: lanes, iterations, configurations and compute budgets -> a job graph.
 
 Pure arithmetic over the config, the difficulty classes and the model shapes: nothing here
-trains or reads token files, so `hdee plan` can print everything before anything runs.
+trains or reads token files, so `hdee plan` can print everything before anything runs
+(show.py prints it).
 
 Budgets. A configuration trains, in each of `iterations` BTM iterations, one expert per lane
 (difficulty class). Its cost is the sum over those expert jobs of
@@ -345,81 +346,3 @@ def build_plan(
                 ensemble[lane] = previous[lane] = job_id
             c.ensembles.append(ensemble)
     return plan
-
-
-# ----------------------------------------------------------------------------------------------
-# Showing a plan (what `hdee plan` prints)
-
-
-def si(value: float) -> str:
-    """A count with an SI prefix, e.g. 429P (FLOPs) or 11.1M (|FFN| x steps)."""
-    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
-def print_plan(plan: Plan, console: Any, layout: Any | None = None) -> None:
-    """Tables of configurations (budgets) and jobs; job status when a run directory is given."""
-    from rich.table import Table
-
-    if plan.provisional:
-        console.print(
-            "[yellow]Provisional plan:[/] domains are assigned to lanes after the seeds rank "
-            "them (stage 'difficulty'); budgets and seeds below are final."
-        )
-    table = Table(title="Configurations (budget of all expert jobs)")
-    for column in (
-        "configuration",
-        *[f"{lane} size/steps" for lane in plan.lanes],
-        "|FFN| x steps",
-        "train FLOPs",
-        "vs baseline (proxy / FLOPs)",
-    ):
-        table.add_column(column)
-    for name, c in plan.configurations.items():
-        gap = (
-            f"{plan.relative_budget_gap(name, 'proxy'):+.2%} / "
-            f"{plan.relative_budget_gap(name, 'flops'):+.2%}"
-        )
-        table.add_row(
-            name + (" (baseline)" if name == plan.baseline else ""),
-            *[f"{c.sizes[lane]} / {c.steps[lane]}" for lane in plan.lanes],
-            si(c.budget.proxy),
-            si(c.budget.flops),
-            gap,
-        )
-    console.print(table)
-    console.print(
-        f"Seeds ({', '.join(plan.seeds)}), not in the expert budget: "
-        f"|FFN| x steps {si(plan.seed_budget.proxy)}, train FLOPs {si(plan.seed_budget.flops)}"
-    )
-    jobs = Table(title=f"Jobs ({len(plan.jobs)} unique)")
-    for column in (
-        "job",
-        "kind",
-        "size",
-        "steps",
-        "domain",
-        "lane",
-        "iter",
-        "branches from",
-        "status",
-    ):
-        jobs.add_column(column)
-    for job in plan.jobs.values():
-        status = ""
-        if layout is not None:
-            status = layout.job(job.job_id).status()
-        jobs.add_row(
-            job.job_id,
-            job.kind,
-            job.size,
-            str(job.steps),
-            job.domain,
-            job.lane or "",
-            str(job.iteration or ""),
-            job.init_from or "",
-            status,
-        )
-    console.print(jobs)

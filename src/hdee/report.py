@@ -13,9 +13,9 @@ from typing import Any
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
-from hdee.plan import si
 from hdee.records import DifficultyRecord, EvaluationResults, Plan
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.

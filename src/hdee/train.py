@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +49,8 @@ from hdee.checkpoint import (
     set_rng_state,
 )
 from hdee.config import TrainingConfig
+from hdee.console import progress as progress_bar
+from hdee.console import warn
 from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, read_manifest
 from hdee.layout import JobLayout
@@ -361,7 +362,7 @@ def _resume(
         try:
             model, state, optimizer_state = load_checkpoint(directory, runtime.device, attn)
         except ValueError as error:
-            warnings.warn(f"skipping unreadable checkpoint: {error}", stacklevel=2)
+            warn(f"skipping unreadable checkpoint: {error}")
             continue
         set_rng_state(state.get("rng", {"torch": torch.get_rng_state().tolist()}))
         return model, state, optimizer_state
@@ -443,14 +444,15 @@ def train_steps(
     """Optimizer steps from `job.start_step` to the end (or to `stop_after`), with logging,
     validation every `eval_every` steps and a checkpoint every `checkpoint_every` steps."""
     tc, runtime, spec = job.training, job.runtime, job.spec
-    show_bar = progress and runtime.is_main and sys.stdout.isatty()
-    # Without a terminal (a runner's log file) print a plain line about 20 times per job.
-    plain_every = max(1, tc.steps // 20 // LOG_EVERY) * LOG_EVERY
-    plain_lines = progress and runtime.is_main and not show_bar
-    bar = _progress_bar(show_bar, tc.steps, job.start_step, f"{spec.kind} {job.layout.root.name}")
     outcome = LoopOutcome(job.start_step, job.resumed.get("last_loss"), None)
     window_start, window_tokens = time.perf_counter(), 0
-    with bar:
+    with progress_bar(
+        f"{spec.kind} {job.layout.root.name}",
+        total=tc.steps,
+        completed=job.start_step,
+        unit="steps",
+        enabled=progress and runtime.is_main,
+    ) as bar:
         for step in range(job.start_step, tc.steps):
             lr = lr_at(step, tc)
             loss_sum, grad_norm = _optimizer_step(job, step, lr)  # tensors: no device sync
@@ -473,17 +475,12 @@ def train_steps(
                     row["grad_norm"] = float(grad_norm)
                 metrics.log(row)
                 bar.update(
-                    bar.task_ids[0], loss=f"{outcome.last_loss:.4f}", tps=f"{tokens_per_s:,.0f}"
+                    loss=f"{outcome.last_loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_per_s=f"{tokens_per_s:,.0f}",
                 )
-                if plain_lines and (done % plain_every == 0 or done == tc.steps):
-                    eta = (tc.steps - done) * job.tokens_per_step / max(tokens_per_s, 1e-9)
-                    print(
-                        f"[hdee.train] step {done}/{tc.steps} loss {outcome.last_loss:.4f} "
-                        f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s ETA {eta:,.0f}s",
-                        flush=True,
-                    )
                 window_start, window_tokens = now, 0
-            bar.update(bar.task_ids[0], completed=done)
+            bar.update(done)
 
             paused = False
             if job.validation and (done % tc.eval_every == 0 or done == tc.steps):
@@ -560,29 +557,6 @@ def _save_step_checkpoint(job: Job, step: int, lr: float, last_loss: float | Non
     }
     save_checkpoint(job.layout.checkpoint(step), job.raw_model, job.optimizer, state)
     prune_checkpoints(job.layout, job.training.keep_checkpoints)
-
-
-def _progress_bar(enabled: bool, total: int, start: int, description: str) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("{task.fields[tps]} tok/s"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-    bar.add_task(description, total=total, completed=start, loss="-", tps="-")
-    return bar
 
 
 # ----------------------------------------------------------------------------------------------

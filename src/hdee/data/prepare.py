@@ -11,15 +11,14 @@ all of them were written and checked; on an error nothing half-written stays beh
 
 from __future__ import annotations
 
-import os
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 from hdee.config import Corpus, ExperimentConfig, stable_hash
+from hdee.console import Bar, status
+from hdee.console import progress as progress_bar
 from hdee.data import DataError
 from hdee.data.packing import Encoder, batch_by_key
 from hdee.data.sources import (
@@ -59,71 +58,71 @@ def prepare_data(
     states = {corpus.name: source_state(corpus) for corpus in corpora}
     ratios = {corpus.name: normalise(_ratios_of(corpus, config)) for corpus in corpora}
 
-    with _Reporter(progress) as reporter:
-        tokenizer, tok_info, tok_rebuilt = _ensure_tokenizer(
-            config, layout, corpora, states, ratios, reporter
-        )
-        tok_id = tok_info["tokenizer_id"]
-        summary: dict[str, Any] = {
-            "tokenizer": {
-                "id": tok_id,
-                "vocab_size": len(tokenizer),
-                "eos_token_id": tokenizer.eos_token_id,
-                "rebuilt": tok_rebuilt,
-            },
-            "corpora": {},
-        }
-        base_manifest = {
+    tokenizer, tok_info, tok_rebuilt = _ensure_tokenizer(
+        config, layout, corpora, states, ratios, progress
+    )
+    tok_id = tok_info["tokenizer_id"]
+    summary: dict[str, Any] = {
+        "tokenizer": {
+            "id": tok_id,
             "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
-            "tokenizer_id": tok_id,
-        }
-        fingerprints = {
-            corpus.name: stable_hash(
-                {
-                    "version": PREPARE_VERSION,
-                    "source": states[corpus.name],
-                    "ratios": ratios[corpus.name],
-                    "seed": config.seed,
-                    "tokenizer_id": tok_id,
-                }
-            )
-            for corpus in corpora
-        }
-        existing = {
-            corpus.name: _existing_manifests(layout, corpus.name, fingerprints[corpus.name], tok_id)
-            for corpus in corpora
-        }
-        to_build = [corpus for corpus in corpora if existing[corpus.name] is None]
-        expected = sum(_local_bytes(states[corpus.name], corpus) for corpus in to_build)
-        with Encoder(
-            layout.tokenizer, tokenizer.eos_token_id, data.num_workers, expected_chars=expected
-        ) as encoder:
-            for corpus in corpora:
-                manifests = existing[corpus.name]
-                if manifests is not None:
-                    _check_sizes(corpus, manifests, data.seq_len, ratios[corpus.name])
-                    status = "skipped"
-                    reporter.note(f"{corpus.name}: up to date, skipped")
-                else:
-                    status = "rebuilt"
-                    manifests = _build_corpus(
-                        corpus,
-                        layout,
-                        encoder,
-                        reporter,
-                        config.seed,
-                        ratios[corpus.name],
-                        data.seq_len,
-                        {**base_manifest, "source_fingerprint": fingerprints[corpus.name]},
-                    )
-                summary["corpora"][corpus.name] = {
-                    "status": status,
-                    "splits": {
-                        split: {"tokens": m["num_tokens"], "documents": m["num_documents"]}
-                        for split, m in manifests.items()
-                    },
-                }
+            "rebuilt": tok_rebuilt,
+        },
+        "corpora": {},
+    }
+    base_manifest = {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_id": tok_id,
+    }
+    fingerprints = {
+        corpus.name: stable_hash(
+            {
+                "version": PREPARE_VERSION,
+                "source": states[corpus.name],
+                "ratios": ratios[corpus.name],
+                "seed": config.seed,
+                "tokenizer_id": tok_id,
+            }
+        )
+        for corpus in corpora
+    }
+    existing = {
+        corpus.name: _existing_manifests(layout, corpus.name, fingerprints[corpus.name], tok_id)
+        for corpus in corpora
+    }
+    to_build = [corpus for corpus in corpora if existing[corpus.name] is None]
+    expected = sum(_local_bytes(states[corpus.name], corpus) for corpus in to_build)
+    with Encoder(
+        layout.tokenizer, tokenizer.eos_token_id, data.num_workers, expected_chars=expected
+    ) as encoder:
+        for corpus in corpora:
+            manifests = existing[corpus.name]
+            if manifests is not None:
+                _check_sizes(corpus, manifests, data.seq_len, ratios[corpus.name])
+                outcome = "skipped"
+                if progress:
+                    status(f"{corpus.name}: up to date, skipped")
+            else:
+                outcome = "rebuilt"
+                manifests = _build_corpus(
+                    corpus,
+                    layout,
+                    encoder,
+                    progress,
+                    config.seed,
+                    ratios[corpus.name],
+                    data.seq_len,
+                    {**base_manifest, "source_fingerprint": fingerprints[corpus.name]},
+                )
+            summary["corpora"][corpus.name] = {
+                "status": outcome,
+                "splits": {
+                    split: {"tokens": m["num_tokens"], "documents": m["num_documents"]}
+                    for split, m in manifests.items()
+                },
+            }
     return summary
 
 
@@ -173,7 +172,7 @@ def _ensure_tokenizer(
     corpora: list[Corpus],
     states: dict[str, Any],
     ratios: dict[str, tuple[float, float, float]],
-    reporter: _Reporter,
+    show_progress: bool,
 ) -> tuple[Any, dict[str, Any], bool]:
     settings = config.data.tokenizer
     if settings.kind == "bpe":
@@ -199,7 +198,7 @@ def _ensure_tokenizer(
 
     if settings.kind == "bpe":
         share = max(1, settings.train_max_bytes // len(corpora))
-        with reporter.task("tokenizer: training BPE") as count:
+        with _counting("tokenizer: training BPE", show_progress) as count:
             texts = (
                 text
                 for corpus in corpora
@@ -214,8 +213,8 @@ def _ensure_tokenizer(
     # The saved directory is what every later stage loads; use exactly that.
     loaded = load_tokenizer(layout.tokenizer)
     rebuilt = old is None or old.get("tokenizer_id") != info["tokenizer_id"]
-    if not rebuilt:
-        reporter.note("tokenizer: retrained, identical to the previous one")
+    if not rebuilt and show_progress:
+        status("tokenizer: retrained, identical to the previous one")
     return loaded, info, rebuilt
 
 
@@ -293,7 +292,7 @@ def _build_corpus(
     corpus: Corpus,
     layout: RunLayout,
     encoder: Encoder,
-    reporter: _Reporter,
+    show_progress: bool,
     seed: int,
     ratios: tuple[float, float, float],
     seq_len: int,
@@ -309,7 +308,7 @@ def _build_corpus(
     }
     documents = dict.fromkeys(SPLIT_NAMES, 0)
     try:
-        with reporter.task(f"{corpus.name}: tokenizing") as count:
+        with _counting(f"{corpus.name}: tokenizing", show_progress) as count:
             items = ((split, doc.text) for split, doc in routed_documents(corpus, ratios, seed))
             for split, ids, n in encoder.encode_stream(batch_by_key(items, on_item=count)):
                 writers[split].write(ids)
@@ -346,67 +345,29 @@ def _build_corpus(
 
 
 class _Counter:
-    """Counts documents and bytes as they are read, and shows them."""
+    """Counts the documents and bytes read into one progress bar (documents, MB so far)."""
 
-    def __init__(self, progress: Progress | None, task: Any) -> None:
-        self.progress = progress
-        self.task = task
+    def __init__(self, bar: Bar) -> None:
+        self.bar = bar
         self.documents = 0
         self.chars = 0
 
     def __call__(self, text: str) -> None:
         self.documents += 1
         self.chars += len(text)
-        # Redrawing per document would cost more than tokenizing small ones.
-        if self.progress is not None and self.documents % 256 == 0:
-            self.refresh()
+        # Updating per document would cost more than tokenizing small ones.
+        if self.documents % 256 == 0:
+            self.flush()
 
-    def refresh(self) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, docs=self.documents, mb=self.chars / 1e6)
-
-
-class _Task:
-    def __init__(self, counter: _Counter) -> None:
-        self.counter = counter
-
-    def __enter__(self) -> _Counter:
-        return self.counter
-
-    def __exit__(self, *exc: object) -> None:
-        self.counter.refresh()
-        if self.counter.progress is not None:
-            self.counter.progress.stop_task(self.counter.task)
+    def flush(self) -> None:
+        self.bar.update(self.documents, MB=f"{self.chars / 1e6:,.1f}")
 
 
-class _Reporter:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and os.environ.get("HDEE_NO_PROGRESS") is None
-        self.progress: Progress | None = None
-
-    def __enter__(self) -> _Reporter:
-        if self.enabled:
-            self.progress = Progress(
-                SpinnerColumn(),
-                TextColumn("{task.description}"),
-                TextColumn("{task.fields[docs]:>9,} docs"),
-                TextColumn("{task.fields[mb]:>9.1f} MB"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def task(self, description: str) -> _Task:
-        task = None
-        if self.progress is not None:
-            task = self.progress.add_task(description, total=None, docs=0, mb=0.0)
-        return _Task(_Counter(self.progress, task))
-
-    def note(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(message)
+@contextlib.contextmanager
+def _counting(description: str, enabled: bool) -> Iterator[_Counter]:
+    with progress_bar(description, unit="docs", enabled=enabled, MB="0.0") as bar:
+        counter = _Counter(bar)
+        try:
+            yield counter
+        finally:
+            counter.flush()

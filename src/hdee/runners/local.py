@@ -13,7 +13,6 @@ to respect dependencies, share the hardware, and retry a job whose worker died.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hdee.atomic import read_json
+from hdee.console import job_log
 from hdee.layout import JobLayout
 from hdee.records import JobResult
 
@@ -70,17 +70,16 @@ def default_workers(gpus_per_job: int) -> int:
 def execute_job(spec_path: str, gpus: int = 0, show_progress: bool = False) -> JobResult:
     """Run one job to completion in this process (or under torchrun for several GPUs).
 
-    With `show_progress` the job draws its progress bar here; otherwise (pool workers, Ray
-    tasks, --quiet) everything it prints goes to RUN/jobs/<id>/train.log, so concurrent jobs
-    never interleave and a finished job's log stays beside its checkpoints.
+    With `show_progress` the job shows its progress here (as HDEE_PROGRESS says, see
+    console.py); otherwise (pool workers, Ray tasks, --quiet) everything it prints goes to
+    RUN/jobs/<id>/train.log, progress as plain lines, so concurrent jobs never interleave and a
+    finished job's log stays beside its checkpoints.
     """
     job = JobLayout(Path(read_json(spec_path)["output_dir"]))
     if show_progress:
         return _execute(spec_path, gpus, job, progress=True)
-    job.root.mkdir(parents=True, exist_ok=True)
-    with open(job.log, "a", encoding="utf-8") as log:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return _execute(spec_path, gpus, job, progress=True, log=log)
+    with job_log(job.log) as log:
+        return _execute(spec_path, gpus, job, progress=True, log=log)
 
 
 def _execute(
