@@ -136,3 +136,46 @@ def tiny_run_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value}
     return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One small finished run made stage by stage through the `hdee` CLI, shared read-only by
+    the test modules that check commands, evaluation and the report (copy it before changing
+    anything). Five domains, two held out, one iteration: ten tiny jobs, seconds on a CPU.
+
+    Returns the config path, the run directory and what each command printed (`outputs`).
+    """
+    import contextlib
+    import io
+
+    import yaml
+
+    from hdee.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("cli-run")
+    raw = tiny_run_config(tmp_path)
+    raw["data"]["domains"] = raw["data"]["domains"][:5]
+    raw["plan"]["held_out"] = ["d3", "d4"]
+    raw["plan"]["iterations"] = 1
+    config_path = tmp_path / "experiment.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    outputs: dict[str, str] = {}
+
+    def hdee(name: str, *argv: str) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        assert code == 0, f"hdee {' '.join(argv)} exited {code}: {err.getvalue()}"
+        outputs[name] = out.getvalue()
+        return out.getvalue()
+
+    hdee("prepare", "prepare", str(config_path), "--quiet")
+    listing = hdee("jobs seeds", "jobs", str(config_path), "seeds")
+    for line in listing.splitlines():
+        hdee(f"train {line.split()[0]}", "train", line.split()[-1])
+    hdee("run", "run", str(config_path), "--from", "difficulty", "--until", "experts", "--quiet")
+    hdee("evaluate", "evaluate", str(run_dir), "--quiet")
+    hdee("report", "report", str(run_dir))
+    return {"config_path": config_path, "run_dir": run_dir, "outputs": outputs}

@@ -1,0 +1,142 @@
+"""The numbers in report.md: the perplexity tables hold results.json's values, bold marks each
+row's best, the geometric-mean rows and the win count equal a computation by hand.
+
+Reads the shared run `tiny_cli_run` (conftest.py), and a copy of it whose results.json is
+rewritten with chosen numbers (a baseline win, a tie, heterogeneous wins) before `hdee report`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hdee.atomic import read_json, write_json
+from hdee.cli import main
+
+HEADLINE = "uniform_prior"
+TITLES = {
+    "uniform_prior": "domain posterior, uniform prior",
+    "cached_prior": "domain posterior, cached prior",
+    "simple_average": "simple average of probabilities",
+    "best_single": "best single expert",
+}
+
+
+def report(run_dir: Path) -> str:
+    """`hdee report RUN`, then the Markdown it wrote."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["report", str(run_dir)]) == 0
+    return Path(out.getvalue().strip()).read_text()
+
+
+def table_after(markdown: str, heading: str) -> list[list[str]]:
+    """Cells of the first Markdown table after `heading`, header row first."""
+    lines = markdown.splitlines()
+    start = lines.index(heading) + 1
+    while not lines[start].startswith("|"):
+        start += 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return [rows[0], *rows[2:]]  # without the alignment row
+
+
+def final(results: dict[str, Any], method: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, configuration in results["configurations"].items():
+        domains = configuration["iterations"][str(configuration["final_iteration"])]["domains"]
+        out[name] = {d: e["methods"][method]["perplexity"] for d, e in domains.items()}
+    return out
+
+
+def best_by_hand(row: dict[str, float], baseline: str) -> str:
+    winner = min(row, key=row.__getitem__)
+    return baseline if row[baseline] <= row[winner] * 1.0001 else winner
+
+
+def check_report(markdown: str, results: dict[str, Any], plan: dict[str, Any]) -> None:
+    baseline = plan["baseline"]
+    table = final(results, HEADLINE)
+    names = list(results["configurations"])
+    wins = {"trained": 0, "held_out": 0}
+    for heading, kind in (("## Trained domains", "trained"), ("## Held-out domains", "held_out")):
+        header, *rows = table_after(markdown, heading)
+        assert header == ["domain", "class", *names]
+        assert [row[0] for row in rows] == plan[f"{kind}_domains"]
+        for domain, _, *cells in rows:
+            values = {name: table[name][domain] for name in names}
+            best = best_by_hand(values, baseline)
+            wins[kind] += best != baseline
+            for name, cell in zip(names, cells, strict=True):
+                text = f"{values[name]:.2f}"
+                assert cell == (f"**{text}**" if name == best else text), (domain, name, cell)
+    trained, held_out = len(plan["trained_domains"]), len(plan["held_out_domains"])
+    total = wins["trained"] + wins["held_out"]
+    assert (
+        f"**A heterogeneous configuration is best in {total} of {trained + held_out} domains** "
+        f"({wins['trained']} of {trained} trained, {wins['held_out']} of {held_out} held out; "
+        f"baseline {baseline}, method: {TITLES[HEADLINE]})"
+    ) in markdown
+
+    header, *rows = table_after(
+        markdown, "## Every method (geometric mean of perplexity over domains)"
+    )
+    assert header == ["method", *names]
+    by_title = {row[0]: row[1:] for row in rows}
+    assert set(by_title) == set(TITLES.values())  # every method was evaluated
+    for method, title in TITLES.items():
+        per = final(results, method)
+        expected = [
+            f"{math.exp(sum(math.log(v) for v in per[n].values()) / len(per[n])):.2f}"
+            for n in names
+        ]
+        assert by_title[title] == expected, method
+
+
+def test_report_tables_hold_the_results_numbers(tiny_cli_run):
+    run_dir = tiny_cli_run["run_dir"]
+    markdown = (run_dir / "report" / "report.md").read_text()
+    check_report(
+        markdown,
+        read_json(run_dir / "evaluation" / "results.json"),
+        read_json(run_dir / "plan.json"),
+    )
+
+
+def test_wins_ties_and_geometric_means_on_chosen_numbers(tiny_cli_run, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_cli_run["run_dir"], run_dir)
+    plan = read_json(run_dir / "plan.json")
+    assert plan["baseline"] == "MHo-IHo"
+    assert plan["trained_domains"] == ["d0", "d1", "d2"]
+    assert plan["held_out_domains"] == ["d3", "d4"]
+    chosen = {  # domain: MHo-IHo (baseline), MHo-IHe, MHe-IHo
+        "d0": (10.0, 11.0, 12.0),  # the baseline wins
+        "d1": (20.0, 19.9990, 25.0),  # 0.005% better: a tie, the baseline keeps it
+        "d2": (40.0, 30.0, 35.0),  # MHo-IHe wins
+        "d3": (80.0, 90.0, 70.0),  # MHe-IHo wins (held out)
+        "d4": (160.0, 170.0, 161.0),  # the baseline wins (held out)
+    }
+    path = run_dir / "evaluation" / "results.json"
+    results = read_json(path)
+    for column, name in enumerate(("MHo-IHo", "MHo-IHe", "MHe-IHo")):
+        configuration = results["configurations"][name]
+        domains = configuration["iterations"][str(configuration["final_iteration"])]["domains"]
+        for domain, values in chosen.items():
+            domains[domain]["methods"][HEADLINE]["perplexity"] = values[column]
+    write_json(path, results)
+
+    markdown = report(run_dir)
+    check_report(markdown, results, plan)
+    # The same, spelt out: 2 wins of 5 (MHo-IHe on d2, MHe-IHo on d3); the tie is no win.
+    assert "best in 2 of 5 domains** (1 of 3 trained, 1 of 2 held out;" in markdown
+    assert "| d1 | moderate | **20.00** | 20.00 | 25.00 |" in markdown
+    # Baseline: (10 * 20 * 40 * 80 * 160) ** (1/5) = 40.
+    assert "| domain posterior, uniform prior | 40.00 |" in markdown
