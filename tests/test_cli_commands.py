@@ -56,14 +56,14 @@ def test_train_ran_each_seed_spec_that_jobs_listed(tiny_cli_run):
     ]
     for job_id, iteration, parent, spec_path in listed:
         assert (iteration, parent) == ("0", "-")
-        assert Path(spec_path) == layout.job(job_id) / "spec.json"
-        result = read_json(layout.job(job_id) / "result.json")
+        assert Path(spec_path) == layout.job(job_id).spec
+        result = read_json(layout.job(job_id).result)
         assert result["steps"] == read_json(spec_path)["training"]["steps"] == 12
-        assert (layout.job(job_id) / "final" / "model.safetensors").is_file()
+        assert (layout.job(job_id).final / "model.safetensors").is_file()
         # `hdee run --from difficulty` found the seeds finished and did not train them again.
         steps = [
             json.loads(line)["step"]
-            for line in (layout.job(job_id) / "metrics.jsonl").read_text().splitlines()
+            for line in (layout.job(job_id).metrics).read_text().splitlines()
             if "loss" in json.loads(line)
         ]
         assert steps == sorted(set(steps)) and steps[-1] == 12
@@ -73,15 +73,15 @@ def test_run_evaluate_and_report_outputs(tiny_cli_run):
     outputs, layout = tiny_cli_run["outputs"], RunLayout.of(tiny_cli_run["run_dir"])
     plan = read_json(layout.plan)
     for job_id in plan["jobs"]:
-        assert (layout.job(job_id) / "result.json").is_file(), job_id
+        assert (layout.job(job_id).result).is_file(), job_id
     # --until experts: evaluation and report came from their own commands.
-    results = read_json(layout.evaluation / "results.json")
+    results = read_json(layout.results)
     assert set(results["configurations"]) == {"MHo-IHo", "MHo-IHe", "MHe-IHo"}
     assert set(results["domains"]) == {"d0", "d1", "d2", "d3", "d4"}
-    assert (layout.evaluation / "results.csv").read_text().startswith("configuration,")
+    assert (layout.results_csv).read_text().startswith("configuration,")
     assert outputs["evaluate"] == ""  # --quiet
-    assert Path(outputs["report"].strip()) == layout.report / "report.md"
-    assert (layout.report / "report.md").read_text().startswith("# HDEE report")
+    assert Path(outputs["report"].strip()) == layout.report_markdown
+    assert (layout.report_markdown).read_text().startswith("# HDEE report")
 
 
 def test_generate_with_explicit_prior_and_prior_domain(tiny_cli_run):

@@ -38,12 +38,12 @@ def direct_label_log_probs(
     touches the run directory's layout and the evaluator's window convention)."""
     from hdee.data.loaders import eval_batches
     from hdee.data.tokens import load_tokens
-    from hdee.ensemble import label_log_probs
     from hdee.layout import RunLayout
     from hdee.model import load_model
+    from hdee.scoring import label_log_probs
 
     layout = RunLayout.of(run_dir)
-    model = load_model(layout.job(job_id) / "final", device=torch.device("cpu")).eval()
+    model = load_model(layout.job(job_id).final, device=torch.device("cpu")).eval()
     tokens = load_tokens(layout.tokens(domain, split))
     rows = [label_log_probs(model, batch) for batch in eval_batches(tokens, seq_len, 4, windows)]
     return torch.cat(rows)

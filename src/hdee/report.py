@@ -195,7 +195,7 @@ def render_markdown(
         "",
         f"**A heterogeneous configuration is best in {wins} of {total} domains** "
         f"({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
-        f"{total - trained_total} held-out; baseline {baseline}, method: "
+        f"{total - trained_total} held out; baseline {baseline}, method: "
         f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
         "baseline counts as the baseline's.",
         "",
