@@ -37,7 +37,9 @@ from transformers.modeling_utils import PreTrainedModel
 POSTERIOR_MODES = ("prefix", "updating")
 # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
 _CACHE_ARGUMENT = (
-    "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
 )
 _OUTPUT_CACHE_FIELD = (
     "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -276,7 +278,9 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, L, V]
             token_lp = torch.zeros(batch, length, dtype=torch.float64, device=device)
             if length > 1:
-                token_lp[:, 1:] = log_probs[:, :-1].gather(2, input_ids[:, 1:, None])[..., 0].double()
+                token_lp[:, 1:] = (
+                    log_probs[:, :-1].gather(2, input_ids[:, 1:, None])[..., 0].double()
+                )
             if cache is not None:
                 previous = cache.next_log_probs[j].to(device)
                 token_lp[:, 0] = previous.gather(1, input_ids[:, :1])[:, 0].double()
