@@ -22,12 +22,13 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from hdee import hf_ensemble
-from hdee.atomic import atomic_directory
+from hdee.atomic import atomic_directory, read_json
 from hdee.ensemble import POSTERIOR_MODES
-from hdee.generate import cached_prior_from_run, ensemble_lanes
+from hdee.generate import cached_prior_from_run
 from hdee.hf_ensemble import HdeeEnsembleConfig, HdeeEnsembleForCausalLM
 from hdee.layout import RunLayout
 from hdee.model import load_model
+from hdee.plan import plan_from_json
 
 MODELING_FILE = "modeling_hdee.py"
 AUTO_MAP = {
@@ -47,12 +48,23 @@ class Member:
     job_id: str
 
 
-def plan_ensembles(run_dir: str | Path, configuration: str) -> list[dict[str, str]]:
-    """The configuration's ensemble after each iteration ({lane: job id}, plan lane order).
+def plan_ensembles(run_dir: str | Path) -> dict[str, list[dict[str, str]]]:
+    """{configuration: its ensemble after each iteration ({lane: job id}, plan lane order)}.
 
-    The one place this module reads plan.json (through `hdee.generate.ensemble_lanes`)."""
-    last, _ = ensemble_lanes(run_dir, configuration)
-    return [ensemble_lanes(run_dir, configuration, k)[1] for k in range(1, last + 1)]
+    The one place this module reads plan.json (while its records become typed, only this
+    function needs to follow)."""
+    layout = RunLayout.of(run_dir)
+    if not layout.plan.is_file():
+        raise FileNotFoundError(f"{layout.plan}: no plan yet (run `hdee run` first)")
+    plan = plan_from_json(read_json(layout.plan))
+    return {
+        name: [
+            {lane: ensemble[lane] for lane in plan.lanes if lane in ensemble}
+            | {lane: job for lane, job in ensemble.items() if lane not in plan.lanes}
+            for ensemble in configuration.ensembles
+        ]
+        for name, configuration in plan.configurations.items()
+    }
 
 
 def select_members(
@@ -64,7 +76,12 @@ def select_members(
     """(iteration, members): the latest expert of every lane after `iteration` (default: the
     last), or with members="all" every expert of every lane and iteration up to it (BTM's
     growing forest), iteration by iteration in the plan's lane order."""
-    ensembles = plan_ensembles(run_dir, configuration)
+    every = plan_ensembles(run_dir)
+    if configuration not in every:
+        raise ValueError(
+            f"configuration {configuration!r} is not in the plan; choose one of {sorted(every)}"
+        )
+    ensembles = every[configuration]
     index = len(ensembles) if iteration is None else iteration
     if not 1 <= index <= len(ensembles):
         raise ValueError(f"{configuration!r} has iterations 1..{len(ensembles)}, not {iteration}")

@@ -36,12 +36,12 @@ from transformers.modeling_utils import PreTrainedModel
 
 POSTERIOR_MODES = ("prefix", "updating")
 # transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning).
-_CACHE_ARGUMENT = (
+CACHE_ARGUMENT = (
     "cache"
     if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
     else "past_key_values"
 )
-_OUTPUT_CACHE_FIELD = (
+OUTPUT_CACHE_FIELD = (
     "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 )
 
@@ -273,7 +273,7 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
-                **{_CACHE_ARGUMENT: cache.expert_caches[j] if cache is not None else None},
+                **{CACHE_ARGUMENT: cache.expert_caches[j] if cache is not None else None},
             )
             log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, L, V]
             token_lp = torch.zeros(batch, length, dtype=torch.float64, device=device)
@@ -298,7 +298,7 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 )
                 normaliser = total
             if use_cache:
-                new_caches.append(getattr(out, _OUTPUT_CACHE_FIELD))
+                new_caches.append(getattr(out, OUTPUT_CACHE_FIELD))
                 new_evidence.append(evidence[:, -1])
                 next_lps.append(log_probs[:, -1])
         assert mixture is not None
@@ -318,7 +318,7 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(device),
                 ignore_index=-100,
             )
-        return CausalLMOutputWithPast(loss=loss, logits=mixture, **{_OUTPUT_CACHE_FIELD: new_cache})
+        return CausalLMOutputWithPast(loss=loss, logits=mixture, **{OUTPUT_CACHE_FIELD: new_cache})
 
     def _evidence(self, token_lp: Tensor, counted: Tensor, before: Tensor | None) -> Tensor:
         """Each position's evidence for one expert, [B, L] float64: what its weight at that
