@@ -179,13 +179,6 @@ class HdeeEnsembleCache(Cache):
         raise NotImplementedError("an hdee ensemble cache cannot be reset; start a new one")
 
 
-def _log_add(a: Tensor, b: Tensor) -> Tensor:
-    """log(exp(a) + exp(b)), with -inf + -inf = -inf (no NaN)."""
-    high = torch.maximum(a, b)
-    high = torch.where(torch.isinf(high), torch.zeros_like(high), high)
-    return high + torch.log(torch.exp(a - high) + torch.exp(b - high))
-
-
 class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = HdeeEnsembleConfig
     base_model_prefix = "hdee_ensemble"
@@ -231,9 +224,11 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: Tensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """`logits` [B, L, V]: log of the ensemble's next-token distribution at every position.
+        """`logits` [B, L, V]: log of the ensemble's next-token distribution at every position
+        (at the last `logits_to_keep` positions only, when it is > 0: generation needs one).
 
         `attention_mask` [B, past + L] marks real tokens (1) and padding (0); padding is never
         evidence for the posterior, and positions are counted over real tokens only.
@@ -258,6 +253,7 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             before_real = torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], dim=1)
         counted = real & before_real  # [B, L]: token t is evidence
+        keep = length if not logits_to_keep else min(int(logits_to_keep), length)
         log_prior = self.log_prior.to(device)
 
         # One pass over the experts. With a_j the unnormalised log-weight of expert j and
@@ -287,12 +283,12 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             evidence = self._evidence(
                 token_lp, counted, cache.evidence[:, j].to(device) if cache is not None else None
             )
-            weight = log_prior[j] + evidence  # [B, L] float64
+            weight = log_prior[j] + evidence[:, -keep:]  # [B, keep] float64
             if mixture is None or normaliser is None:
                 mixture, normaliser = log_probs, weight
             else:
-                total = _log_add(normaliser, weight)
-                mixture = _log_add(
+                total = torch.logaddexp(normaliser, weight)
+                mixture = torch.logaddexp(
                     mixture + (normaliser - total).float()[..., None],
                     log_probs + (weight - total).float()[..., None],
                 )
@@ -313,6 +309,8 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
         loss = None
         if labels is not None:
+            if keep != length:
+                raise ValueError("labels need logits at every position (logits_to_keep=0)")
             loss = nn.functional.nll_loss(
                 mixture[:, :-1].reshape(-1, mixture.shape[-1]),
                 labels[:, 1:].reshape(-1).to(device),

@@ -388,6 +388,27 @@ def plot_training_curves(plan: dict[str, Any], layout: RunLayout, path: Path) ->
 # The report
 
 
+def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
+    """The report with a "Downstream tasks" section (from RUN/tasks/results.json, written by
+    `hdee tasks`) before its footer; unchanged when there are no task results."""
+    from hdee.tasks import read_results, results_path, tasks_table
+
+    if not results_path(layout.root).is_file():
+        return markdown
+    results = read_results(layout.root)
+    shots = "zero-shot" if not results.num_fewshot else f"{results.num_fewshot}-shot"
+    section = (
+        "## Downstream tasks\n\n"
+        f"lm-evaluation-harness {results.harness_version}, {shots}"
+        + (f", at most {results.limit} documents per task" if results.limit else "")
+        + f"; each configuration's final ensemble ({results.prior} prior, {results.posterior} "
+        "posterior) against the best of its single experts, per task and metric. "
+        "Every system's scores: `tasks/results.json`.\n\n" + tasks_table(results) + "\n\n"
+    )
+    head, footer_mark, footer = markdown.rpartition("---\nMade by")
+    return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
+
+
 def write_report(run_dir: str | Path, config: ExperimentConfig) -> Path:
     """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
     layout = RunLayout.of(run_dir)
@@ -418,7 +439,9 @@ def write_report(run_dir: str | Path, config: ExperimentConfig) -> Path:
     if (layout.difficulty / "difficulty.png").is_file():
         plots["Domain difficulty"] = "../difficulty/difficulty.png"
 
-    markdown = render_markdown(plan, results, difficulty, config, plots)
+    markdown = _with_tasks_section(
+        render_markdown(plan, results, difficulty, config, plots), layout
+    )
     path = out / "report.md"
     write_text(path, markdown)
     return path
