@@ -179,3 +179,21 @@ def tiny_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     hdee("evaluate", "evaluate", str(run_dir), "--quiet")
     hdee("report", "report", str(run_dir))
     return {"config_path": config_path, "run_dir": run_dir, "outputs": outputs}
+
+
+def tiny_finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete tiny run (trained, evaluated with every method, reported), shared
+    read-only by the export and tasks tests: 6 trained domains over 2 iterations, 2 held out,
+    a homogeneous and a heterogeneous (S / M / L experts) configuration."""
+    from hdee.config import parse_config
+    from hdee.pipeline import run_experiment
+
+    tmp_path = tmp_path_factory.mktemp("finished")
+    raw = tiny_run_config(tmp_path)
+    raw["data"]["domains"] = raw["data"]["domains"][:8]
+    raw["plan"]["held_out"] = ["d6", "d7"]
+    raw["plan"]["configurations"] = [
+        c for c in raw["plan"]["configurations"] if c["name"] in ("MHo-IHo", "MHe-IHo")
+    ]
+    run_experiment(parse_config(raw), progress=False)
+    return tmp_path / "run"

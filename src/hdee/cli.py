@@ -27,6 +27,8 @@ examples:
   hdee run configs/tiny.yaml --until seeds
   hdee evaluate runs/tiny && hdee report runs/tiny
   hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
+  hdee export runs/tiny --configuration MHe-IHo exports/MHe-IHo
+  hdee tasks runs/tiny --tasks builtin
 
 environment:
   HDEE_PROGRESS=auto|1|plain|0   progress: a live bar on a terminal and plain lines otherwise
@@ -188,6 +190,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + text)  # the continuation reads best after its prompt
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from hdee.export import export_ensemble
+
+    out = export_ensemble(
+        args.run,
+        args.configuration,
+        args.out,
+        iteration=args.iteration,
+        members=args.members,
+        prior=args.prior,
+        posterior=args.posterior,
+        experts=args.experts,
+    )
+    print(out)
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from hdee.tasks import run_tasks
+
+    run_tasks(
+        args.run,
+        args.tasks,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hdee.demo import run_demo
 
@@ -316,6 +347,60 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="W,W,...",
         help="explicit prior weights, one per expert in the plan's lane order",
     )
+
+    p = add(
+        "export",
+        "Write a configuration's ensemble as a transformers model directory (loads with "
+        "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)); see docs/export.md.",
+        cmd_export,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument("out", help="the model directory to write (replaced if it exists)")
+    p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
+    p.add_argument(
+        "--iteration", type=int, default=None, help="after this iteration (default: last)"
+    )
+    p.add_argument(
+        "--members",
+        choices=["latest", "all"],
+        default="latest",
+        help="latest: the newest expert of every lane; all: every expert of every lane and "
+        "iteration up to --iteration (BTM's growing forest)",
+    )
+    p.add_argument(
+        "--prior",
+        default="uniform",
+        metavar="uniform|DOMAIN|W,W,...",
+        help="P(j): uniform (default), the cached prior `hdee evaluate` estimated on DOMAIN's "
+        "validation text, or one weight per member",
+    )
+    p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
+    p.add_argument(
+        "--experts",
+        type=int,
+        default=None,
+        metavar="K",
+        help="top-K routing: not yet supported below the number of members",
+    )
+
+    p = add(
+        "tasks",
+        "Downstream tasks with lm-evaluation-harness on every configuration's ensemble and "
+        "each single expert (needs hdee[tasks]); results in RUN/tasks/results.json.",
+        cmd_tasks,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        metavar="NAME[,NAME...]|PATH.yaml|builtin",
+        help="harness task names, task YAML files, or 'builtin' (next-chunk choice and cloze "
+        "built from the run's own test text)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="continuations scored per forward")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add(
         "demo",

@@ -11,6 +11,7 @@ RUN/
   plan.json                    lanes, iterations, configurations, budgets, job graph
   evaluation/logprobs/<job_id>/<domain>.<split>.safetensors   cached label log-probs
   evaluation/results.json, results.csv
+  tasks/results.json, tasks/builtin/   `hdee tasks`: downstream accuracy, the built-in tasks
   report/report.md, report/*.png
 
 The typed contents of plan.json, result.json, difficulty.json and results.json are in
@@ -155,6 +156,18 @@ class RunLayout:
     @property
     def results_csv(self) -> Path:
         return self.evaluation / "results.csv"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks"
+
+    @property
+    def tasks_results(self) -> Path:
+        return self.tasks / "results.json"
+
+    @property
+    def builtin_tasks(self) -> Path:
+        return self.tasks / "builtin"
 
     @property
     def report(self) -> Path:

@@ -4,6 +4,7 @@
     jobs/<id>/result.json      JobResult         (train.py writes it last)
     difficulty/difficulty.json DifficultyRecord  (difficulty.py)
     evaluation/results.json    EvaluationResults (evaluate.py; schema in docs/evaluation.md)
+    tasks/results.json         TasksResults      (tasks.py, `hdee tasks`)
 
 Each file carries `format` and `version`; reading a file of another format, an older version
 or with missing or wrong fields is a `RecordError` that names the file and says what to do,
@@ -276,3 +277,40 @@ class EvaluationResults(Record):
     device: str
     domains: dict[str, DomainInfo]
     configurations: dict[str, ConfigurationResults]
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks/results.json (`hdee tasks`, docs/export.md)
+
+
+class SystemResult(_Part):
+    """One scored model: a configuration's ensemble or a single expert."""
+
+    kind: Literal["ensemble", "single_expert"]
+    configuration: str | None = None  # the ensemble's configuration
+    job_id: str | None = None  # the single expert's job
+    members: list[str] = []  # lane@iteration of each member
+    metrics: dict[str, dict[str, float]]  # task -> "metric,filter" -> value
+    requests: int  # harness requests (loglikelihood + generation) it answered
+    seconds: float
+
+
+class BestSingle(_Part):
+    system: str
+    value: float
+
+
+class TasksResults(Record):
+    format: Literal["hdee-tasks"] = "hdee-tasks"
+    version: Literal[1] = 1
+    MADE_BY: ClassVar[str] = "`hdee tasks RUN --tasks ...`"
+
+    tasks: list[str]
+    limit: int | None = None
+    num_fewshot: int | None = None
+    posterior: str
+    prior: str = "uniform"
+    harness_version: str
+    higher_is_better: dict[str, dict[str, bool]]  # task -> "metric,filter" -> bool
+    systems: dict[str, SystemResult]
+    best_single: dict[str, dict[str, BestSingle]]  # task -> "metric,filter" -> the best expert

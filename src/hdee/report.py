@@ -16,7 +16,7 @@ from hdee.config import ExperimentConfig
 from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
-from hdee.records import DifficultyRecord, EvaluationResults, Plan
+from hdee.records import DifficultyRecord, EvaluationResults, Plan, TasksResults
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
@@ -373,6 +373,27 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
 # The report
 
 
+def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
+    """The report with a "Downstream tasks" section (from RUN/tasks/results.json, written by
+    `hdee tasks`) before its footer; unchanged when there are no task results."""
+    from hdee.tasks import tasks_table
+
+    if not layout.tasks_results.is_file():
+        return markdown
+    results = TasksResults.read(layout.tasks_results)
+    shots = "zero-shot" if not results.num_fewshot else f"{results.num_fewshot}-shot"
+    section = (
+        "## Downstream tasks\n\n"
+        f"lm-evaluation-harness {results.harness_version}, {shots}"
+        + (f", at most {results.limit} documents per task" if results.limit else "")
+        + f"; each configuration's final ensemble ({results.prior} prior, {results.posterior} "
+        "posterior) against the best of its single experts, per task and metric. "
+        "Every system's scores: `tasks/results.json`.\n\n" + tasks_table(results) + "\n\n"
+    )
+    head, footer_mark, footer = markdown.rpartition("---\nMade by")
+    return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
+
+
 def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
     plan = Plan.read(layout.plan)
@@ -407,6 +428,8 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
             Path("..") / layout.difficulty_plot.relative_to(layout.report.parent)
         )
 
-    markdown = render_markdown(plan, results, difficulty, config, plots)
+    markdown = _with_tasks_section(
+        render_markdown(plan, results, difficulty, config, plots), layout
+    )
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown

@@ -1,0 +1,168 @@
+"""`hdee export`: the ensemble as a transformers model equals `hdee evaluate` and `hdee generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from hdee.atomic import read_json
+from hdee.cli import main
+from hdee.config import load_config
+from hdee.data.loaders import eval_batches
+from hdee.data.tokens import load_tokens
+from hdee.ensemble import mixture_log_probs
+from hdee.evaluate import read_cached_log_probs
+from hdee.export import build_ensemble, select_members
+from hdee.generate import ensemble_lanes, generate_from_run
+from hdee.layout import RunLayout
+
+CONFIGURATION = "MHe-IHo"  # S / M / L experts: heterogeneous widths are the normal case
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_finished_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "ensemble"
+    assert main(["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]) == 0
+    return out
+
+
+def exported_label_log_probs(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(batch[:, :-1]).logits
+            rows.append(torch.log_softmax(logits, -1).gather(2, batch[:, 1:, None])[..., 0])
+    return torch.cat(rows)
+
+
+def test_export_directory_is_self_describing_safetensors(exported: Path) -> None:
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hdee.HdeeEnsembleForCausalLM"
+    assert config["posterior"] == "prefix" and config["prior_source"] == "uniform"
+    assert [e["lane"] for e in config["experts"]] == ["easy", "moderate", "difficult"]
+    assert len({e["llama"]["intermediate_size"] for e in config["experts"]}) == 3
+    assert (exported / "modeling_hdee.py").is_file()
+    assert not list(exported.glob("*.bin")) and not list(exported.glob("*.pt"))
+    with safe_open(str(exported / "model.safetensors"), framework="pt") as handle:
+        assert any(key.startswith("experts.2.") for key in handle.keys())
+    assert "import hdee" not in (exported / "modeling_hdee.py").read_text()
+
+
+@pytest.mark.parametrize(
+    ("prior", "posterior"),
+    [("uniform", "prefix"), ("d0", "prefix"), ("uniform", "updating"), ("d6", "updating")],
+)
+def test_label_log_probs_equal_hdee_evaluate(
+    tiny_finished_run: Path, prior: str, posterior: str
+) -> None:
+    """The exported model's label log-probs are the mixture `hdee evaluate` computes from its
+    cached per-expert log-probs (same windows, same prior), to 1e-5."""
+    layout = RunLayout.of(tiny_finished_run)
+    config = load_config(layout.config)
+    model = build_ensemble(tiny_finished_run, CONFIGURATION, prior=prior, posterior=posterior)
+    _, jobs = ensemble_lanes(tiny_finished_run, CONFIGURATION)
+    results = read_json(layout.results)
+    final = results["configurations"][CONFIGURATION]["iterations"]["2"]["domains"]
+    for domain in ("d0", "d6"):  # a trained and a held-out domain
+        tokens = load_tokens(layout.tokens(domain, "test"))
+        seq_len, windows = config.data.seq_len, config.evaluation.max_test_sequences
+        batches = list(eval_batches(tokens, seq_len, 4, windows))
+        ours = exported_label_log_probs(model, batches)
+        cached = []
+        for job_id in jobs.values():
+            path = layout.label_logprobs(job_id, domain, "test")
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata()
+            cached.append(read_cached_log_probs(path, metadata))
+        log_prior = None
+        if prior != "uniform":
+            log_prior = torch.tensor([final[prior]["cached_prior"][lane] for lane in jobs]).log()
+        theirs = mixture_log_probs(torch.stack(cached), log_prior, posterior)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        if posterior == results["posterior"]:  # results.json holds the configured mode
+            method = "uniform_prior" if prior == "uniform" else "cached_prior"
+            if prior in ("uniform", domain):
+                expected = final[domain]["methods"][method]["perplexity"]
+                assert torch.exp(-ours.double().mean()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_greedy_generation_equals_hdee_generate(exported: Path, tiny_finished_run: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    prompt = "the a of"
+    ours = generate_from_run(
+        tiny_finished_run, CONFIGURATION, prompt, max_new_tokens=12, stop_at_eos=False
+    )
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) == ours
+
+
+def test_left_padding_does_not_move_the_posterior(exported: Path) -> None:
+    """A left-padded row of a batch generates exactly what it generates alone: padding is no
+    evidence and positions start at the first real token."""
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    eos = tokenizer.eos_token_id
+    short = [eos] + tokenizer.encode("the of", add_special_tokens=False)
+    long = [eos] + tokenizer.encode("he was for on are with as", add_special_tokens=False)
+    pad = len(long) - len(short)
+    batch = torch.tensor([[eos] * pad + short, long])
+    mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    alone = model.generate(torch.tensor([short]), **kwargs)
+    assert together[0, pad:].tolist() == alone[0].tolist()
+    # And the mixture's log-probs of the real tokens are the same with and without padding.
+    with torch.no_grad():
+        padded = model(batch, attention_mask=mask).logits[0, pad:]
+        unpadded = model(torch.tensor([short])).logits[0]
+    torch.testing.assert_close(padded, unpadded, atol=1e-5, rtol=0)
+
+
+def test_sampling_pipeline_and_save_pretrained_round_trip(exported: Path, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True).eval()
+    ids = torch.tensor([[0, 5, 9, 14]])
+    torch.manual_seed(3)
+    first = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, eos_token_id=None)
+    torch.manual_seed(3)
+    again = model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20, eos_token_id=None)
+    assert first.tolist() == again.tolist() and first.shape[1] == 10
+    model.save_pretrained(tmp_path / "copy")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    generator = pipeline("text-generation", model=str(exported), trust_remote_code=True)
+    text = generator("the a", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the a") and len(text) > len("the a")
+
+
+def test_members_all_is_the_growing_forest(tiny_finished_run: Path, tmp_path: Path) -> None:
+    iteration, members = select_members(tiny_finished_run, CONFIGURATION, members="all")
+    assert iteration == 2 and len(members) == 6
+    assert [m.name for m in members[:3]] == ["easy@1", "moderate@1", "difficult@1"]
+    out = tmp_path / "forest"
+    argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]
+    assert main([*argv, "--members", "all", "--prior", "1,1,1,1,1,3"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["experts"]) == 6 and config["prior"][-1] == pytest.approx(3 / 8)
+    _, first = select_members(tiny_finished_run, CONFIGURATION, iteration=1)
+    assert [m.job_id for m in first] == [m.job_id for m in members[:3]]
+
+
+def test_bad_export_arguments_are_named(tiny_finished_run: Path, tmp_path: Path, capsys) -> None:
+    argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(tmp_path / "x")]
+    assert main([*argv, "--prior", "1,2"]) == 1
+    assert "expected 3 non-negative weights" in capsys.readouterr().err
+    assert main([*argv, "--experts", "2"]) == 1
+    assert "not yet supported" in capsys.readouterr().err
+    assert main([*argv, "--members", "all", "--prior", "d0"]) == 1
+    assert "--members all" in capsys.readouterr().err
+    assert main([*argv, "--iteration", "5"]) == 1
+    assert "iterations 1..2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
