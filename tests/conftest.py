@@ -181,6 +181,7 @@ def tiny_cli_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"config_path": config_path, "run_dir": run_dir, "outputs": outputs}
 
 
+@pytest.fixture(scope="session")
 def tiny_finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One complete tiny run (trained, evaluated with every method, reported), shared
     read-only by the export and tasks tests: 6 trained domains over 2 iterations, 2 held out,

@@ -18,8 +18,9 @@ from hdee.data.tokens import load_tokens
 from hdee.ensemble import mixture_log_probs
 from hdee.evaluate import read_cached_log_probs
 from hdee.export import build_ensemble, select_members
-from hdee.generate import ensemble_lanes, generate_from_run
+from hdee.generate import generate_from_run
 from hdee.layout import RunLayout
+from hdee.records import Plan
 
 CONFIGURATION = "MHe-IHo"  # S / M / L experts: heterogeneous widths are the normal case
 
@@ -65,7 +66,7 @@ def test_label_log_probs_equal_hdee_evaluate(
     layout = RunLayout.of(tiny_finished_run)
     config = load_config(layout.config)
     model = build_ensemble(tiny_finished_run, CONFIGURATION, prior=prior, posterior=posterior)
-    _, jobs = ensemble_lanes(tiny_finished_run, CONFIGURATION)
+    _, jobs = Plan.read(layout.plan).ensemble(CONFIGURATION)
     results = read_json(layout.results)
     final = results["configurations"][CONFIGURATION]["iterations"]["2"]["domains"]
     for domain in ("d0", "d6"):  # a trained and a held-out domain
@@ -96,7 +97,7 @@ def test_greedy_generation_equals_hdee_generate(exported: Path, tiny_finished_ru
     tokenizer = AutoTokenizer.from_pretrained(exported)
     prompt = "the a of"
     ours = generate_from_run(
-        tiny_finished_run, CONFIGURATION, prompt, max_new_tokens=12, stop_at_eos=False
+        RunLayout.of(tiny_finished_run), CONFIGURATION, prompt, max_new_tokens=12, stop_at_eos=False
     )
     ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
