@@ -29,13 +29,27 @@ examples:
 """
 
 
-def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+def _overrides(
+    pairs: list[str] | None, command: str | None = None, sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """KEY=VALUE pairs of --set. With `sections`, only keys under those sections are allowed:
+    a command that reads a finished run cannot change what was trained."""
     result: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. plan.iterations=2")
         key, value = pair.split("=", 1)
-        result[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if sections and key.split(".")[0] not in sections:
+            allowed = ", ".join(f"{section}.*" for section in sections)
+            raise ConfigError(
+                f"--set {pair!r}: `hdee {command}` only takes {allowed} keys; the run's other "
+                "settings (data, models, plan, seed) are fixed by what it trained"
+            )
+        try:
+            result[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error})") from None
     return result
 
 
@@ -43,13 +57,16 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides=_overrides(getattr(args, "set", None)))
 
 
-def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfig:
-    """The resolved config a run directory holds (its run_dir pointed at where it is now)."""
+def _run_config(
+    run_dir: str, extra: list[str] | None = None, command: str = "evaluate"
+) -> ExperimentConfig:
+    """The resolved config a run directory holds (its run_dir pointed at where it is now).
+    `extra` (--set) may change evaluation settings only."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir!r} a run directory made by `hdee run`?")
-    overrides = {"run_dir": str(Path(run_dir).resolve()), **_overrides(extra)}
-    return load_config(path, overrides=overrides)
+    changes = _overrides(extra, command, sections=("evaluation",))
+    return load_config(path, overrides={"run_dir": str(Path(run_dir).resolve()), **changes})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,11 +90,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     from hdee.layout import RunLayout
     from hdee.pipeline import current_classes, training_manifests
-    from hdee.plan import build_plan, print_plan
+    from hdee.plan import build_plan, check_plannable, print_plan
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
-    vocab_size = _vocab_size_before_prepare(config, layout, args.vocab_size)
+    known_vocab_size = _known_vocab_size(config, layout, args.vocab_size)
+    # Everything decidable from the config is checked before a hub tokenizer is fetched.
+    check_plannable(config, known_vocab_size)
+    vocab_size = known_vocab_size or _pretrained_vocab_size(config)
     plan = build_plan(
         config,
         vocab_size,
@@ -92,8 +112,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(json.dumps(plan.to_json(), indent=2))
 
 
-def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int | None) -> int:
-    """The prepared tokenizer's size if there is one, else what prepare will produce."""
+def _known_vocab_size(config: ExperimentConfig, layout: Any, given: int | None) -> int | None:
+    """The prepared tokenizer's size if there is one, else what prepare will produce where that
+    is known without loading a pretrained tokenizer (None when it is not)."""
     if (layout.tokenizer / "tokenizer.json").is_file():
         from hdee.pipeline import prepared_vocab
 
@@ -102,6 +123,10 @@ def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int
         return given
     if config.data.tokenizer.kind == "bpe":
         return config.data.tokenizer.vocab_size
+    return None
+
+
+def _pretrained_vocab_size(config: ExperimentConfig) -> int:
     from hdee.data import DataError
     from hdee.data.tokenizer import load_pretrained
 
@@ -148,14 +173,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
 
-    config = _run_config(args.run, args.set)
+    config = _run_config(args.run, args.set, "evaluate")
     evaluate_run(config.run_dir, config, progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from hdee.report import write_report
 
-    config = _run_config(args.run)
+    config = _run_config(args.run, command="report")
     print(write_report(config.run_dir, config))
 
 
@@ -360,9 +385,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         # HDEE_DEBUG=1 shows the traceback too.
         if os.environ.get("HDEE_DEBUG"):
             raise
-        print(f"hdee {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        print(f"hdee {args.command}: error: {_describe(error, args)}", file=sys.stderr)
+        return 2 if _is_config_error(error) else 1
     return 0
+
+
+def _is_config_error(error: BaseException) -> bool:
+    # A plan that cannot be made is a config to change, as is a config that does not validate.
+    from hdee.plan import PlanError
+
+    return isinstance(error, (ConfigError, PlanError))
+
+
+def _describe(error: BaseException, args: argparse.Namespace) -> str:
+    """The error's message, with the config file named where the message lacks it (a plan
+    error names the key only)."""
+    config_path = getattr(args, "config", None)
+    if config_path is None and getattr(args, "run", None):
+        config_path = str(Path(args.run) / "config.yaml")
+    message = str(error)
+    if _is_config_error(error) and config_path and not message.startswith(str(config_path)):
+        message = f"{config_path}: {message}"
+    return message
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from hdee.plan import (
     Plan,
     PlannedJob,
     build_plan,
+    check_plannable,
     plan_from_json,
     print_plan,
     trainable_domains,
@@ -300,6 +301,11 @@ def run_experiment(
     console = console or Console(stderr=True)
     layout = RunLayout.of(config.run_dir)
     stages = select_stages(start, until)
+    # A config the planner will refuse is refused now, not after the seeds have trained.
+    known_vocab = (
+        prepared_vocab(layout)[0] if (layout.tokenizer / "tokenizer.json").is_file() else None
+    )
+    check_plannable(config, known_vocab)
     with run_lock(layout):
         save_resolved_config(config, layout)
         for stage in stages:
