@@ -107,3 +107,49 @@ def test_evaluate_takes_evaluation_settings(tmp_path: Path):
     (run / "config.yaml").write_text(yaml.safe_dump(tiny_config_dict(run)))
     config = _run_config(str(run), ["evaluation.posterior=updating", "evaluation.batch_size=2"])
     assert config.evaluation.posterior == "updating" and config.evaluation.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--top-k", "0"],
+            "--top-k: must be >= 1, got 0",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--max-new-tokens", "-3"],
+            "--max-new-tokens: must be >= 1, got -3",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--temperature", "-0.5"],
+            "--temperature: must be a finite number >= 0, got -0.5",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--temperature", "nan"],
+            "--temperature: must be a finite number",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--iteration", "0"],
+            "--iteration: must be >= 1, got 0",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--seed", "-1"],
+            "--seed: must be >= 0",
+        ),
+        (
+            ["generate", "RUN", "--configuration", "C", "--prompt", "x", "--prior", "1,inf"],
+            "weights must be finite",
+        ),
+        (["run", "c.yaml", "--workers", "-1"], "--workers: must be >= 0, got -1"),
+        (["plan", "c.yaml", "--vocab-size", "0"], "--vocab-size: must be >= 1, got 0"),
+        (
+            ["plan", "c.yaml", "--vocab-size", "lots"],
+            "--vocab-size: expected an integer, got 'lots'",
+        ),
+    ],
+)
+def test_number_arguments_are_range_checked(capsys, arguments: list[str], expected: str):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err

@@ -6,6 +6,7 @@ Every subcommand calls the same function the tests call; nothing about the metho
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=_int_at_least(1),
         help="vocabulary size to plan with before the data is prepared (default: the BPE's "
         "configured size, or the pretrained tokenizer's)",
     )
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=STAGES, help="last stage to run")
     p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
     p.add_argument("--address", help="Ray cluster address (with --runner ray)")
-    p.add_argument("--workers", type=int, help="concurrent jobs (0: automatic)")
+    p.add_argument("--workers", type=_int_at_least(0), help="concurrent jobs (0: automatic)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = add(
@@ -309,15 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
     p.add_argument(
         "--iteration",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="the ensemble after this iteration (default: last)",
     )
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
+    p.add_argument(
+        "--temperature", type=_finite_at_least(0.0), default=0.0, help="0: greedy (default)"
+    )
+    p.add_argument(
+        "--top-k", type=_int_at_least(1), default=None, help="sample from the k likeliest tokens"
+    )
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
     prior = p.add_mutually_exclusive_group()
     prior.add_argument(
@@ -344,6 +349,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= minimum (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_at_least(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _weights(text: str) -> list[float]:
     try:
         weights = [float(part) for part in text.split(",")]
@@ -351,6 +386,8 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
         ) from None
+    if not all(math.isfinite(w) for w in weights):
+        raise argparse.ArgumentTypeError(f"weights must be finite numbers: {text!r}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise argparse.ArgumentTypeError(f"weights must be non-negative, not all 0: {text!r}")
     return weights

@@ -20,12 +20,13 @@ import json
 import os
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from hdee.config import Corpus, HFSource, LocalSource
 from hdee.data import DataError
+from hdee.data.hub import cache_only, offline_reason, unreachable_message
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -354,6 +355,7 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
 
     label = f"{corpus_label(corpus)}: dataset {source.path!r}"
     local = _hf_local_path(source)
+    offline: str | None = None
     try:
         if (
             local is not None
@@ -365,15 +367,19 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
             if source.split is not None:
                 loaded = loaded[source.split]
         else:
-            loaded = datasets.load_dataset(
-                source.path,
-                source.name,
-                split=source.split,
-                streaming=source.streaming,
-                revision=source.revision,
-                data_files=source.data_files,
-            )
+            offline = None if _needs_no_hub(source) else offline_reason()
+            with cache_only() if offline else nullcontext():
+                loaded = datasets.load_dataset(
+                    source.path,
+                    source.name,
+                    split=source.split,
+                    streaming=source.streaming,
+                    revision=source.revision,
+                    data_files=source.data_files,
+                )
     except Exception as error:  # datasets raises many types; all mean "cannot read this"
+        if offline:
+            raise DataError(unreachable_message(label, offline)) from None
         raise DataError(f"{label}: cannot load ({type(error).__name__}: {error})") from None
 
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -384,6 +390,24 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
             yield from _iter_hf_split(loaded[name], tag, source, f"{label} split {name!r}")
     else:
         yield from _iter_hf_split(loaded, None, source, label)
+
+
+def _needs_no_hub(source: HFSource) -> bool:
+    """A local dataset directory or script, or a packaged builder (json, parquet, text, csv)
+    over files that are all local, loads without the hub."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    if _hf_local_path(source) is not None:
+        return True
+    if source.path not in _PACKAGED_DATASETS_MODULES:
+        return False
+    files = source.data_files
+    names = [
+        name
+        for value in (files.values() if isinstance(files, dict) else [files])
+        for name in ([value] if isinstance(value, str) else value or [])
+    ]
+    return all("://" not in name for name in names)
 
 
 def _own_splits(names: list[str]) -> list[tuple[str, str | None]]:
