@@ -63,12 +63,30 @@ class HFSource(_Strict):
 class LocalSource(_Strict):
     """Local files: globs of .txt/.md (one document per file), .jsonl/.json/.parquet (one
     document per record, text in `text_field`), or directories of them; text, jsonl and json
-    may be compressed (.gz, .zst)."""
+    may be compressed (.gz, .zst). `split_documents` cuts each of those into smaller documents,
+    so one big text file per domain is enough."""
 
     type: Literal["local"] = "local"
     paths: list[str] = Field(min_length=1, description="Files, directories or glob patterns.")
     text_field: str = Field("text", description="Field holding the text in jsonl/json/parquet.")
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    split_documents: Literal["none", "paragraphs", "chars"] = Field(
+        "none",
+        description="'none': a file (or record) is one document; 'paragraphs': every run of "
+        "text between blank lines is one; 'chars': chunks of about `chunk_chars` characters, "
+        "cut at line ends.",
+    )
+    chunk_chars: int | None = Field(
+        None, ge=100, description="Characters per document with split_documents 'chars'."
+    )
+
+    @model_validator(mode="after")
+    def _chunking(self) -> LocalSource:
+        if self.split_documents == "chars" and self.chunk_chars is None:
+            raise ValueError("split_documents 'chars' needs chunk_chars (e.g. 4000)")
+        if self.split_documents != "chars" and self.chunk_chars is not None:
+            raise ValueError("chunk_chars is only used with split_documents: chars")
+        return self
 
 
 Source = Annotated[HFSource | LocalSource, Field(discriminator="type")]

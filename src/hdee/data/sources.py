@@ -18,6 +18,7 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -171,7 +172,7 @@ def iter_documents(corpus: Corpus) -> Iterator[Document]:
     disappears)."""
     source = corpus.source
     if isinstance(source, LocalSource):
-        docs = _iter_local(corpus, source)
+        docs = split_documents(_iter_local(corpus, source), source)
         limit = source.max_documents
         for count, doc in enumerate(docs):
             if limit is not None and count >= limit:
@@ -199,6 +200,56 @@ def _iter_local(corpus: Corpus, source: LocalSource) -> Iterator[Document]:
             text = _decode(corpus, path, _read_bytes(corpus, path), 0)
             if text:
                 yield Document(text, None, str(path))
+
+
+def split_documents(docs: Iterator[Document], source: LocalSource) -> Iterator[Document]:
+    """Each document cut as `source.split_documents` says (see LocalSource)."""
+    if source.split_documents == "none":
+        yield from docs
+        return
+    for doc in docs:
+        if source.split_documents == "paragraphs":
+            pieces = paragraphs(doc.text)
+        else:
+            assert source.chunk_chars is not None
+            pieces = chunks(doc.text, source.chunk_chars)
+        for piece in pieces:
+            yield Document(piece, doc.split, doc.origin)
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def paragraphs(text: str) -> list[str]:
+    """The runs of text between blank lines (a line of only spaces is blank), stripped."""
+    return [part.strip() for part in _BLANK_LINES.split(text) if part.strip()]
+
+
+def chunks(text: str, size: int) -> list[str]:
+    """Consecutive pieces of about `size` characters that end at line ends, so no line is cut;
+    a single line longer than `size` is cut at spaces (or, without any, every `size`)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    length = 0
+    for line in _short_lines(text, size):
+        if current and length + len(line) > size:
+            pieces.append("".join(current))
+            current, length = [], 0
+        current.append(line)
+        length += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _short_lines(text: str, size: int) -> Iterator[str]:
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:
+            cut = line.rfind(" ", 0, size) + 1 or size
+            yield line[:cut]
+            line = line[cut:]
+        if line:
+            yield line
 
 
 def _open_binary(corpus: Corpus, path: Path) -> IO[bytes]:
