@@ -42,6 +42,8 @@ _SPLIT_ALIASES = {
     "dev": "validation",
     "test": "test",
 }
+# The datasets library's builders for plain files (`load_dataset("json", data_files=...)`).
+_PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml", "sql")
 _PARQUET_BATCH_ROWS = 1024
 _HF_BATCH_ROWS = 1000
 
@@ -446,11 +448,9 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
 def _needs_no_hub(source: HFSource) -> bool:
     """A local dataset directory or script, or a packaged builder (json, parquet, text, csv)
     over files that are all local, loads without the hub."""
-    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-
     if _hf_local_path(source) is not None:
         return True
-    if source.path not in _PACKAGED_DATASETS_MODULES:
+    if source.path not in _PACKAGED_BUILDERS:
         return False
     files = source.data_files
     names = [
