@@ -4,32 +4,40 @@
 # TORCH_SPEC pins PyTorch in one place. The default is the CPU wheel this project is developed
 # on; on a GPU machine override it, e.g. `make demo TORCH_SPEC="torch==2.5.1"` or with an index:
 # `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`.
+#
+# CONSTRAINTS pins every other dependency to the versions the test suite last passed with, so a
+# fresh clone installs what was tested (pyproject.toml keeps compatible ranges for other
+# installs). Update it deliberately: scripts/freeze-constraints.py says how. `CONSTRAINTS=`
+# (empty) installs the newest versions the ranges allow instead.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS ?= constraints.txt
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_ARGS ?=
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test lint format bench clean help
+.PHONY: demo test lint format bench constraints clean help
 
 help:
 	@echo "make demo   - create $(VENV), install hdee, run the built-in HDEE demo on a CPU"
 	@echo "make test   - create $(VENV), install hdee with dev extras, run the test suite"
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - run the benchmarks in benchmarks/ (minutes)"
+	@echo "make constraints - rewrite constraints.txt from $(VENV) (after a deliberate upgrade)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Stamp files make the install idempotent: re-running make does not reinstall.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet $(PIP_CONSTRAINTS) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet $(PIP_CONSTRAINTS) -e ".[dev]"
 	touch $@
 
 # The demo's text comes from Debian packages where it can (installed when we may: root or
@@ -53,6 +61,11 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_evaluate.py
+
+# Pins what $(VENV) holds now; run `make test` on it first (see scripts/freeze-constraints.py).
+constraints: $(VENV)/.installed-dev
+	$(BIN)/python scripts/freeze-constraints.py > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

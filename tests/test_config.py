@@ -92,3 +92,122 @@ def test_every_shipped_config_loads():
     assert configs, "configs/ holds no YAML files"
     for path in configs:
         load_config(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing silently wrong: duplicate keys, infinite numbers, empty files, list overrides
+
+MINIMAL = (
+    "run_dir: out\n"
+    "data:\n"
+    "  general: {name: g, source: {type: local, paths: [g]}}\n"
+    "  domains:\n"
+    "    - {name: a, source: {type: local, paths: [a]}}\n"
+)
+
+
+def test_a_duplicate_top_level_block_is_refused_with_file_line_and_key(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL + "plan:\n  iterations: 1\nseed: 1\nplan:\n  iterations: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}:9:")  # the second `plan:` is on line 9
+    assert "duplicate key 'plan'" in message and "first given on line 6" in message
+
+
+def test_a_duplicate_nested_key_is_refused_with_its_key_path(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        MINIMAL + "seeds:\n  training:\n    steps: 12\n    lr: 0.001\n    steps: 5000\n"
+    )
+    with pytest.raises(ConfigError, match=r"c\.yaml:10: duplicate key 'seeds\.training\.steps'"):
+        load_config(path)
+
+
+def test_a_duplicate_key_inside_a_list_item_names_the_item(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL + "    - {name: b, name: c, source: {type: local, paths: [b]}}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'data\.domains\.1\.name'"):
+        load_config(path)
+
+
+def test_yaml_merge_keys_may_override(tmp_path: Path):
+    """`<<: *base` followed by the same key is YAML's override idiom, not a duplicate."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        MINIMAL
+        + "seeds:\n  training: &base {steps: 12, lr: 0.001}\n"
+        + "experts:\n  training:\n    <<: *base\n    steps: 5\n"
+    )
+    config = load_config(path)
+    assert config.experts.training.steps == 5 and config.experts.training.lr == 0.001
+
+
+def test_an_empty_file_says_so(tmp_path: Path):
+    for text in ("", "# only a comment\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
+            load_config(path)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_infinite_numbers_are_refused_with_the_key(tmp_path: Path, value: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL + f"model:\n  rope_theta: {value}\n")
+    with pytest.raises(ConfigError, match="model.rope_theta: Input should be a finite number"):
+        load_config(path)
+
+
+def test_infinite_numbers_are_refused_through_overrides(config_dict):
+    with pytest.raises(ConfigError, match="seeds.training.lr: Input should be a finite number"):
+        parse_config(config_dict, "exp.yaml", overrides={"seeds.training.lr": float("inf")})
+    with pytest.raises(ConfigError, match=r"plan.budget_tolerance: Input should be a finite"):
+        parse_config(config_dict, "exp.yaml", overrides={"plan.budget_tolerance": float("inf")})
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"easy": ["d0", "d0"], "moderate": ["d1", "d2"], "difficult": ["d3", "d4"]},
+        {"easy": ["d0", "d1"], "moderate": ["d2", "d3"], "difficult": ["d4", "d0"]},
+    ],
+)
+def test_a_domain_appears_once_in_an_explicit_schedule(config_dict, schedule):
+    config_dict["plan"].update(iterations=2, schedule=schedule)
+    with pytest.raises(ConfigError, match="'d0' is already scheduled in plan.schedule.easy"):
+        parse_config(config_dict)
+
+
+def test_overrides_reach_list_items_by_index(config_dict):
+    config = parse_config(
+        config_dict,
+        overrides={
+            "plan.configurations": [
+                {"name": "A", "sizes": {"easy": "M"}, "steps": {"easy": 4}},
+                {"name": "B", "sizes": {"easy": "M"}, "steps": {"easy": 4}},
+            ],
+            "plan.baseline": "A",
+            "plan.configurations.1.steps.easy": 300,
+            "data.domains.0.source.paths.0": "elsewhere",
+        },
+    )
+    assert config.plan.configurations[1].steps == {"easy": 300}
+    assert config.plan.configurations[0].steps == {"easy": 4}
+    assert config.data.domains[0].source.paths == ["elsewhere"]
+
+
+@pytest.mark.parametrize(
+    ("dotted", "expected"),
+    [
+        ("data.domains.12.name", r"data.domains has 12 item\(s\) \(0 to 11\), no item 12"),
+        ("data.domains.first.name", "data.domains is a list; expected an item number"),
+        ("plan.configurations.1.steps.easy", "plan.configurations is not in the config file"),
+        ("run_dir.x", "run_dir is not a mapping or a list"),
+        ("plan..iterations", "empty key"),
+    ],
+)
+def test_bad_list_overrides_say_what_is_wrong(config_dict, dotted, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(config_dict, overrides={dotted: 3})

@@ -202,3 +202,114 @@ def test_a_plan_file_of_another_version_or_format_is_refused(config_dict, tmp_pa
     path.write_text("{not json")
     with pytest.raises(RecordError, match="corrupt JSON"):
         Plan.read(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# check_plannable: what the config alone decides, before any stage runs
+
+
+def _configurations(sizes: dict[str, str], steps: int = 4) -> list[dict]:
+    lanes = ("easy", "moderate", "difficult")
+    return [{"name": "MHo-IHo", "sizes": sizes, "steps": dict.fromkeys(lanes, steps)}]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda r: r["plan"].update(
+                configurations=_configurations({"easy": "M", "moderate": "XL", "difficult": "M"})
+            ),
+            r"plan\.configurations\.0\.sizes\.moderate \('MHo-IHo'\): unknown size 'XL'",
+        ),
+        (lambda r: r.update(seeds={"sizes": ["M", "XXL"]}), r"seeds\.sizes\.1: unknown size 'XXL'"),
+        (
+            lambda r: r.update(difficulty={"seed_size": "Q"}),
+            r"difficulty\.seed_size: unknown size 'Q'",
+        ),
+        # 9 trainable domains under terciles: 3 per class, so 4 iterations cannot be filled.
+        (
+            lambda r: r["plan"].update(iterations=4),
+            r"plan\.iterations: 4 iterations need 4 domains per class, but difficulty\.method "
+            r"'tercile' splits the 9 trainable domains into classes of easy 3, moderate 3, "
+            r"difficult 3: too few for \['difficult', 'easy', 'moderate'\]",
+        ),
+        (
+            lambda r: r.update(
+                difficulty={
+                    "method": "fixed",
+                    "fixed": {f"d{i}": "easy" if i < 7 else "difficult" for i in range(9)},
+                }
+            ),
+            r"difficulty\.fixed gives classes of easy 7, moderate 0, difficult 2: too few for "
+            r"\['difficult', 'moderate'\]",
+        ),
+        (
+            lambda r: r.update(difficulty={"method": "fixed", "fixed": {"d0": "easy"}}),
+            r"difficulty\.fixed: no class for trainable domain\(s\) \['d1'",
+        ),
+        (
+            lambda r: (
+                r.update(difficulty={"method": "thresholds", "thresholds": [5, 50]})
+                or r["plan"].update(iterations=4)
+            ),
+            r"plan\.iterations: 4 iterations of 3 lanes need at least 12 trainable domains, the "
+            r"config has 9",
+        ),
+        (
+            lambda r: r["plan"]["configurations"][1]["steps"].update(easy=9000),
+            r"differ from the baseline 'MHo-IHo' by more than plan\.budget_tolerance",
+        ),
+    ],
+)
+def test_check_plannable_refuses_with_the_key(config_dict, mutate, expected):
+    from hdee.plan import check_plannable
+
+    config_dict["plan"]["configurations"] = [
+        {"name": c.name, "sizes": dict(c.sizes), "steps": dict(c.steps)}
+        for c in parse_config(config_dict).plan.configurations
+    ]
+    mutate(config_dict)
+    with pytest.raises(PlanError, match=expected):
+        check_plannable(parse_config(config_dict))
+
+
+def test_check_plannable_accepts_what_the_planner_accepts(config_dict):
+    from hdee.plan import check_plannable
+
+    check_plannable(parse_config(config_dict))
+    # 3 iterations over 9 trainable domains fill every tercile exactly.
+    config_dict["plan"]["iterations"] = 3
+    check_plannable(parse_config(config_dict))
+
+
+def test_tercile_class_sizes_match_the_classifier():
+    """The planner's numpy-free count must agree with how difficulty.py really splits."""
+    from hdee.difficulty import tercile_groups
+    from hdee.plan import tercile_class_sizes
+
+    for n in range(3, 17):
+        groups = tercile_groups([f"d{i}" for i in range(n)])
+        counted = {
+            cls: list(groups.values()).count(cls) for cls in ("easy", "moderate", "difficult")
+        }
+        assert tercile_class_sizes(n) == counted, n
+
+
+def test_flop_budgets_of_an_unknown_pretrained_vocabulary_wait_for_prepare(config_dict):
+    """With a hub tokenizer whose size is not known yet, a FLOP-measured budget cannot be
+    compared; it must not be compared with a made-up vocabulary size either."""
+    from hdee.plan import check_plannable
+
+    config_dict["data"]["tokenizer"] = {"kind": "pretrained", "name_or_path": "some/tokenizer"}
+    lanes = ("easy", "moderate", "difficult")
+    config_dict["plan"]["configurations"] = [
+        {"name": "MHo-IHo", "sizes": dict.fromkeys(lanes, "M"), "steps": dict.fromkeys(lanes, 400)},
+        # Equal |FFN| x steps (160 x 320 = 128 x 400), fewer steps: fewer attention FLOPs.
+        {"name": "big", "sizes": dict.fromkeys(lanes, "L"), "steps": dict.fromkeys(lanes, 320)},
+    ]
+    config_dict["plan"]["budget_measure"] = "flops"
+    config = parse_config(config_dict)
+    check_plannable(config)  # 'big' differs from the baseline in FLOPs with any vocabulary
+    with pytest.raises(PlanError, match="in the flops budget"):
+        check_plannable(config, vocab_size=300)

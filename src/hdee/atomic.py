@@ -16,6 +16,40 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only
+    read it by setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` would give a new file (0644 under umask 022). mkstemp and mkdtemp
+    create 0600 / 0700 whatever the umask, which would lock other users (a shared group, a
+    results server) out of a run directory."""
+    return 0o666 & ~current_umask()
+
+
+def directory_mode() -> int:
+    return 0o777 & ~current_umask()
+
+
+def named_os_error(error: OSError, path: str | Path) -> OSError:
+    """`error` with `path` named when it names no file: a failed write() says only
+    "[Errno 28] No space left on device", not which of a run's many files it was writing."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return OSError(error.errno, error.strerror, str(path))
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -33,16 +67,22 @@ def _fsync_dir(path: Path) -> None:
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` if the block succeeds."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as error:
+        raise named_os_error(error, target) from error
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as error:
+        raise named_os_error(error, target) from error
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -74,8 +114,12 @@ def read_json(path: str | Path) -> Any:
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces `target` as a whole."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        os.chmod(tmp, directory_mode())
+    except OSError as error:
+        raise named_os_error(error, target) from error
     try:
         yield tmp
         if target.exists():
@@ -89,6 +133,8 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as error:
+        raise named_os_error(error, target) from error
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

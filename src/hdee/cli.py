@@ -6,6 +6,7 @@ Every subcommand calls the same function the tests call; nothing about the metho
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -40,13 +41,27 @@ environment:
 QUIET_HELP = "no progress bars or lines (the same as HDEE_PROGRESS=0)"
 
 
-def _overrides(pairs: list[str] | None) -> dict[str, Any]:
+def _overrides(
+    pairs: list[str] | None, command: str | None = None, sections: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """KEY=VALUE pairs of --set. With `sections`, only keys under those sections are allowed:
+    a command that reads a finished run cannot change what was trained."""
     result: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. plan.iterations=2")
         key, value = pair.split("=", 1)
-        result[key.strip()] = yaml.safe_load(value)
+        key = key.strip()
+        if sections and key.split(".")[0] not in sections:
+            allowed = ", ".join(f"{section}.*" for section in sections)
+            raise ConfigError(
+                f"--set {pair!r}: `hdee {command}` only takes {allowed} keys; the run's other "
+                "settings (data, models, plan, seed) are fixed by what it trained"
+            )
+        try:
+            result[key] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({error})") from None
     return result
 
 
@@ -54,13 +69,16 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides=_overrides(getattr(args, "set", None)))
 
 
-def _run_config(run_dir: str, extra: list[str] | None = None) -> ExperimentConfig:
-    """The resolved config a run directory holds (its run_dir pointed at where it is now)."""
+def _run_config(
+    run_dir: str, extra: list[str] | None = None, command: str = "evaluate"
+) -> ExperimentConfig:
+    """The resolved config a run directory holds (its run_dir pointed at where it is now).
+    `extra` (--set) may change evaluation settings only."""
     path = RunLayout.of(run_dir).config
     if not path.is_file():
         raise ConfigError(f"{path}: not found; is {run_dir!r} a run directory made by `hdee run`?")
-    overrides = {"run_dir": str(Path(run_dir).resolve()), **_overrides(extra)}
-    return load_config(path, overrides=overrides)
+    changes = _overrides(extra, command, sections=("evaluation",))
+    return load_config(path, overrides={"run_dir": str(Path(run_dir).resolve()), **changes})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,12 +103,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     from hdee.console import stdout_console
     from hdee.pipeline import current_classes, training_manifests
-    from hdee.plan import build_plan
+    from hdee.plan import build_plan, check_plannable
     from hdee.show import print_plan
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
-    vocab_size = _vocab_size_before_prepare(config, layout, args.vocab_size)
+    known_vocab_size = _known_vocab_size(config, layout, args.vocab_size)
+    # Everything decidable from the config is checked before a hub tokenizer is fetched.
+    check_plannable(config, known_vocab_size)
+    vocab_size = known_vocab_size or _pretrained_vocab_size(config)
     plan = build_plan(
         config,
         vocab_size,
@@ -102,8 +123,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
         print(plan.model_dump_json(indent=2))
 
 
-def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int | None) -> int:
-    """The prepared tokenizer's size if there is one, else what prepare will produce."""
+def _known_vocab_size(config: ExperimentConfig, layout: Any, given: int | None) -> int | None:
+    """The prepared tokenizer's size if there is one, else what prepare will produce where that
+    is known without loading a pretrained tokenizer (None when it is not)."""
     if (layout.tokenizer / "tokenizer.json").is_file():
         from hdee.pipeline import prepared_vocab
 
@@ -112,6 +134,10 @@ def _vocab_size_before_prepare(config: ExperimentConfig, layout: Any, given: int
         return given
     if config.data.tokenizer.kind == "bpe":
         return config.data.tokenizer.vocab_size
+    return None
+
+
+def _pretrained_vocab_size(config: ExperimentConfig) -> int:
     from hdee.data import DataError
     from hdee.data.tokenizer import load_pretrained
 
@@ -159,14 +185,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
 
-    config = _run_config(args.run, args.set)
+    config = _run_config(args.run, args.set, "evaluate")
     evaluate_run(config, RunLayout.of(config.run_dir), progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from hdee.report import write_report
 
-    config = _run_config(args.run)
+    config = _run_config(args.run, command="report")
     print(write_report(config, RunLayout.of(config.run_dir)))
 
 
@@ -268,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     p.add_argument(
         "--vocab-size",
-        type=int,
+        type=_int_at_least(1),
         help="vocabulary size to plan with before the data is prepared (default: the BPE's "
         "configured size, or the pretrained tokenizer's)",
     )
@@ -299,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=STAGES, help="last stage to run")
     p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
     p.add_argument("--address", help="Ray cluster address (with --runner ray)")
-    p.add_argument("--workers", type=int, help="concurrent jobs (0: automatic)")
+    p.add_argument("--workers", type=_int_at_least(0), help="concurrent jobs (0: automatic)")
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = add(
@@ -324,15 +350,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
     p.add_argument(
         "--iteration",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="the ensemble after this iteration (default: last)",
     )
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
+    p.add_argument(
+        "--temperature", type=_finite_at_least(0.0), default=0.0, help="0: greedy (default)"
+    )
+    p.add_argument(
+        "--top-k", type=_int_at_least(1), default=None, help="sample from the k likeliest tokens"
+    )
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
     prior = p.add_mutually_exclusive_group()
     prior.add_argument(
@@ -413,6 +443,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _int_at_least(minimum: int) -> Any:
+    """An argparse type: an integer >= minimum (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_at_least(minimum: float) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
 def _weights(text: str) -> list[float]:
     try:
         weights = [float(part) for part in text.split(",")]
@@ -420,6 +480,8 @@ def _weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
         ) from None
+    if not all(math.isfinite(w) for w in weights):
+        raise argparse.ArgumentTypeError(f"weights must be finite numbers: {text!r}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise argparse.ArgumentTypeError(f"weights must be non-negative, not all 0: {text!r}")
     return weights
@@ -457,9 +519,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         # HDEE_DEBUG=1 shows the traceback too.
         if os.environ.get("HDEE_DEBUG"):
             raise
-        print(f"hdee {args.command}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        print(f"hdee {args.command}: error: {_describe(error, args)}", file=sys.stderr)
+        return 2 if _is_config_error(error) else 1
     return 0
+
+
+def _is_config_error(error: BaseException) -> bool:
+    # A plan that cannot be made is a config to change, as is a config that does not validate.
+    from hdee.plan import PlanError
+
+    return isinstance(error, (ConfigError, PlanError))
+
+
+def _describe(error: BaseException, args: argparse.Namespace) -> str:
+    """The error's message, with the config file named where the message lacks it (a plan
+    error names the key only)."""
+    config_path = getattr(args, "config", None)
+    if config_path is None and getattr(args, "run", None):
+        config_path = str(Path(args.run) / "config.yaml")
+    message = str(error)
+    if _is_config_error(error) and config_path and not message.startswith(str(config_path)):
+        message = f"{config_path}: {message}"
+    return message
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    # Unknown keys are almost always typos; refuse them instead of silently ignoring.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Unknown keys are almost always typos; refuse them instead of silently ignoring. An
+    # infinite or NaN number (`lr: .inf`) is never a meaningful setting: refuse it too.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,12 +63,30 @@ class HFSource(_Strict):
 class LocalSource(_Strict):
     """Local files: globs of .txt/.md (one document per file), .jsonl/.json/.parquet (one
     document per record, text in `text_field`), or directories of them; text, jsonl and json
-    may be compressed (.gz, .zst)."""
+    may be compressed (.gz, .zst). `split_documents` cuts each of those into smaller documents,
+    so one big text file per domain is enough."""
 
     type: Literal["local"] = "local"
     paths: list[str] = Field(min_length=1, description="Files, directories or glob patterns.")
     text_field: str = Field("text", description="Field holding the text in jsonl/json/parquet.")
     max_documents: int | None = Field(None, gt=0, description="Read at most this many documents.")
+    split_documents: Literal["none", "paragraphs", "chars"] = Field(
+        "none",
+        description="'none': a file (or record) is one document; 'paragraphs': every run of "
+        "text between blank lines is one; 'chars': chunks of about `chunk_chars` characters, "
+        "cut at line ends.",
+    )
+    chunk_chars: int | None = Field(
+        None, ge=100, description="Characters per document with split_documents 'chars'."
+    )
+
+    @model_validator(mode="after")
+    def _chunking(self) -> LocalSource:
+        if self.split_documents == "chars" and self.chunk_chars is None:
+            raise ValueError("split_documents 'chars' needs chunk_chars (e.g. 4000)")
+        if self.split_documents != "chars" and self.chunk_chars is not None:
+            raise ValueError("chunk_chars is only used with split_documents: chars")
+        return self
 
 
 Source = Annotated[HFSource | LocalSource, Field(discriminator="type")]
@@ -377,6 +396,9 @@ class ExperimentConfig(_Strict):
             if name not in names:
                 raise ValueError(f"plan.held_out: {name!r} is not a domain in data.domains")
         if isinstance(self.plan.schedule, dict):
+            # A domain trains in one lane at one iteration; twice would train its expert twice
+            # and count it twice in the ensemble.
+            placed: dict[str, str] = {}
             for cls, lane in self.plan.schedule.items():
                 if cls not in DIFFICULTY_CLASSES:
                     raise ValueError(
@@ -392,6 +414,13 @@ class ExperimentConfig(_Strict):
                         raise ValueError(f"plan.schedule.{cls}: {name!r} is not in data.domains")
                     if name in self.plan.held_out:
                         raise ValueError(f"plan.schedule.{cls}: {name!r} is also held out")
+                    if name in placed:
+                        raise ValueError(
+                            f"plan.schedule.{cls}: {name!r} is already scheduled in "
+                            f"plan.schedule.{placed[name]}; a domain may appear once in the "
+                            "whole schedule"
+                        )
+                    placed[name] = cls
         if self.difficulty.fixed:
             for name in self.difficulty.fixed:
                 if name not in names:
@@ -484,7 +513,10 @@ def parse_config(
     path = Path(source)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
+    try:
+        raw = json.loads(json.dumps(raw))  # deep copy, and rejects non-JSON values early
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{path}: a value is not plain data ({error})") from None
     if overrides:
         for dotted, value in overrides.items():
             _set_dotted(raw, dotted, value)
@@ -502,19 +534,91 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not valid UTF-8 ({error})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    raw = read_yaml(text, path)
     return parse_config(raw, path, base_dir=path.parent.resolve(), overrides=overrides)
 
 
+def read_yaml(text: str, path: Path | str = "<config>") -> Any:
+    """Parse one YAML document, refusing a key given twice in one mapping (plain YAML keeps
+    the last one silently, so a second `plan:` block would quietly replace the first)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(f"{path}: the file is empty (expected an experiment config)")
+        _refuse_duplicate_keys(node, path, "", set())
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    finally:
+        loader.dispose()
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: Path | str, where: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked (or a recursive one)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                # `<<: *defaults` then an explicit key is YAML's way to override: allowed.
+                _refuse_duplicate_keys(value_node, path, where, seen)
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            dotted = f"{where}.{key}" if where else str(key)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(
+                    f"{path}:{line}: duplicate key {dotted!r} (first given on line "
+                    f"{first_line[key]}); YAML would silently keep only the last one"
+                )
+            first_line[key] = line
+            _refuse_duplicate_keys(value_node, path, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{where}.{index}" if where else str(index), seen)
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.2.c` in nested dicts and lists (a number indexes a list, from 0)."""
     keys = dotted.split(".")
-    node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {key!r} is not a mapping")
-    node[keys[-1]] = value
+    if not all(keys):
+        raise ConfigError(f"override {dotted!r}: empty key (expected e.g. plan.iterations)")
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        here = ".".join(keys[:depth]) or "the top level"
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise ConfigError(
+                    f"override {dotted!r}: {here} is a list; expected an item number, got {key!r}"
+                )
+            index = int(key)
+            if index >= len(node):
+                raise ConfigError(
+                    f"override {dotted!r}: {here} has {len(node)} item(s) (0 to "
+                    f"{len(node) - 1}), no item {index}"
+                )
+        elif isinstance(node, dict):
+            if not last and key not in node:
+                if keys[depth + 1].isdigit():
+                    raise ConfigError(
+                        f"override {dotted!r}: {'.'.join(keys[: depth + 1])} is not in the "
+                        "config file, so it has no items to change; write the list in the file"
+                    )
+                node[key] = {}
+        else:
+            raise ConfigError(f"override {dotted!r}: {here} is not a mapping or a list")
+        if last:
+            if isinstance(node, list):
+                node[int(key)] = value
+            else:
+                node[key] = value
+        else:
+            node = node[int(key)] if isinstance(node, list) else node[key]

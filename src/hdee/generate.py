@@ -101,7 +101,9 @@ def generate_ids(
         with inference_autocast(device):
             out = model(input_ids=prompt, use_cache=True)
         lp = torch.log_softmax(out.logits[0].double(), dim=-1)  # [L, V]
-        caches.append(out.past_key_values)
+        # The model's own Cache object (a DynamicCache), passed back as is: transformers
+        # removes the `past_key_values` argument and legacy tuple caches (5.40).
+        caches.append(out.cache)
         next_lp.append(lp[-1].cpu())
         if prompt.shape[1] > 1:
             token_lp = lp[:-1].gather(1, prompt[0, 1:, None]).squeeze(1).cpu()
@@ -122,8 +124,8 @@ def generate_ids(
         step = torch.tensor([[token]], dtype=torch.long, device=device)
         for j, model in enumerate(models):
             with inference_autocast(device):
-                out = model(input_ids=step, past_key_values=caches[j], use_cache=True)
-            caches[j] = out.past_key_values
+                out = model(input_ids=step, cache=caches[j], use_cache=True)
+            caches[j] = out.cache
             next_lp[j] = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
 
     final = log_prior + evidence

@@ -20,7 +20,7 @@ from hdee.config import STAGES, ExperimentConfig, TrainingConfig
 from hdee.console import print_table, section, status, stderr_console
 from hdee.console import progress as progress_bar
 from hdee.layout import RunLayout
-from hdee.plan import build_plan
+from hdee.plan import build_plan, check_plannable
 from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.local import JobTask, run_jobs
@@ -293,6 +293,11 @@ def run_experiment(
     console = console or stderr_console()
     layout = RunLayout.of(config.run_dir)
     stages = select_stages(start, until)
+    # A config the planner will refuse is refused now, not after the seeds have trained.
+    known_vocab = (
+        prepared_vocab(layout)[0] if (layout.tokenizer / "tokenizer.json").is_file() else None
+    )
+    check_plannable(config, known_vocab)
     with run_lock(layout):
         save_resolved_config(config, layout)
         for stage in stages:

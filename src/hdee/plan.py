@@ -158,18 +158,108 @@ def tokens_per_step(config: ExperimentConfig, training) -> int:
 
 
 def _check_configurations(config: ExperimentConfig, lanes: list[str], shapes: dict) -> None:
-    for c in config.plan.configurations:
+    for index, c in enumerate(config.plan.configurations):
+        where = f"plan.configurations.{index}"
         for lane in lanes:
             if lane not in c.sizes or lane not in c.steps:
                 raise PlanError(
-                    f"plan.configurations[{c.name!r}]: no size/steps for lane {lane!r} "
+                    f"{where} ({c.name!r}): no size/steps for lane {lane!r} "
                     f"(needs sizes and steps for {lanes})"
                 )
             if c.sizes[lane] not in shapes:
                 raise PlanError(
-                    f"plan.configurations[{c.name!r}].sizes.{lane}: unknown size "
-                    f"{c.sizes[lane]!r}, the model defines {sorted(shapes)}"
+                    f"{where}.sizes.{lane} ({c.name!r}): unknown size {c.sizes[lane]!r}, the "
+                    f"model defines {sorted(shapes)}"
                 )
+
+
+def _check_seed_sizes(config: ExperimentConfig, shapes: dict) -> None:
+    for index, size in enumerate(config.seeds.sizes or []):
+        if size not in shapes:
+            raise PlanError(
+                f"seeds.sizes.{index}: unknown size {size!r}, the model defines {sorted(shapes)}"
+            )
+    if config.difficulty.seed_size and config.difficulty.seed_size not in shapes:
+        raise PlanError(
+            f"difficulty.seed_size: unknown size {config.difficulty.seed_size!r}, the model "
+            f"defines {sorted(shapes)}"
+        )
+
+
+def tercile_class_sizes(domains: int) -> dict[str, int]:
+    """How many domains each class gets when `domains` are split into terciles: as
+    difficulty.tercile_groups (numpy.array_split) does, the first classes take the remainder.
+    Here without numpy or torch, so `hdee plan` stays instant."""
+    base, extra = divmod(domains, len(DIFFICULTY_CLASSES))
+    return {cls: base + (1 if k < extra else 0) for k, cls in enumerate(DIFFICULTY_CLASSES)}
+
+
+def _check_class_capacity(config: ExperimentConfig) -> None:
+    """Every lane needs `plan.iterations` distinct domains of its class. With an explicit
+    schedule the config has checked that already; with 'auto' it is decidable before the seeds
+    run for the 'tercile' and 'fixed' methods (class sizes follow from the domain count or the
+    fixed classes) and, as a lower bound, for 'thresholds'."""
+    if isinstance(config.plan.schedule, dict):
+        return
+    iterations = config.plan.iterations
+    trainable = config.trainable_domains
+    lanes = lanes_of(config)
+    remedy = "add domains to data.domains, hold fewer out (plan.held_out), or lower plan.iterations"
+    method = config.difficulty.method
+    if method == "fixed":
+        fixed = config.difficulty.fixed or {}
+        unclassified = [d for d in trainable if d not in fixed]
+        if unclassified:
+            raise PlanError(
+                f"difficulty.fixed: no class for trainable domain(s) {unclassified} (every "
+                "domain not in plan.held_out needs one)"
+            )
+        counts = {lane: sum(fixed[d] == lane for d in trainable) for lane in lanes}
+        how = "difficulty.fixed gives"
+    elif method == "tercile":
+        counts = tercile_class_sizes(len(trainable))
+        how = f"difficulty.method 'tercile' splits the {len(trainable)} trainable domains into"
+    else:
+        needed = iterations * len(lanes)
+        if len(trainable) < needed:
+            raise PlanError(
+                f"plan.iterations: {iterations} iterations of {len(lanes)} lanes need at least "
+                f"{needed} trainable domains, the config has {len(trainable)} (data.domains "
+                f"minus plan.held_out); {remedy}"
+            )
+        return
+    short = {lane: counts[lane] for lane in lanes if counts[lane] < iterations}
+    if short:
+        listing = ", ".join(f"{lane} {count}" for lane, count in counts.items())
+        raise PlanError(
+            f"plan.iterations: {iterations} iterations need {iterations} domains per class, but "
+            f"{how} classes of {listing}: too few for {sorted(short)}; {remedy}"
+        )
+
+
+def check_plannable(config: ExperimentConfig, vocab_size: int | None = None) -> None:
+    """Every check the planner can decide from the config alone, so `hdee plan` and `hdee run`
+    refuse a config before any stage runs rather than after hours of seed training: sizes that
+    exist, classes that can hold `plan.iterations` domains, equal budgets. Raises PlanError
+    naming the key.
+
+    `vocab_size` is the tokenizer's size where known; without it a BPE's configured size is
+    used. A pretrained tokenizer's size is not in the config: then budgets measured in FLOPs are
+    not compared here (the 'seeds' stage plans with the prepared tokenizer and compares them).
+    """
+    shapes = model_shapes(config.model)
+    _check_configurations(config, lanes_of(config), shapes)
+    _check_seed_sizes(config, shapes)
+    _check_class_capacity(config)
+    if vocab_size is None and config.data.tokenizer.kind == "bpe":
+        vocab_size = config.data.tokenizer.vocab_size
+    if vocab_size is None:
+        vocab_size = config.data.tokenizer.vocab_size  # only the unchecked FLOP counts use it
+        if "flops" in (config.plan.budget_measure, config.plan.equalise):
+            config = config.model_copy(
+                update={"plan": config.plan.model_copy(update={"allow_unequal_budgets": True})}
+            )
+    build_plan(config, vocab_size)
 
 
 def build_plan(
@@ -217,9 +307,8 @@ def build_plan(
     seeds: dict[str, str] = {}
     seed_training = config.seeds.training
     seed_budget = Budget(proxy=0.0, flops=0.0)
+    _check_seed_sizes(config, shapes)
     for size in seed_sizes(config):
-        if size not in shapes:
-            raise PlanError(f"seed size {size!r} is not a model size {sorted(shapes)}")
         identity = {
             "kind": "seed",
             "shape": asdict(shapes[size]),

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hdee.config import Corpus, ExperimentConfig, stable_hash
+from hdee.config import Corpus, ExperimentConfig, LocalSource, stable_hash
 from hdee.console import Bar, status
 from hdee.console import progress as progress_bar
 from hdee.data import DataError
@@ -157,8 +157,15 @@ def routed_documents(
     except DataError:
         raise
     except ValueError as error:  # too few documents for the splits
+        hint = ""
+        if isinstance(corpus.source, LocalSource) and corpus.source.split_documents == "none":
+            hint = (
+                " (a text file is one document; to cut big files into many, set the source's "
+                "split_documents: paragraphs, or chars with chunk_chars)"
+            )
         raise DataError(
-            f"corpus {corpus.name!r} ({describe_source(corpus)}): too small for its splits: {error}"
+            f"corpus {corpus.name!r} ({describe_source(corpus)}): too small for its splits: "
+            f"{error}{hint}"
         ) from None
 
 

@@ -18,14 +18,16 @@ import gzip
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from hdee.config import Corpus, HFSource, LocalSource
 from hdee.data import DataError
+from hdee.data.hub import cache_only, offline_reason, unreachable_message
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -40,6 +42,8 @@ _SPLIT_ALIASES = {
     "dev": "validation",
     "test": "test",
 }
+# The datasets library's builders for plain files (`load_dataset("json", data_files=...)`).
+_PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow", "pandas", "xml", "sql")
 _PARQUET_BATCH_ROWS = 1024
 _HF_BATCH_ROWS = 1000
 
@@ -170,7 +174,7 @@ def iter_documents(corpus: Corpus) -> Iterator[Document]:
     disappears)."""
     source = corpus.source
     if isinstance(source, LocalSource):
-        docs = _iter_local(corpus, source)
+        docs = split_documents(_iter_local(corpus, source), source)
         limit = source.max_documents
         for count, doc in enumerate(docs):
             if limit is not None and count >= limit:
@@ -198,6 +202,56 @@ def _iter_local(corpus: Corpus, source: LocalSource) -> Iterator[Document]:
             text = _decode(corpus, path, _read_bytes(corpus, path), 0)
             if text:
                 yield Document(text, None, str(path))
+
+
+def split_documents(docs: Iterator[Document], source: LocalSource) -> Iterator[Document]:
+    """Each document cut as `source.split_documents` says (see LocalSource)."""
+    if source.split_documents == "none":
+        yield from docs
+        return
+    for doc in docs:
+        if source.split_documents == "paragraphs":
+            pieces = paragraphs(doc.text)
+        else:
+            assert source.chunk_chars is not None
+            pieces = chunks(doc.text, source.chunk_chars)
+        for piece in pieces:
+            yield Document(piece, doc.split, doc.origin)
+
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n\s*")
+
+
+def paragraphs(text: str) -> list[str]:
+    """The runs of text between blank lines (a line of only spaces is blank), stripped."""
+    return [part.strip() for part in _BLANK_LINES.split(text) if part.strip()]
+
+
+def chunks(text: str, size: int) -> list[str]:
+    """Consecutive pieces of about `size` characters that end at line ends, so no line is cut;
+    a single line longer than `size` is cut at spaces (or, without any, every `size`)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    length = 0
+    for line in _short_lines(text, size):
+        if current and length + len(line) > size:
+            pieces.append("".join(current))
+            current, length = [], 0
+        current.append(line)
+        length += len(line)
+    if current:
+        pieces.append("".join(current))
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+def _short_lines(text: str, size: int) -> Iterator[str]:
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:
+            cut = line.rfind(" ", 0, size) + 1 or size
+            yield line[:cut]
+            line = line[cut:]
+        if line:
+            yield line
 
 
 def _open_binary(corpus: Corpus, path: Path) -> IO[bytes]:
@@ -354,6 +408,7 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
 
     label = f"{corpus_label(corpus)}: dataset {source.path!r}"
     local = _hf_local_path(source)
+    offline: str | None = None
     try:
         if (
             local is not None
@@ -365,15 +420,19 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
             if source.split is not None:
                 loaded = loaded[source.split]
         else:
-            loaded = datasets.load_dataset(
-                source.path,
-                source.name,
-                split=source.split,
-                streaming=source.streaming,
-                revision=source.revision,
-                data_files=source.data_files,
-            )
+            offline = None if _needs_no_hub(source) else offline_reason()
+            with cache_only() if offline else nullcontext():
+                loaded = datasets.load_dataset(
+                    source.path,
+                    source.name,
+                    split=source.split,
+                    streaming=source.streaming,
+                    revision=source.revision,
+                    data_files=source.data_files,
+                )
     except Exception as error:  # datasets raises many types; all mean "cannot read this"
+        if offline:
+            raise DataError(unreachable_message(label, offline)) from None
         raise DataError(f"{label}: cannot load ({type(error).__name__}: {error})") from None
 
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
@@ -384,6 +443,22 @@ def _iter_hf(corpus: Corpus, source: HFSource) -> Iterator[Document]:
             yield from _iter_hf_split(loaded[name], tag, source, f"{label} split {name!r}")
     else:
         yield from _iter_hf_split(loaded, None, source, label)
+
+
+def _needs_no_hub(source: HFSource) -> bool:
+    """A local dataset directory or script, or a packaged builder (json, parquet, text, csv)
+    over files that are all local, loads without the hub."""
+    if _hf_local_path(source) is not None:
+        return True
+    if source.path not in _PACKAGED_BUILDERS:
+        return False
+    files = source.data_files
+    names = [
+        name
+        for value in (files.values() if isinstance(files, dict) else [files])
+        for name in ([value] if isinstance(value, str) else value or [])
+    ]
+    return all("://" not in name for name in names)
 
 
 def _own_splits(names: list[str]) -> list[tuple[str, str | None]]:

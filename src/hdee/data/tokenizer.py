@@ -21,6 +21,7 @@ import numpy as np
 from hdee.atomic import atomic_directory, read_json, write_json
 from hdee.config import stable_hash
 from hdee.data import DataError
+from hdee.data.hub import offline_reason, unreachable_message
 
 EOS_TOKEN = "<|endoftext|>"
 INFO_FILE = "hdee_tokenizer.json"
@@ -82,12 +83,18 @@ def load_pretrained(name_or_path: str) -> Any:
     """A pretrained fast tokenizer with an EOS token (added as `<|endoftext|>` if it has none)."""
     from transformers import AutoTokenizer
 
+    what = f"tokenizer {name_or_path!r}"
+    local = Path(name_or_path).expanduser()
+    if not local.exists() and looks_like_a_path(name_or_path):
+        raise DataError(f"{what}: no such file or directory")
+    # A hub name: when the hub cannot be reached, read the cache only (seconds, not retries).
+    offline = None if local.exists() else offline_reason()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=bool(offline))
     except Exception as error:  # hub / file errors come in many types
-        raise DataError(
-            f"tokenizer {name_or_path!r}: cannot load ({type(error).__name__}: {error})"
-        ) from None
+        if offline:
+            raise DataError(unreachable_message(what, offline)) from None
+        raise DataError(f"{what}: cannot load ({type(error).__name__}: {error})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(
             f"tokenizer {name_or_path!r}: not a fast (tokenizers-backed) tokenizer; hdee needs "
@@ -96,6 +103,12 @@ def load_pretrained(name_or_path: str) -> Any:
     if tokenizer.eos_token_id is None:
         tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
     return tokenizer
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else with a slash or a leading `.`/`~` is
+    meant as a local path (and a missing one should be reported as such)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _capped(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

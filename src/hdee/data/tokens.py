@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hdee.atomic import read_json, write_json
+from hdee.atomic import file_mode, named_os_error, read_json, write_json
 
 TOKEN_FORMAT = "hdee-tokens"
 TOKEN_FORMAT_VERSION = 1
@@ -94,7 +94,10 @@ class TokenWriter:
             )
         data = ids.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
         self._hash.update(data)
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise named_os_error(error, self.bin_path) from error
         self.num_tokens += int(ids.size)
 
     @property
@@ -103,10 +106,14 @@ class TokenWriter:
 
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Finish the file, move it into place, write and return the full manifest."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        os.replace(self._tmp, self.bin_path)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.chmod(self._tmp, file_mode())  # mkstemp made it 0600
+            os.replace(self._tmp, self.bin_path)
+        except OSError as error:
+            raise named_os_error(error, self.bin_path) from error
         self._done = True
         full = {
             "format": TOKEN_FORMAT,
