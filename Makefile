@@ -31,9 +31,10 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # Stamp files make the install idempotent: re-running make does not reinstall.
+# The demo installs the `tasks` extra too: it ends with lm-evaluation-harness on built-in tasks.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet $(PIP_CONSTRAINTS) -e .
+	$(BIN)/python -m pip install --quiet $(PIP_CONSTRAINTS) -e ".[tasks]"
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml $(CONSTRAINTS) $(VENV)/.installed

@@ -12,6 +12,7 @@ from hdee.atomic import read_json
 from hdee.cli import main
 from hdee.config import load_config
 from hdee.layout import RunLayout
+from hdee.records import TasksResults
 
 
 @pytest.fixture
@@ -50,6 +51,11 @@ def test_quick_demo_runs_the_whole_experiment(tmp_path: Path):
 
     report = (layout.report_markdown).read_text()
     assert "## Trained domains" in report and "## Held-out domains" in report
+    # The demo ends with the built-in downstream tasks, scored for every configuration.
+    tasks = TasksResults.read(layout.tasks_results)
+    assert {"MHo-IHo", "MHo-IHe", "MHe-IHo"} <= set(tasks.systems)
+    assert set(tasks.tasks) == {"hdee_next_chunk", "hdee_cloze"}
+    assert "## Downstream tasks" in report
 
     # Running it again resumes: nothing is retrained.
     before = {p: p.stat().st_mtime_ns for p in layout.jobs.glob("*/result.json")}

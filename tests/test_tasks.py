@@ -162,3 +162,11 @@ def test_missing_harness_and_bad_tasks_are_one_clear_line(
     assert main(["tasks", str(tiny_finished_run), "--tasks", "builtin"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hdee[tasks]" in err
+
+
+def test_builtin_items_take_turns_by_domain_so_a_limit_samples_every_domain() -> None:
+    from hdee.tasks import _round_robin
+
+    groups = [[{"d": "a", "i": 1}, {"d": "a", "i": 2}], [{"d": "b", "i": 1}], []]
+    assert [(r["d"], r["i"]) for r in _round_robin(groups)] == [("a", 1), ("b", 1), ("a", 2)]
+    assert _round_robin([]) == []

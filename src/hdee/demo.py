@@ -7,18 +7,23 @@ the same `run_experiment` that `hdee run` uses. Running it again resumes.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import yaml
 from rich.console import Console
 
 from hdee.atomic import read_json, write_text
-from hdee.config import parse_config
-from hdee.console import section, stderr_console
+from hdee.config import ExperimentConfig, parse_config
+from hdee.console import section, status, stderr_console
 from hdee.demo_corpus import demo_config as corpus_config
 from hdee.demo_corpus import gather_demo_corpus
 from hdee.layout import RunLayout
 from hdee.pipeline import run_experiment
+
+# Documents per built-in task scored in the demo (each configuration's ensemble and each of its
+# experts answers every one): enough for an accuracy to mean something, minutes on a CPU.
+DEMO_TASK_LIMIT = {True: 48, False: 160}
 
 
 def default_run_dir(quick: bool) -> Path:
@@ -56,7 +61,25 @@ def run_demo(
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     config = parse_config(raw, config_path)
     layout = run_experiment(config, progress=progress, console=console)
+    run_builtin_tasks(config, layout, quick, progress, console)
     report = layout.report_markdown
     console.print(f"\n[bold]Demo finished.[/] Report: {report}")
     console.print(f"Config: {config_path}  (re-run with `hdee run {config_path}`)")
     return layout
+
+
+def run_builtin_tasks(
+    config: ExperimentConfig, layout: RunLayout, quick: bool, progress: bool, console: Console
+) -> None:
+    """Downstream accuracy on the two built-in tasks made from the demo's own test text (next
+    chunk among four, cloze), then the report again with their table beside the perplexities.
+    Skipped, with a note, where lm-evaluation-harness is not installed (`hdee[tasks]`)."""
+    if importlib.util.find_spec("lm_eval") is None:
+        status("downstream tasks skipped: pip install 'hdee[tasks]' to add them", console)
+        return
+    from hdee.report import write_report
+    from hdee.tasks import run_tasks
+
+    section("tasks", console)
+    run_tasks(layout.root, "builtin", limit=DEMO_TASK_LIMIT[quick], progress=False)
+    write_report(config, layout)

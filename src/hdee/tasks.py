@@ -136,6 +136,13 @@ def _task_yaml(name: str, data_file: Path, body: dict[str, Any]) -> str:
     return yaml.safe_dump(spec, sort_keys=False)
 
 
+def _round_robin(groups: list[list[dict]]) -> list[dict]:
+    """The first item of every group, then every second item, ...: [[a1, a2], [b1]] ->
+    [a1, b1, a2]."""
+    longest = max((len(group) for group in groups), default=0)
+    return [group[i] for i in range(longest) for group in groups if i < len(group)]
+
+
 def build_builtin_tasks(
     run_dir: str | Path,
     out_dir: str | Path | None = None,
@@ -148,13 +155,13 @@ def build_builtin_tasks(
     out = Path(out_dir) if out_dir is not None else layout.builtin_tasks
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     domains = list(Plan.read(layout.plan).domain_kinds())
-    choice_rows, cloze_rows = [], []
-    for domain in domains:
-        choice, cloze = builtin_items(
-            _documents(layout.root, domain, tokenizer), domain, items_per_domain, seed
-        )
-        choice_rows += choice
-        cloze_rows += cloze
+    per_domain = [
+        builtin_items(_documents(layout.root, domain, tokenizer), domain, items_per_domain, seed)
+        for domain in domains
+    ]
+    # Domains take turns, so the harness's --limit N (the first N items) samples every domain.
+    choice_rows = _round_robin([choice for choice, _ in per_domain])
+    cloze_rows = _round_robin([cloze for _, cloze in per_domain])
     if not choice_rows:
         raise ValueError(f"{layout.root}: the test splits are too short to build any task item")
     files = {
