@@ -63,6 +63,11 @@ from hdee.shapes import parameter_counts, training_flops_per_token
 LOG_EVERY = 10  # optimizer steps between training-loss log lines (plus the first and last)
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the job stops before anything (a log row,
+    validation, a checkpoint, `final/`) consumes it. Deterministic, so a retry fails the same."""
+
+
 class TrainSpec(BaseModel):
     """Everything that determines one training job's result."""
 
@@ -446,6 +451,9 @@ def train_steps(
     tc, runtime, spec = job.training, job.runtime, job.spec
     outcome = LoopOutcome(job.start_step, job.resumed.get("last_loss"), None)
     window_start, window_tokens = time.perf_counter(), 0
+    # (step, lr, loss, grad norm) as device tensors, checked for finiteness only where the loop
+    # reads the device anyway (log rows, validation, checkpoints): no extra sync per step.
+    unchecked: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
     with progress_bar(
         f"{spec.kind} {job.layout.root.name}",
         total=tc.steps,
@@ -458,8 +466,15 @@ def train_steps(
             loss_sum, grad_norm = _optimizer_step(job, step, lr)  # tensors: no device sync
             done = outcome.step = step + 1
             window_tokens += job.tokens_per_step
+            unchecked.append((done, lr, loss_sum, grad_norm))
 
-            if done == 1 or done % LOG_EVERY == 0 or done == tc.steps:
+            log_due = done == 1 or done % LOG_EVERY == 0 or done == tc.steps
+            eval_due = bool(job.validation) and (done % tc.eval_every == 0 or done == tc.steps)
+            checkpoint_due = done % tc.checkpoint_every == 0
+            if log_due or eval_due or checkpoint_due:
+                _check_finite(job, unchecked, weights=eval_due or checkpoint_due)
+                unchecked.clear()
+            if log_due:
                 (mean_loss,) = _all_reduce_sum([float(loss_sum) / tc.grad_accum], runtime)
                 outcome.last_loss = mean_loss / runtime.world_size
                 now = time.perf_counter()
@@ -483,10 +498,10 @@ def train_steps(
             bar.update(done)
 
             paused = False
-            if job.validation and (done % tc.eval_every == 0 or done == tc.steps):
+            if eval_due:
                 outcome.last_eval = (done, _log_validation(job, metrics, done))
                 paused = True
-            if done % tc.checkpoint_every == 0:
+            if checkpoint_due:
                 if runtime.is_main:
                     _save_step_checkpoint(job, done, lr, outcome.last_loss)
                 paused = True
@@ -495,6 +510,48 @@ def train_steps(
             if stop_after is not None and done >= stop_after and done < tc.steps:
                 break
     return outcome
+
+
+def _check_finite(
+    job: Job,
+    unchecked: list[tuple[int, float, torch.Tensor, torch.Tensor | None]],
+    weights: bool,
+) -> None:
+    """Raise TrainingDiverged naming the first step whose loss or gradient norm is not finite
+    (and, with `weights`, when the weights the next validation or checkpoint would read are
+    not). One device read for all unchecked steps; under DDP every rank raises together."""
+    if not unchecked:
+        return
+    values = [loss for _, _, loss, _ in unchecked]
+    values += [norm for _, _, _, norm in unchecked if norm is not None]
+    bad = ~torch.isfinite(torch.stack([v.float() for v in values]))
+    if weights:
+        # The last step's update can overflow with a finite loss and gradient before it.
+        params = [p.detach() for p in job.raw_model.parameters()]
+        bad = torch.cat([bad, ~torch.stack([torch.isfinite(p).all() for p in params]).all()[None]])
+    flags = bad.tolist()
+    (bad_ranks,) = _all_reduce_sum([float(any(flags))], job.runtime)
+    if not bad_ranks:
+        return
+    step, lr, loss, norm = unchecked[-1]
+    weights_only = ", and the weights after it are not finite"
+    for entry in unchecked:
+        entry_loss, entry_norm = entry[2], entry[3]
+        if not math.isfinite(float(entry_loss)) or (
+            entry_norm is not None and not math.isfinite(float(entry_norm))
+        ):
+            step, lr, loss, norm = entry
+            weights_only = ""
+            break
+    what = f"loss {float(loss) / job.training.grad_accum:.6g}"
+    what += f", gradient norm {float(norm):.6g}" if norm is not None else ""
+    what += weights_only
+    raise TrainingDiverged(
+        f"{job.spec.kind} job {job.layout.root.name} diverged at step {step}: {what}, "
+        f"learning rate {lr:.6g} (not finite: nothing from this step on was logged or saved, "
+        f"{job.layout.root} keeps its earlier checkpoints). Lower training.lr, lengthen "
+        "training.warmup_steps or set training.grad_clip"
+    )
 
 
 def _optimizer_step(job: Job, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
