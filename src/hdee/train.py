@@ -53,6 +53,7 @@ from hdee.console import progress as progress_bar
 from hdee.console import warn
 from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, read_manifest
+from hdee.integrity import verify_model_dir, weights_sha256
 from hdee.layout import JobLayout
 from hdee.metrics import MetricsLogger
 from hdee.model import attention_implementation, load_model, save_model
@@ -378,7 +379,9 @@ def _initial_model(
     spec: TrainSpec, config: LlamaConfig, runtime: Runtime, attn: str
 ) -> LlamaForCausalLM:
     if spec.init_from:
-        # The "branch" of Branch-Train-Merge: start from the parent's weights.
+        # The "branch" of Branch-Train-Merge: start from the parent's weights, as the parent
+        # recorded them when it finished.
+        verify_model_dir(spec.init_from)
         model = load_model(spec.init_from, runtime.device, torch.float32, attn)
         _check_same_architecture(spec.init_from, model.config, config)
         return model
@@ -628,7 +631,12 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
     else:  # resumed from a checkpoint of the last step
         final_eval = _log_validation(job, metrics, tc.steps)
     total_params, non_embedding = parameter_counts(job.raw_model.config)
+    if job.runtime.is_main:
+        save_model(job.raw_model, job.layout.final)
+    if job.runtime.ddp:
+        dist.barrier()  # final/ exists before any rank goes on
     result = JobResult(
+        weights_sha256=weights_sha256(job.layout.final),
         kind=job.spec.kind,
         steps=tc.steps,
         tokens=tc.steps * job.tokens_per_step,
@@ -641,7 +649,6 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
         world_size=job.runtime.world_size,
     )
     if job.runtime.is_main:
-        save_model(job.raw_model, job.layout.final)
         result.write(job.layout.result)
     if job.runtime.ddp:
         dist.barrier()  # no rank returns before the result exists
