@@ -7,9 +7,9 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from fault_helpers import an_expert, copy_run, hdee
 from safetensors import safe_open
 
-from fault_helpers import an_expert, copy_run, hdee
 from hdee.layout import RunLayout
 from hdee.model import WEIGHTS_NAME
 from hdee.records import JobResult, Plan
