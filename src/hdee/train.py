@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hdee.atomic import read_json, write_json
@@ -93,9 +93,11 @@ class TrainSpec(BaseModel):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The spec without where it lives: a moved job directory still resumes."""
+        """What determines the weights: the spec without where it lives (a moved job directory
+        still resumes) and without cadence or device (a resumed job may change them)."""
         data = self.model_dump(mode="json")
         data.pop("output_dir")
+        data["training"] = self.training.weight_settings()
         return data
 
 
@@ -291,8 +293,8 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
     if runtime.is_main:
         layout.root.mkdir(parents=True, exist_ok=True)
         cleanup_temporaries(layout)
-        if not layout.spec.exists():
-            write_json(layout.spec, spec.model_dump(mode="json"))
+        if not layout.spec.exists() or read_json(layout.spec) != spec.model_dump(mode="json"):
+            write_json(layout.spec, spec.model_dump(mode="json"))  # e.g. a changed cadence
 
     train_tokens = load_tokens(spec.train_tokens)
     validation = {name: load_tokens(path) for name, path in spec.validation.items()}
@@ -336,8 +338,10 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
 
 def _check_spec(layout: JobLayout, spec: TrainSpec) -> None:
     if layout.spec.exists():
-        stored = read_json(layout.spec)
-        stored.pop("output_dir", None)
+        try:
+            stored = TrainSpec.model_validate(read_json(layout.spec)).identity()
+        except ValidationError:
+            stored = None
         if stored != spec.identity():
             raise ValueError(
                 f"{layout.spec}: this job directory holds a different job; use a new output_dir "
@@ -647,6 +651,8 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
         parameters=total_params,
         non_embedding_parameters=non_embedding,
         world_size=job.runtime.world_size,
+        device=job.runtime.device.type,
+        precision="bf16" if job.runtime.amp_dtype == torch.bfloat16 else "fp32",
     )
     if job.runtime.is_main:
         result.write(job.layout.result)
