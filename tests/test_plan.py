@@ -313,3 +313,30 @@ def test_flop_budgets_of_an_unknown_pretrained_vocabulary_wait_for_prepare(confi
     check_plannable(config)  # 'big' differs from the baseline in FLOPs with any vocabulary
     with pytest.raises(PlanError, match="in the flops budget"):
         check_plannable(config, vocab_size=300)
+
+
+def test_job_ids_hash_what_determines_the_weights_and_nothing_else(config_dict):
+    """Cadence and device settings leave every job id as it is; a setting that changes the
+    weights (learning rate, precision, DDP ranks) changes them."""
+
+    def ids(seeds: dict | None = None, experts: dict | None = None, **sections) -> list[str]:
+        raw = json.loads(json.dumps(config_dict))
+        raw["seeds"] = {"training": seeds or {}}
+        raw["experts"] = {"training": experts or {}}
+        raw.update(sections)
+        return sorted(plan_for(raw).jobs)
+
+    base = ids()
+    cadence = {
+        "eval_every": 7,
+        "eval_batches": 3,
+        "checkpoint_every": 11,
+        "keep_checkpoints": 5,
+        "device": "cpu",
+    }
+    assert ids(seeds=cadence, experts=cadence) == base
+    assert ids(seeds={"device": "auto"}, experts={"device": "cuda:1"}) == base
+    for changed in ({"lr": 1e-3}, {"precision": "bf16"}, {"grad_clip": 0.5}):
+        assert set(ids(seeds=changed)).isdisjoint(base), changed
+        assert ids(experts=changed) != base, changed
+    assert set(ids(runner={"gpus_per_job": 2})).isdisjoint(base)

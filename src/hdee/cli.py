@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,22 @@ def _config(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, overrides=_overrides(getattr(args, "set", None)))
 
 
+def _existing_run(run_dir: str) -> RunLayout:
+    """The layout of a run directory `hdee run` made (before a command locks or reads it)."""
+    layout = RunLayout.of(run_dir)
+    if not layout.config.is_file():
+        raise ConfigError(
+            f"{layout.config}: not found; is {run_dir!r} a run directory made by `hdee run`?"
+        )
+    return layout
+
+
 def _run_config(
     run_dir: str, extra: list[str] | None = None, command: str = "evaluate"
 ) -> ExperimentConfig:
     """The resolved config a run directory holds (its run_dir pointed at where it is now).
     `extra` (--set) may change evaluation settings only."""
-    path = RunLayout.of(run_dir).config
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found; is {run_dir!r} a run directory made by `hdee run`?")
+    path = _existing_run(run_dir).config
     changes = _overrides(extra, command, sections=("evaluation",))
     return load_config(path, overrides={"run_dir": str(Path(run_dir).resolve()), **changes})
 
@@ -93,7 +102,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
-    with run_lock(layout):
+    with run_lock(layout, "hdee prepare"):
         save_resolved_config(config, layout)
         summary = prepare_data(config, layout, progress=not args.quiet)
     statuses = {name: entry["status"] for name, entry in summary["corpora"].items()}
@@ -158,9 +167,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_jobs(args: argparse.Namespace) -> None:
     from hdee.pipeline import write_stage_specs
+    from hdee.rundir import run_lock
 
     config = _config(args)
-    for job, spec_path in write_stage_specs(config, RunLayout.of(config.run_dir), args.stage):
+    layout = RunLayout.of(config.run_dir)
+    with run_lock(layout, "hdee jobs"):  # writes plan.json and the spec files
+        listed = write_stage_specs(config, layout, args.stage)
+    for job, spec_path in listed:
         print(job.job_id, job.iteration or 0, job.init_from or "-", spec_path)
 
 
@@ -184,16 +197,23 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
+    from hdee.rundir import run_lock
 
     config = _run_config(args.run, args.set, "evaluate")
-    evaluate_run(config, RunLayout.of(config.run_dir), progress=not args.quiet)
+    layout = RunLayout.of(config.run_dir)
+    with run_lock(layout, "hdee evaluate"):
+        evaluate_run(config, layout, progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from hdee.report import write_report
+    from hdee.rundir import run_lock
 
     config = _run_config(args.run, command="report")
-    print(write_report(config, RunLayout.of(config.run_dir)))
+    layout = RunLayout.of(config.run_dir)
+    with run_lock(layout, "hdee report"):
+        report = write_report(config, layout)
+    print(report)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -218,31 +238,37 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from hdee.export import export_ensemble
+    from hdee.rundir import run_lock
 
-    out = export_ensemble(
-        args.run,
-        args.configuration,
-        args.out,
-        iteration=args.iteration,
-        members=args.members,
-        prior=args.prior,
-        posterior=args.posterior,
-        experts=args.experts,
-    )
+    inside_run = Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
+    lock = run_lock(_existing_run(args.run), "hdee export") if inside_run else nullcontext()
+    with lock:
+        out = export_ensemble(
+            args.run,
+            args.configuration,
+            args.out,
+            iteration=args.iteration,
+            members=args.members,
+            prior=args.prior,
+            posterior=args.posterior,
+            experts=args.experts,
+        )
     print(out)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
+    from hdee.rundir import run_lock
     from hdee.tasks import run_tasks
 
-    run_tasks(
-        args.run,
-        args.tasks,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
+    with run_lock(_existing_run(args.run), "hdee tasks"):
+        run_tasks(
+            args.run,
+            args.tasks,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

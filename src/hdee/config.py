@@ -226,6 +226,24 @@ class TrainingConfig(_Strict):
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
 
+    def weight_settings(self) -> dict[str, Any]:
+        """The settings that determine the trained weights: what a job id hashes and what a
+        resumed job must keep. Cadence (`eval_every`, `eval_batches`, `checkpoint_every`,
+        `keep_checkpoints`) and where it runs (`device`) are left out (docs/config.md)."""
+        return self.model_dump(mode="json", exclude=set(NOT_WEIGHT_SETTINGS))
+
+
+# TrainingConfig settings that never change a job's weights: when it validates, checkpoints
+# and prunes (resume is exact, validation reads no randomness), and the device it runs on
+# ("auto" and "cpu" on a CPU machine are the same job; see docs/config.md for why "cuda" is too).
+NOT_WEIGHT_SETTINGS = (
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "device",
+)
+
 
 class SeedsConfig(_Strict):
     sizes: list[str] | None = Field(

@@ -37,6 +37,7 @@ from hdee.ensemble import (
     posterior_weights,
     simple_average,
 )
+from hdee.integrity import verify_job
 from hdee.layout import RunLayout
 from hdee.records import (
     ConfigurationResults,
@@ -50,7 +51,7 @@ from hdee.records import (
 from hdee.scoring import load_expert, resolve_device, window_log_probs
 
 CACHE_FORMAT = "hdee-label-logprobs"
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: keyed by the expert's weights sha256
 CSV_COLUMNS = (
     "configuration",
     "iteration",
@@ -93,12 +94,19 @@ def _windows_fingerprint(tokens: np.ndarray, seq_len: int, count: int) -> str:
 
 
 def _cache_metadata(
-    job_id: str, domain: str, split: str, seq_len: int, count: int, fingerprint: str
+    job_id: str,
+    domain: str,
+    split: str,
+    seq_len: int,
+    count: int,
+    fingerprint: str,
+    weights_sha256: str,
 ) -> dict[str, str]:
     return {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
         "job_id": job_id,
+        "weights_sha256": weights_sha256,
         "domain": domain,
         "split": split,
         "seq_len": str(seq_len),
@@ -155,7 +163,10 @@ class _LogProbCache:
 
     def metadata(self, job_id: str, domain: str, split: str) -> dict[str, str]:
         _, count, fingerprint = self.windows(domain, split)
-        return _cache_metadata(job_id, domain, split, self.seq_len, count, fingerprint)
+        # Verified against the job's result.json first (IntegrityError naming the file): a
+        # cached log-prob is only ever reused for the very weights it was computed from.
+        weights = verify_job(self.layout.job(job_id))
+        return _cache_metadata(job_id, domain, split, self.seq_len, count, fingerprint, weights)
 
     def get(self, job_id: str, domain: str, split: str) -> torch.Tensor:
         key = (job_id, domain, split)

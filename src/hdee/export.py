@@ -26,6 +26,7 @@ from hdee.atomic import atomic_directory
 from hdee.ensemble import POSTERIOR_MODES
 from hdee.generate import cached_prior_from_run
 from hdee.hf_ensemble import HdeeEnsembleConfig, HdeeEnsembleForCausalLM
+from hdee.integrity import verify_model_dir
 from hdee.layout import RunLayout
 from hdee.model import load_model
 from hdee.records import Plan
@@ -171,6 +172,7 @@ def build_ensemble(
         model_dir = layout.job(member.job_id).final
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: expert {member.name} is not trained yet")
+        verify_model_dir(model_dir)  # the weights its job recorded, or IntegrityError
         models.append(load_model(model_dir))
     config = HdeeEnsembleConfig(
         experts=[

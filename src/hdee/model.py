@@ -23,9 +23,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
 from hdee.atomic import atomic_directory
+from hdee.integrity import WEIGHTS_FILE
 from hdee.shapes import Architecture, ModelShape
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = WEIGHTS_FILE
 CONFIG_NAME = "config.json"
 
 

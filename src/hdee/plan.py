@@ -308,13 +308,15 @@ def build_plan(
     seed_training = config.seeds.training
     seed_budget = Budget(proxy=0.0, flops=0.0)
     _check_seed_sizes(config, shapes)
+    ranks = max(1, config.runner.gpus_per_job)  # DDP ranks: each adds a batch to a step
     for size in seed_sizes(config):
         identity = {
             "kind": "seed",
             "shape": asdict(shapes[size]),
             "vocab": vocab_size,
             "seq_len": seq_len,
-            "training": seed_training.model_dump(mode="json"),
+            "training": seed_training.weight_settings(),
+            "ranks": ranks,
             "data": fingerprints[config.data.general.name],
             "seed": config.seed,
         }
@@ -413,7 +415,8 @@ def build_plan(
                     "shape": asdict(shapes[size]),
                     "vocab": vocab_size,
                     "seq_len": seq_len,
-                    "training": training.model_dump(mode="json"),
+                    "training": training.weight_settings(),
+                    "ranks": ranks,
                     "data": fingerprints.get(domain, domain),
                     "init_from": previous[lane],
                     "seed": config.seed,

@@ -192,7 +192,7 @@ class ValidationScore(_Part):
 
 class JobResult(Record):
     format: Literal["hdee-job-result"] = "hdee-job-result"
-    version: Literal[1] = 1
+    version: Literal[2] = 2
     MADE_BY: ClassVar[str] = "the job (`hdee train SPEC` or `hdee run`)"
 
     kind: Literal["seed", "expert"]
@@ -205,6 +205,12 @@ class JobResult(Record):
     parameters: int
     non_embedding_parameters: int
     world_size: int
+    # Where it ran: not part of the job id (docs/config.md), so recorded here.
+    device: str  # "cpu", "cuda", ...
+    precision: Literal["fp32", "bf16"]
+    # sha256 of final/model.safetensors: every reader checks it (hdee.integrity), so weights
+    # changed after training never become a number.
+    weights_sha256: str
 
 
 # ----------------------------------------------------------------------------------------------

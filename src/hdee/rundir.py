@@ -24,8 +24,10 @@ class RunError(RuntimeError):
 
 
 @contextmanager
-def run_lock(layout: RunLayout) -> Iterator[None]:
-    """Stop two `hdee run`s from writing one directory (the lock dies with the process)."""
+def run_lock(layout: RunLayout, command: str = "hdee run") -> Iterator[None]:
+    """Stop two hdee commands from writing one run directory at once (`hdee run`, `prepare`,
+    `jobs`, `evaluate`, `report`, `tasks`, `export` into the run): the second is refused with
+    the first one's name and pid. The lock dies with the process."""
     layout.root.mkdir(parents=True, exist_ok=True)
     handle = open(layout.lock, "a+")  # noqa: SIM115 - held for the whole block
     try:
@@ -39,7 +41,7 @@ def run_lock(layout: RunLayout) -> Iterator[None]:
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"hdee run, pid {os.getpid()}\n")
+    handle.write(f"{command}, pid {os.getpid()}\n")
     handle.flush()
     try:
         yield

@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import LlamaForCausalLM
 
 from hdee.data.loaders import eval_batches
+from hdee.integrity import verify_model_dir
 from hdee.model import load_model
 
 Precision = Literal["auto", "fp32", "bf16"]
@@ -53,9 +54,12 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 
 def load_expert(model_dir: Path, device: torch.device) -> LlamaForCausalLM:
-    """A trained model from its HF directory, in eval mode (safetensors only: never unpickle)."""
+    """A trained model from its HF directory, in eval mode (safetensors only: never unpickle).
+    A finished job's `final/` must hold the weights its result.json records (IntegrityError
+    naming the file otherwise)."""
     if not (Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no trained model here (has its job finished?)")
+    verify_model_dir(model_dir)
     return load_model(model_dir, device=device).eval()
 
 

@@ -414,7 +414,7 @@ def run_tasks(
     lm_eval = require_harness()
     from hdee.config import load_config
     from hdee.export import build_ensemble, plan_ensembles, select_members
-    from hdee.model import load_model
+    from hdee.scoring import load_expert
 
     layout = RunLayout.of(run_dir)
     names, include = resolve_tasks(run_dir, tasks)
@@ -445,7 +445,7 @@ def run_tasks(
         )
         del model
     for job_id, member_names in singles.items():
-        model = load_model(layout.job(job_id).final, device=device).eval()
+        model = load_expert(layout.job(job_id).final, torch.device(device))
         systems[job_id] = _score(
             model,
             tokenizer,

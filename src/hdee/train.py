@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hdee.atomic import read_json, write_json
@@ -53,6 +53,7 @@ from hdee.console import progress as progress_bar
 from hdee.console import warn
 from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, read_manifest
+from hdee.integrity import verify_model_dir, weights_sha256
 from hdee.layout import JobLayout
 from hdee.metrics import MetricsLogger
 from hdee.model import attention_implementation, load_model, save_model
@@ -61,6 +62,11 @@ from hdee.scoring import autocast, label_log_probs, resolve_device, resolve_prec
 from hdee.shapes import parameter_counts, training_flops_per_token
 
 LOG_EVERY = 10  # optimizer steps between training-loss log lines (plus the first and last)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the job stops before anything (a log row,
+    validation, a checkpoint, `final/`) consumes it. Deterministic, so a retry fails the same."""
 
 
 class TrainSpec(BaseModel):
@@ -87,9 +93,11 @@ class TrainSpec(BaseModel):
         return self
 
     def identity(self) -> dict[str, Any]:
-        """The spec without where it lives: a moved job directory still resumes."""
+        """What determines the weights: the spec without where it lives (a moved job directory
+        still resumes) and without cadence or device (a resumed job may change them)."""
         data = self.model_dump(mode="json")
         data.pop("output_dir")
+        data["training"] = self.training.weight_settings()
         return data
 
 
@@ -285,8 +293,8 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
     if runtime.is_main:
         layout.root.mkdir(parents=True, exist_ok=True)
         cleanup_temporaries(layout)
-        if not layout.spec.exists():
-            write_json(layout.spec, spec.model_dump(mode="json"))
+        if not layout.spec.exists() or read_json(layout.spec) != spec.model_dump(mode="json"):
+            write_json(layout.spec, spec.model_dump(mode="json"))  # e.g. a changed cadence
 
     train_tokens = load_tokens(spec.train_tokens)
     validation = {name: load_tokens(path) for name, path in spec.validation.items()}
@@ -330,8 +338,10 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
 
 def _check_spec(layout: JobLayout, spec: TrainSpec) -> None:
     if layout.spec.exists():
-        stored = read_json(layout.spec)
-        stored.pop("output_dir", None)
+        try:
+            stored = TrainSpec.model_validate(read_json(layout.spec)).identity()
+        except ValidationError:
+            stored = None
         if stored != spec.identity():
             raise ValueError(
                 f"{layout.spec}: this job directory holds a different job; use a new output_dir "
@@ -373,7 +383,9 @@ def _initial_model(
     spec: TrainSpec, config: LlamaConfig, runtime: Runtime, attn: str
 ) -> LlamaForCausalLM:
     if spec.init_from:
-        # The "branch" of Branch-Train-Merge: start from the parent's weights.
+        # The "branch" of Branch-Train-Merge: start from the parent's weights, as the parent
+        # recorded them when it finished.
+        verify_model_dir(spec.init_from)
         model = load_model(spec.init_from, runtime.device, torch.float32, attn)
         _check_same_architecture(spec.init_from, model.config, config)
         return model
@@ -446,6 +458,9 @@ def train_steps(
     tc, runtime, spec = job.training, job.runtime, job.spec
     outcome = LoopOutcome(job.start_step, job.resumed.get("last_loss"), None)
     window_start, window_tokens = time.perf_counter(), 0
+    # (step, lr, loss, grad norm) as device tensors, checked for finiteness only where the loop
+    # reads the device anyway (log rows, validation, checkpoints): no extra sync per step.
+    unchecked: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
     with progress_bar(
         f"{spec.kind} {job.layout.root.name}",
         total=tc.steps,
@@ -458,8 +473,15 @@ def train_steps(
             loss_sum, grad_norm = _optimizer_step(job, step, lr)  # tensors: no device sync
             done = outcome.step = step + 1
             window_tokens += job.tokens_per_step
+            unchecked.append((done, lr, loss_sum, grad_norm))
 
-            if done == 1 or done % LOG_EVERY == 0 or done == tc.steps:
+            log_due = done == 1 or done % LOG_EVERY == 0 or done == tc.steps
+            eval_due = bool(job.validation) and (done % tc.eval_every == 0 or done == tc.steps)
+            checkpoint_due = done % tc.checkpoint_every == 0
+            if log_due or eval_due or checkpoint_due:
+                _check_finite(job, unchecked, weights=eval_due or checkpoint_due)
+                unchecked.clear()
+            if log_due:
                 (mean_loss,) = _all_reduce_sum([float(loss_sum) / tc.grad_accum], runtime)
                 outcome.last_loss = mean_loss / runtime.world_size
                 now = time.perf_counter()
@@ -483,10 +505,10 @@ def train_steps(
             bar.update(done)
 
             paused = False
-            if job.validation and (done % tc.eval_every == 0 or done == tc.steps):
+            if eval_due:
                 outcome.last_eval = (done, _log_validation(job, metrics, done))
                 paused = True
-            if done % tc.checkpoint_every == 0:
+            if checkpoint_due:
                 if runtime.is_main:
                     _save_step_checkpoint(job, done, lr, outcome.last_loss)
                 paused = True
@@ -495,6 +517,48 @@ def train_steps(
             if stop_after is not None and done >= stop_after and done < tc.steps:
                 break
     return outcome
+
+
+def _check_finite(
+    job: Job,
+    unchecked: list[tuple[int, float, torch.Tensor, torch.Tensor | None]],
+    weights: bool,
+) -> None:
+    """Raise TrainingDiverged naming the first step whose loss or gradient norm is not finite
+    (and, with `weights`, when the weights the next validation or checkpoint would read are
+    not). One device read for all unchecked steps; under DDP every rank raises together."""
+    if not unchecked:
+        return
+    values = [loss for _, _, loss, _ in unchecked]
+    values += [norm for _, _, _, norm in unchecked if norm is not None]
+    bad = ~torch.isfinite(torch.stack([v.float() for v in values]))
+    if weights:
+        # The last step's update can overflow with a finite loss and gradient before it.
+        params = [p.detach() for p in job.raw_model.parameters()]
+        bad = torch.cat([bad, ~torch.stack([torch.isfinite(p).all() for p in params]).all()[None]])
+    flags = bad.tolist()
+    (bad_ranks,) = _all_reduce_sum([float(any(flags))], job.runtime)
+    if not bad_ranks:
+        return
+    step, lr, loss, norm = unchecked[-1]
+    weights_only = ", and the weights after it are not finite"
+    for entry in unchecked:
+        entry_loss, entry_norm = entry[2], entry[3]
+        if not math.isfinite(float(entry_loss)) or (
+            entry_norm is not None and not math.isfinite(float(entry_norm))
+        ):
+            step, lr, loss, norm = entry
+            weights_only = ""
+            break
+    what = f"loss {float(loss) / job.training.grad_accum:.6g}"
+    what += f", gradient norm {float(norm):.6g}" if norm is not None else ""
+    what += weights_only
+    raise TrainingDiverged(
+        f"{job.spec.kind} job {job.layout.root.name} diverged at step {step}: {what}, "
+        f"learning rate {lr:.6g} (not finite: nothing from this step on was logged or saved, "
+        f"{job.layout.root} keeps its earlier checkpoints). Lower training.lr, lengthen "
+        "training.warmup_steps or set training.grad_clip"
+    )
 
 
 def _optimizer_step(job: Job, step: int, lr: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -571,7 +635,12 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
     else:  # resumed from a checkpoint of the last step
         final_eval = _log_validation(job, metrics, tc.steps)
     total_params, non_embedding = parameter_counts(job.raw_model.config)
+    if job.runtime.is_main:
+        save_model(job.raw_model, job.layout.final)
+    if job.runtime.ddp:
+        dist.barrier()  # final/ exists before any rank goes on
     result = JobResult(
+        weights_sha256=weights_sha256(job.layout.final),
         kind=job.spec.kind,
         steps=tc.steps,
         tokens=tc.steps * job.tokens_per_step,
@@ -582,9 +651,10 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
         parameters=total_params,
         non_embedding_parameters=non_embedding,
         world_size=job.runtime.world_size,
+        device=job.runtime.device.type,
+        precision="bf16" if job.runtime.amp_dtype == torch.bfloat16 else "fp32",
     )
     if job.runtime.is_main:
-        save_model(job.raw_model, job.layout.final)
         result.write(job.layout.result)
     if job.runtime.ddp:
         dist.barrier()  # no rank returns before the result exists

@@ -24,6 +24,7 @@ import numpy as np
 
 from hdee.data.byte_level import ByteLevelEncoder, is_plain_byte_level_bpe
 from hdee.data.tokenizer import encode_batch
+from hdee.processes import die_with_parent
 
 K = TypeVar("K")
 
@@ -42,7 +43,9 @@ def batch_encoder(backend: Any, eos_id: int) -> Callable[[list[str]], np.ndarray
     return lambda texts: encode_batch(backend, texts, eos_id)
 
 
-def _init_worker(tokenizer_file: str, eos_id: int) -> None:
+def _init_worker(tokenizer_file: str, eos_id: int, parent_pid: int) -> None:
+    # A killed `hdee prepare` / `hdee run` takes its tokenizer workers with it.
+    die_with_parent(parent_pid)
     # Each worker is one process on one core; Rust threads inside it would only oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
@@ -101,7 +104,7 @@ class Encoder:
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(self.tokenizer_file, self.eos_id),
+                initargs=(self.tokenizer_file, self.eos_id, os.getpid()),
             )
             self._pool.submit(int)  # starts the worker processes now, not at the first batch
 

@@ -27,6 +27,7 @@ from typing import IO, Any
 from hdee.atomic import read_json
 from hdee.console import job_log
 from hdee.layout import JobLayout
+from hdee.processes import die_with_parent
 from hdee.records import JobResult
 
 MAX_RETRIES = 2
@@ -105,21 +106,6 @@ def _execute(
     return result
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when the process that started it dies, however it
-    dies: an orphaned worker would go on training and compete with the next run. Its job
-    resumes from its checkpoint then. Elsewhere this does nothing."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Kill the pool's workers now instead of waiting for their jobs (Ctrl-C, an error)."""
     for process in list(getattr(pool, "_processes", {}).values()):
@@ -129,7 +115,7 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 def _init_worker(threads: int, device_queue: Any) -> None:
     # Runs once per worker process, before torch does any work.
-    _die_with_parent()
+    die_with_parent()
     if device_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device_queue.get()
     import torch
