@@ -8,7 +8,8 @@ with fp32 weights is timed too: together they show what bf16 is worth on this CP
 with bf16 units the bf16 loop is the faster one; without them it is several times slower).
 
 hdee's job (`hdee.train.run_training`) trains the same initial weights on the same windows with
-the same batch and a constant lr: fp32 master weights and optimizer state, `precision: auto`
+the same batch, a constant lr and the reference's Adam settings (betas 0.9 / 0.999, no weight
+decay, no clipping): fp32 master weights and optimizer state, `precision: auto`
 (bf16 autocast where the CPU has bf16 units or on a GPU, fp32 otherwise), fused AdamW, batches
 sliced out of a memory-mapped token file. `--compile` adds hdee with `compile: true`.
 
@@ -156,6 +157,12 @@ def run_hdee(
             lr=args.lr,
             min_lr=args.lr,  # constant lr, as the reference
             warmup_steps=0,
+            # The reference's optimizer maths (torch's Adam defaults, no clipping), so the
+            # comparison is of precision handling and the loop, not of hyperparameters.
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            grad_clip=0.0,
             eval_every=args.steps,
             eval_batches=math.ceil(args.eval_windows / args.batch_size),
             checkpoint_every=args.steps,

@@ -297,7 +297,11 @@ def summary_rows(
             f"{mfu:.1%} of {peak[0]:,.0f} TFLOP/s ({peak[1]}); {achieved:,.1f} TFLOP/s at "
             f"{training['flops_per_token'] / 1e9:.2f} GFLOP/token; goal {MFU_GOAL:.0%}: {goal}",
         ),
-        ("measured matmul peak", f"{measured_tflops:,.1f} TFLOP/s (bf16, 8192^2 on the GPU)"),
+        (
+            "measured matmul peak",
+            f"{measured_tflops:,.1f} TFLOP/s (bf16, "
+            + ("256^2 on the CPU)" if args.dry_run else "8192^2 on the GPU)"),
+        ),
         ("training wall (incl. compile)", f"{training['wall_s']:.0f} s"),
         ("peak GPU memory (training)", f"{training['peak_memory_gib']:.1f} GiB"),
         (

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from hdee import scoring
+from hdee.data.tokens import load_tokens
 from hdee.model import load_model
 from hdee.scoring import (
     cpu_flags,
     inference_precision,
     label_log_probs,
     resolve_precision,
+    validation_precision,
     window_log_probs,
 )
-from hdee.train import run_training, setup_runtime
+from hdee.train import evaluate, run_training, setup_runtime
 from train_helpers import tiny_spec
 
 CPU = torch.device("cpu")
@@ -63,19 +65,28 @@ def test_auto_follows_the_cpu_and_explicit_settings_win(
     monkeypatch: pytest.MonkeyPatch, has_bf16: bool
 ):
     monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: has_bf16)
-    assert resolve_precision("auto", CPU) == (torch.bfloat16 if has_bf16 else None)
-    assert resolve_precision("fp32", CPU) is None
-    assert resolve_precision("bf16", CPU) == torch.bfloat16
+    bf16_if_units = torch.bfloat16 if has_bf16 else None
+    assert resolve_precision("auto", CPU) == bf16_if_units
+    assert resolve_precision("auto", CPU, hidden_size=768) == bf16_if_units
+    assert resolve_precision("auto", CPU, hidden_size=scoring.CPU_BF16_MIN_HIDDEN) == bf16_if_units
+    # A tiny model is faster in fp32 even with bf16 units (the casts outweigh the matmuls).
+    assert resolve_precision("auto", CPU, hidden_size=64) is None
+    assert resolve_precision("fp32", CPU, hidden_size=768) is None
+    assert resolve_precision("bf16", CPU, hidden_size=64) == torch.bfloat16
     # Evaluation on a CPU is fp32 either way: cached log-probs agree across machines.
     assert inference_precision(CPU) is None
+    assert validation_precision(CPU, torch.bfloat16) is None
 
 
 def test_auto_on_a_bf16_cpu_trains_under_bf16_autocast_with_fp32_masters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(scoring, "CPU_BF16_MIN_HIDDEN", 64)  # the tiny test model qualifies
     spec = tiny_spec(tmp_path, "auto", steps=4, eval_every=4, device="cpu", precision="auto")
-    assert setup_runtime(spec.training).amp_dtype == torch.bfloat16
+    hidden = spec.model["hidden_size"]
+    assert setup_runtime(spec.training, hidden).amp_dtype == torch.bfloat16
+    assert setup_runtime(spec.training, hidden // 2).amp_dtype is None
     result = run_training(spec, progress=False)
     assert "cpu, bf16 autocast" in capsys.readouterr().out
     final = load_model(Path(spec.output_dir) / "final")
@@ -86,6 +97,10 @@ def test_auto_on_a_bf16_cpu_trains_under_bf16_autocast_with_fp32_masters(
         progress=False,
     )
     assert result.final_loss != fp32.final_loss
+    # ...and validated in fp32: the job's validation loss is exactly a CPU evaluation's.
+    tokens = load_tokens(spec.validation["val"])
+    score = evaluate(final, tokens, spec.seq_len, spec.training.batch_size, 2)
+    assert score.loss == pytest.approx(result.validation["val"].loss, rel=1e-7)  # bf16: ~1e-3
 
 
 def test_cpu_evaluation_is_fp32_on_a_bf16_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

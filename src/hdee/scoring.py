@@ -33,6 +33,10 @@ def resolve_device(setting: str = "auto") -> torch.device:
 # fast as fp32 (measured 2.2x on a 2-core EPYC with avx512_bf16); without them torch emulates
 # bf16 and it is slower than fp32, so "has bf16 units" is the whole of the CPU decision.
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# Below this hidden size the casts autocast adds around every op cost more than bf16 matmuls
+# save: on the same CPU a hidden-64 job (the demo's tiny preset) took 1.75x as long in bf16 as
+# in fp32, while a hidden-128 job ran over 2x faster in bf16 (benchmarks/bench_train.py).
+CPU_BF16_MIN_HIDDEN = 128
 
 
 def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
@@ -56,17 +60,21 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & CPU_BF16_FLAGS)
 
 
-def resolve_precision(setting: Precision, device: torch.device) -> torch.dtype | None:
+def resolve_precision(
+    setting: Precision, device: torch.device, hidden_size: int | None = None
+) -> torch.dtype | None:
     """The training autocast dtype for a precision setting on `device` (None: plain fp32).
 
-    'auto' is the fastest correct choice: bf16 on a GPU that supports it and on a CPU with bf16
-    units (`cpu_has_bf16`), fp32 elsewhere. Master weights and optimizer state stay fp32 either
-    way, and losses and log-softmaxes are computed in fp32 (`label_log_probs`)."""
+    'auto' is the fastest correct choice: bf16 on a GPU that supports it, and on a CPU with
+    bf16 units (`cpu_has_bf16`) for models of hidden size `CPU_BF16_MIN_HIDDEN` or more (None:
+    unknown, taken as large enough); fp32 elsewhere. Master weights and optimizer state stay
+    fp32 either way, and losses and log-softmaxes are computed in fp32 (`label_log_probs`)."""
     if setting == "auto":
         if device.type == "cuda":
             bf16_ok = torch.cuda.is_bf16_supported()
         else:
-            bf16_ok = device.type == "cpu" and cpu_has_bf16()
+            big_enough = hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN
+            bf16_ok = device.type == "cpu" and cpu_has_bf16() and big_enough
         return torch.bfloat16 if bf16_ok else None
     return torch.bfloat16 if setting == "bf16" else None
 
@@ -84,6 +92,15 @@ def inference_precision(device: torch.device) -> torch.dtype | None:
     job and tokens, not by machine, so CPU evaluation stays fp32 to give the same numbers on
     every CPU; on a bf16 CPU that costs speed, paid once per expert and split (cached)."""
     return resolve_precision("auto", device) if device.type == "cuda" else None
+
+
+def validation_precision(
+    device: torch.device, training_dtype: torch.dtype | None
+) -> torch.dtype | None:
+    """A training job's validation: its training precision on CUDA, fp32 on a CPU (as
+    `inference_precision`), so a CPU job's validation loss is what `hdee evaluate` would
+    compute from its weights on any CPU."""
+    return training_dtype if device.type == "cuda" else None
 
 
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
