@@ -17,13 +17,14 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test lint format bench constraints clean help
+.PHONY: demo test lint format bench gpu-check constraints clean help
 
 help:
 	@echo "make demo   - create $(VENV), install hdee, run the built-in HDEE demo on a CPU"
 	@echo "make test   - create $(VENV), install hdee with dev extras, run the test suite"
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - run the benchmarks in benchmarks/ (minutes)"
+	@echo "make gpu-check - on a GPU machine: CUDA tests, M-model MFU, evaluation tokens/s (8 min)"
 	@echo "make constraints - rewrite constraints.txt from $(VENV) (after a deliberate upgrade)"
 
 $(BIN)/python:
@@ -60,8 +61,12 @@ format: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_prepare.py
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py --compile
 	$(BIN)/python benchmarks/bench_evaluate.py
+
+# Needs a CUDA torch in $(VENV): e.g. `make gpu-check TORCH_SPEC="torch --index-url ..."`.
+gpu-check: $(VENV)/.installed-dev
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
 
 # Pins what $(VENV) holds now; run `make test` on it first (see scripts/freeze-constraints.py).
 constraints: $(VENV)/.installed-dev

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from machine import print_machine
+
 VOCAB = 32_000
 HIDDEN = 128
 SEQ_LEN = 256
@@ -205,6 +207,7 @@ def main() -> None:
         worker(args.worker, args.run)
         return
 
+    print_machine()
     with tempfile.TemporaryDirectory(prefix="hdee-bench-evaluate-") as tmp:
         root = Path(tmp) / "run"
         build_run(root)

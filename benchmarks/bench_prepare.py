@@ -38,6 +38,7 @@ from hdee.data.packing import Encoder
 from hdee.data.prepare import prepare_data
 from hdee.data.tokenizer import load_pretrained, load_tokenizer, save_tokenizer, train_bpe
 from hdee.layout import RunLayout
+from machine import print_machine
 
 MB = 1_000_000
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=0, help="data.num_workers (0: all cores)")
     args = parser.parse_args()
+    print_machine()
 
     with tempfile.TemporaryDirectory(prefix="hdee-bench-") as tmp_name:
         tmp = Path(tmp_name)

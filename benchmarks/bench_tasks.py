@@ -17,8 +17,6 @@ and prints requests/s and the ensemble / single-expert ratio. Random-init models
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
 import time
 
@@ -29,22 +27,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hdee.hf_ensemble import HdeeEnsembleConfig, HdeeEnsembleForCausalLM
 from hdee.tasks import hdee_lm
+from machine import print_machine
 
 VOCAB = 8_000
 HIDDEN = 128
 LAYERS = 4
 WIDTHS = {"S": 256, "M": 384, "L": 512}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def expert(width: int, seed: int, context: int) -> LlamaForCausalLM:
@@ -90,7 +78,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     torch.set_num_threads(args.threads)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print_machine()
     rng = random.Random(0)
     requests = []
     for c in range(args.contexts):

@@ -23,9 +23,15 @@ from train_helpers import tiny_spec
 
 
 @pytest.mark.slow  # still seconds; runs in the default suite
-def test_two_process_ddp_run_completes_and_only_rank0_writes(tmp_path: Path) -> None:
-    spec = tiny_spec(tmp_path, "ddp", steps=6, eval_every=3, checkpoint_every=3)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: autocast over fp32 masters
+def test_two_process_ddp_run_completes_and_only_rank0_writes(
+    tmp_path: Path, precision: str
+) -> None:
+    spec = tiny_spec(
+        tmp_path, "ddp", steps=6, eval_every=3, checkpoint_every=3, precision=precision
+    )
     outputs = _launch_two_ranks(spec, tmp_path / "spec.json")
+    assert ("cpu, bf16 autocast" in outputs[0]) is (precision == "bf16")
     out = Path(spec.output_dir)
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2
@@ -85,10 +91,10 @@ def _launch_two_ranks(spec: TrainSpec, spec_path: Path) -> list[str]:
 def test_chunked_loss_under_ddp_trains_like_the_plain_loss(tmp_path: Path) -> None:
     """The chunked, recomputed LM-head loss sits inside the DDP wrapper: gradients are still
     averaged over ranks, so both runs end at the same weights (to float rounding)."""
-    plain = tiny_spec(tmp_path, "plain", steps=6, eval_every=6, checkpoint_every=6)
-    chunked = tiny_spec(
-        tmp_path, "chunked", steps=6, eval_every=6, checkpoint_every=6, loss_chunk_tokens=10
-    )
+    # fp32: the tolerance below is float32 rounding (bf16 would round each chunk its own way).
+    settings = {"steps": 6, "eval_every": 6, "checkpoint_every": 6, "precision": "fp32"}
+    plain = tiny_spec(tmp_path, "plain", **settings)
+    chunked = tiny_spec(tmp_path, "chunked", loss_chunk_tokens=10, **settings)
     _launch_two_ranks(plain, tmp_path / "plain.json")
     _launch_two_ranks(chunked, tmp_path / "chunked.json")
     a = load_file(str(Path(plain.output_dir) / "final" / "model.safetensors"))

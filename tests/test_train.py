@@ -77,10 +77,11 @@ def test_finished_job_is_skipped(tmp_path: Path) -> None:
     assert (Path(spec.output_dir) / "final" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
-    whole = tiny_spec(tmp_path, "whole", grad_accum=2)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # auto is one of them on any CPU
+def test_resume_after_interruption_is_exact(tmp_path: Path, precision: str) -> None:
+    whole = tiny_spec(tmp_path, "whole", grad_accum=2, precision=precision)
     run_training(whole, progress=False)
-    parts = tiny_spec(tmp_path, "parts", grad_accum=2)
+    parts = tiny_spec(tmp_path, "parts", grad_accum=2, precision=precision)
     # Stop at step 6 as if killed: the newest checkpoint is step 4, so steps 5-6 are redone.
     assert run_training(parts, progress=False, stop_after=6) is None
     checkpoints = Path(parts.output_dir) / "checkpoints"

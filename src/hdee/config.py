@@ -209,7 +209,9 @@ class TrainingConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last K step checkpoints.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="'auto': bf16 autocast on CUDA (fp32 master weights), fp32 on CPU."
+        "auto",
+        description="'auto': bf16 autocast (fp32 master weights) on CUDA and on CPUs with bf16 "
+        "units (avx512_bf16 / amx_bf16), fp32 elsewhere.",
     )
     compile: bool = Field(False, description="torch.compile the model.")
     loss_chunk_tokens: int | None = Field(

@@ -58,7 +58,13 @@ from hdee.layout import JobLayout
 from hdee.metrics import MetricsLogger
 from hdee.model import attention_implementation, load_model, save_model
 from hdee.records import JobResult, ValidationScore
-from hdee.scoring import autocast, label_log_probs, resolve_device, resolve_precision
+from hdee.scoring import (
+    autocast,
+    label_log_probs,
+    resolve_device,
+    resolve_precision,
+    validation_precision,
+)
 from hdee.shapes import parameter_counts, training_flops_per_token
 
 LOG_EVERY = 10  # optimizer steps between training-loss log lines (plus the first and last)
@@ -176,7 +182,9 @@ class Runtime:
         return autocast(self.device, self.amp_dtype)
 
 
-def setup_runtime(training: TrainingConfig) -> Runtime:
+def setup_runtime(training: TrainingConfig, hidden_size: int | None = None) -> Runtime:
+    """Device, precision (`resolve_precision`, which weighs the model's `hidden_size` on a
+    CPU) and the DDP process group of this process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -190,7 +198,7 @@ def setup_runtime(training: TrainingConfig) -> Runtime:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns_group = True
-    amp_dtype = resolve_precision(training.precision, device)
+    amp_dtype = resolve_precision(training.precision, device, hidden_size)
     return Runtime(rank, local_rank, world_size, device, amp_dtype, owns_group)
 
 
@@ -228,7 +236,7 @@ def evaluate(
     for index, batch in enumerate(batches):
         if index % runtime.world_size != runtime.rank:
             continue
-        with runtime.autocast():
+        with autocast(runtime.device, validation_precision(runtime.device, runtime.amp_dtype)):
             log_probs = label_log_probs(model, batch.to(runtime.device))
         total -= float(log_probs.double().sum())
         count += log_probs.numel()
@@ -676,7 +684,7 @@ def run_training(
     layout = JobLayout(Path(spec.output_dir))
     if layout.is_done():
         return JobResult.read(layout.result)
-    runtime = setup_runtime(spec.training)
+    runtime = setup_runtime(spec.training, spec.model.get("hidden_size"))
     try:
         job = build(spec, runtime)
         with MetricsLogger(layout, job.start_step, enabled=runtime.is_main) as metrics:
