@@ -171,25 +171,31 @@ def routed_log_weights(
 ) -> Tensor:
     """log P(j | x_<t) `[E, N, T]` of a routed ensemble: the dense posterior before
     `route_tokens`, from there the dense posterior restricted to the kept experts (`kept`
-    `[E, N]`) and renormalised over them (-inf elsewhere)."""
-    dense = posterior_weights(lp.to(torch.float64), log_prior, mode)
+    `[E, N]`) and renormalised over them (-inf elsewhere). Entries of `lp` for routed-away
+    experts at t >= r are never read (a routed run does not compute them)."""
+    lp64 = _only_what_ran(lp, route_tokens, kept)
+    # Renormalising the dense posterior over K is the posterior of K alone: the normaliser
+    # cancels, and a routed-away expert's (zeroed) evidence after r is masked away below.
+    dense = posterior_weights(lp64, log_prior, mode)
     after = dense[:, :, route_tokens:].masked_fill(~kept[:, :, None], -math.inf)
     after = after - torch.logsumexp(after, dim=0, keepdim=True)
     return torch.cat([dense[:, :, :route_tokens], after], dim=2)
 
 
+def _only_what_ran(lp: Tensor, route_tokens: int, kept: Tensor) -> Tensor:
+    """`lp` in float64 with the entries a routed run never computes (routed-away experts at
+    t >= r) set to 0, so nothing there (NaN, garbage) can leak into a normaliser."""
+    lp64 = lp.to(torch.float64)
+    after = lp64[:, :, route_tokens:].masked_fill(~kept[:, :, None], 0.0)
+    return torch.cat([lp64[:, :, :route_tokens], after], dim=2)
+
+
 def routed_mixture(
     lp: Tensor, log_prior: Tensor | None, mode: PosteriorMode, route_tokens: int, kept: Tensor
 ) -> Tensor:
-    """log sum_j P(j | x_<t) p_j(x_t | x_<t) `[N, T]` (float64) under `routed_log_weights`.
-    Entries of `lp` for routed-away experts after `route_tokens` are never read (a routed run
-    does not compute them)."""
+    """log sum_j P(j | x_<t) p_j(x_t | x_<t) `[N, T]` (float64) under `routed_log_weights`."""
     weights = routed_log_weights(lp, log_prior, mode, route_tokens, kept)
-    lp64 = lp.to(torch.float64)
-    # Weight -inf times whatever stands there must not become NaN: zero those entries first.
-    after = lp64[:, :, route_tokens:].masked_fill(~kept[:, :, None], 0.0)
-    lp64 = torch.cat([lp64[:, :, :route_tokens], after], dim=2)
-    return torch.logsumexp(lp64 + weights, dim=0)
+    return torch.logsumexp(_only_what_ran(lp, route_tokens, kept) + weights, dim=0)
 
 
 def routed_flops_per_token(
@@ -217,7 +223,9 @@ class RoutedScores:
     tokens_run: list[int]  # per expert: input tokens it ran a forward pass on
 
 
-def _run(model: torch.nn.Module, inputs: Tensor, cache: object | None = None) -> tuple[Tensor, object]:
+def _run(
+    model: torch.nn.Module, inputs: Tensor, cache: object | None = None
+) -> tuple[Tensor, object]:
     """The base model on `inputs` (continuing `cache`): (last hidden states, its new cache)."""
     out = model.model(input_ids=inputs, cache=cache, use_cache=True)
     return out.last_hidden_state, out.cache
