@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from hdee.ensemble import mixture_log_probs
+from hdee.ensemble import mixture_log_probs, posterior_weights
+from hdee.generate import generate_ids
 from hdee.routing import (
     budget_mask,
     ensemble_members,
@@ -18,6 +19,7 @@ from hdee.routing import (
     route,
     routed_flops_per_token,
     routed_label_log_probs,
+    routed_log_weights,
     routed_mixture,
     top_k_mask,
 )
@@ -248,3 +250,84 @@ def test_members_all_is_every_expert_of_every_lane_and_iteration() -> None:
         {"easy@1": "e1", "hard@1": "h1", "easy@2": "e2"},
     )
     assert ensemble_members(plan, "c", 1, "all") == (1, {"easy@1": "e1", "hard@1": "h1"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+
+
+def recomputed_routed(
+    models: list[LlamaForCausalLM],
+    prompt: list[int],
+    steps: int,
+    prior: torch.Tensor,
+    mode: str,
+    k: int,
+    r: int,
+) -> tuple[list[int], list[float]]:
+    """Greedy routed decoding that re-runs every expert on the whole sequence each step (no
+    cache) and weighs them with the evaluation math of `hdee.routing`."""
+    sequence = list(prompt)
+    chosen, log_probs = [], []
+    for _ in range(steps):
+        ids = torch.tensor([sequence])
+        with torch.no_grad():
+            full = torch.stack(
+                [torch.log_softmax(m(input_ids=ids).logits[0].double(), -1) for m in models]
+            )
+        labels = full[:, :-1].gather(2, ids[0, 1:].expand(len(models), -1)[..., None]).squeeze(2)
+        # A dummy last column stands for the next token's label position t = len(labels).
+        lp = torch.cat([labels, torch.zeros(len(models), 1, dtype=torch.float64)], dim=1)[:, None]
+        t = labels.shape[1]
+        if t >= r:  # x_1..x_r known: routed, as in evaluation
+            kept, _ = route(lp, prior.log(), mode, "prefix", r, experts=k)
+            weights = routed_log_weights(lp, prior.log(), mode, r, kept)[:, 0, -1]
+        else:  # every expert still runs: the dense posterior
+            weights = posterior_weights(lp, prior.log(), mode)[:, 0, -1]
+        mixture = torch.logsumexp(full[:, -1] + weights[:, None], dim=0)
+        token = int(mixture.argmax())
+        chosen.append(token)
+        log_probs.append(float(mixture[token]))
+        sequence.append(token)
+    return chosen, log_probs
+
+
+@pytest.mark.parametrize(
+    ("mode", "prompt_length", "r"),
+    [("prefix", 3, 6), ("prefix", 9, 4), ("updating", 5, 5)],  # route mid-generation or prompt
+)
+def test_routed_generation_equals_a_no_cache_recomputation(
+    mode: str, prompt_length: int, r: int
+) -> None:
+    models, passes = counted_models(4)
+    prompt = torch.randint(1, VOCAB, (prompt_length,), generator=torch.Generator().manual_seed(5))
+    prior = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    steps = 8
+    generation = generate_ids(
+        models, prompt.tolist(), steps, posterior=mode, prior=prior, experts=2, route_tokens=r
+    )
+    assert generation.routed_at == r and len(generation.kept) == 2
+    # Every expert read the first r tokens; afterwards only the kept ones ran.
+    total = prompt_length + steps - 1  # the last chosen token is never fed back
+    for j, log in enumerate(passes):
+        assert generation.tokens_run[j] == sum(log)
+        assert generation.tokens_run[j] == (total if j in generation.kept else r)
+    tokens, log_probs = recomputed_routed(models, prompt.tolist(), steps, prior, mode, 2, r)
+    assert generation.token_ids == tokens
+    # float32 models: with and without a KV cache agree to ~1e-7.
+    assert generation.token_log_probs == pytest.approx(log_probs, abs=1e-5)
+    # Weights: one row per new token, zero for routed-away experts once routed.
+    last = generation.weights[-1]
+    assert sum(last) == pytest.approx(1.0)
+    assert all(last[j] == 0.0 for j in range(4) if j not in generation.kept)
+
+
+def test_generation_with_every_expert_kept_is_the_dense_generation() -> None:
+    models, passes = counted_models(3)
+    dense = generate_ids(models, [1, 2, 3], 6)
+    routed = generate_ids(models, [1, 2, 3], 6, experts=3, route_tokens=2)
+    assert routed.token_ids == dense.token_ids
+    assert routed.token_log_probs == pytest.approx(dense.token_log_probs)
+    assert routed.routed_at is None and routed.kept == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"--experts must be in 1..3"):
+        generate_ids(models, [1, 2], 2, experts=4)
