@@ -24,6 +24,7 @@ from hdee.routing import (
     top_k_mask,
 )
 from hdee.scoring import label_log_probs
+from hdee.shapes import forward_flops_per_token, training_flops_per_token
 from train_helpers import ensembles_plan, random_llama
 
 VOCAB = 40
@@ -331,3 +332,13 @@ def test_generation_with_every_expert_kept_is_the_dense_generation() -> None:
     assert routed.routed_at is None and routed.kept == [0, 1, 2]
     with pytest.raises(ValueError, match=r"--experts must be in 1..3"):
         generate_ids(models, [1, 2], 2, experts=4)
+
+
+def test_forward_flops_are_the_forward_third_of_training_flops() -> None:
+    model = random_llama(VOCAB, 0)
+    config = model.config
+    non_embedding = sum(p.numel() for p in model.parameters()) - 2 * VOCAB * config.hidden_size
+    # 2 x (non-embedding + LM head) + 4 x layers x hidden x context, and 1/3 of training.
+    expected = 2 * (non_embedding + VOCAB * config.hidden_size) + 4 * 2 * 16 * 24
+    assert forward_flops_per_token(config, 24) == expected
+    assert 3 * forward_flops_per_token(config, 24) == training_flops_per_token(config, 24)
