@@ -61,6 +61,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_evaluate.py
+	$(BIN)/python benchmarks/bench_sparse.py
 
 # Pins what $(VENV) holds now; run `make test` on it first (see scripts/freeze-constraints.py).
 constraints: $(VENV)/.installed-dev
