@@ -4,6 +4,8 @@ At every step the next-token distribution is the posterior-weighted mixture of t
 distributions, `p(x | x_<t) = sum_j p_j(x | x_<t) P(j | x_<t)`, and the posterior is updated
 with the token that was chosen (prompt tokens included), exactly as in evaluation
 (`hdee.ensemble`). Each expert keeps its own KV cache, so a step costs one token per expert.
+With routing (`experts=K`, `hdee.routing`), every expert reads the first `route_tokens` tokens,
+then only the K with the highest posterior keep running: a step costs one token per kept expert.
 """
 
 from __future__ import annotations
