@@ -63,6 +63,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python benchmarks/bench_prepare.py
 	$(BIN)/python benchmarks/bench_train.py --compile
 	$(BIN)/python benchmarks/bench_evaluate.py
+	$(BIN)/python benchmarks/bench_sparse.py
 
 # Needs a CUDA torch in $(VENV): e.g. `make gpu-check TORCH_SPEC="torch --index-url ..."`.
 gpu-check: $(VENV)/.installed-dev

@@ -204,3 +204,28 @@ def test_bad_prior_is_an_argument_error(tmp_path: Path):
     )
     assert code == 2
     assert "argument --prior" in err and "non-negative" in err
+
+
+def test_generate_routed_prints_expert_usage_and_writes_weights(tiny_cli_run, tmp_path):
+    run = str(tiny_cli_run["run_dir"])
+    base = ["generate", run, "--configuration", "MHe-IHo", "--prompt", "the one two three"]
+    base += ["--max-new-tokens", "6"]
+    weights = tmp_path / "weights.jsonl"
+    code, text, err = hdee(
+        *base, "--experts", "1", "--route-tokens", "2", "--weights-jsonl", str(weights)
+    )
+    assert code == 0, err
+    assert text.startswith("the one two three")
+    assert "routed to 1 after 2 tokens" in err
+    usage = [line.split() for line in err.splitlines() if line.split()[-1:] in (["yes"], ["no"])]
+    assert sorted(row[-1] for row in usage) == ["no", "no", "yes"]
+    for row in usage:  # routed-away experts read the 2 routing tokens only
+        assert (int(row[-2]) == 2) == (row[-1] == "no")
+    lines = [json.loads(line) for line in weights.read_text().splitlines()]
+    assert 1 <= len(lines) <= 6 and lines[0]["step"] == 0
+    kept = next(row[0] for row in usage if row[-1] == "yes")
+    for line in lines:  # the prompt is longer than 2 tokens: routed before the first new one
+        assert set(line["weights"]) == {row[0] for row in usage}
+        assert line["weights"][kept] == pytest.approx(1.0)
+    code, _, err = hdee(*base, "--experts", "4")
+    assert code == 1 and "--experts must be in 1..3" in err

@@ -214,3 +214,116 @@ def test_config_from_run_dir_methods_posterior_and_every_iteration(run_dir: Path
     assert set(scores["methods"]) == {"uniform_prior"}
     # No cached prior: the validation split was never read or cached.
     assert not list((run_dir / "evaluation" / "logprobs").rglob("*.validation.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality vs compute: members and routing (hdee.routing)
+
+
+def test_default_compute_section_has_full_and_best_single_with_their_flops(run_dir: Path) -> None:
+    from transformers import LlamaConfig
+
+    from hdee.shapes import forward_flops_per_token
+
+    results = evaluate(run_dir, make_config(run_dir))
+    compute = results["compute"]
+    assert (compute["members"], compute["routing"], compute["route_tokens"]) == (
+        "latest",
+        "none",
+        0,
+    )
+    hetero = compute["configurations"]["hetero"]
+    layout = RunLayout.of(run_dir)
+    flops = float(
+        forward_flops_per_token(LlamaConfig.from_pretrained(layout.job("s_easy").final), SEQ_LEN)
+    )
+    assert hetero["flops_per_token"]["easy"] == flops
+    scores = results["configurations"]["hetero"]["iterations"]["1"]["domains"]["beta"]
+    beta = hetero["domains"]["beta"]
+    assert beta["full"]["perplexity"] == pytest.approx(
+        scores["methods"]["uniform_prior"]["perplexity"]
+    )
+    assert beta["full"]["flops_per_token"] == pytest.approx(sum(hetero["flops_per_token"].values()))
+    best = scores["methods"]["best_single"]
+    assert beta["best_single"]["perplexity"] == best["perplexity"]
+    assert beta["best_single"]["flops_per_token"] == hetero["flops_per_token"][best["expert"]]
+    assert "routed" not in beta or beta["routed"] == []
+
+
+def test_prefix_routing_in_evaluate_is_the_routed_mixture_of_the_cache(run_dir: Path) -> None:
+    from hdee.routing import route, routed_flops_per_token, routed_mixture
+
+    config = make_config(run_dir, routing="prefix", route_tokens=3, experts=[1, 2, 5])
+    results = evaluate(run_dir, config)
+    layout = RunLayout.of(run_dir)
+    entry = results["compute"]["configurations"]["homo"]
+    jobs = list(entry["members"].values())
+    flops = list(entry["flops_per_token"].values())
+    cached = evaluate_module._LogProbCache(layout, config, torch.device("cpu"))
+    for domain in TRAINED + HELD_OUT:
+        lp = torch.stack([cached.get(job, domain, "test") for job in jobs])
+        routed = entry["domains"][domain]["routed"]
+        assert [r["experts"] for r in routed] == [1, 2]  # k = 5 > E = 3 is not a routing
+        for score in routed:
+            kept, r = route(lp, None, "prefix", "prefix", 3, experts=score["experts"])
+            assert score["route_tokens"] == 3
+            assert score["perplexity"] == pytest.approx(
+                perplexity(routed_mixture(lp, None, "prefix", r, kept))
+            )
+            assert score["flops_per_token"] == pytest.approx(
+                routed_flops_per_token(flops, kept, 3, SEQ_LEN)
+            )
+            assert score["flops_per_token"] < entry["domains"][domain]["full"]["flops_per_token"]
+            assert sum(score["kept"].values()) == pytest.approx(score["experts"])
+
+
+def test_members_all_evaluates_the_forest_and_the_latest_ensemble(run_dir: Path) -> None:
+    layout = RunLayout.of(run_dir)
+    plan = Plan.read(layout.plan)
+    first = plan.configurations["homo"].ensembles[0]
+    # Iteration 2 retrains the difficult lane (l_diff replaces m_diff).
+    plan.configurations["homo"].ensembles = [first, {**first, "difficult": "l_diff"}]
+    plan.write(layout.plan)
+    results = evaluate(
+        run_dir,
+        make_config(run_dir, members="all", routing="budget", route_tokens=3, flop_budget=1e12),
+    )
+    homo = results["configurations"]["homo"]["iterations"]["2"]
+    assert homo["experts"] == {
+        "easy@1": "m_easy",
+        "moderate@1": "m_mod",
+        "difficult@1": "m_diff",
+        "difficult@2": "l_diff",
+    }
+    assert set(homo["domains"]["alpha"]["single_experts"]) == set(homo["experts"])
+    compute = results["compute"]["configurations"]["homo"]
+    alpha = compute["domains"]["alpha"]
+    assert alpha["full"]["experts"] == 4 and alpha["latest"]["experts"] == 3
+    assert alpha["latest"]["flops_per_token"] < alpha["full"]["flops_per_token"]
+    # A budget that fits everything keeps everything: the full ensemble's numbers.
+    (budget,) = alpha["routed"]
+    assert budget["perplexity"] == pytest.approx(alpha["full"]["perplexity"])
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [
+        ({"routing": "budget"}, "evaluation.flop_budget: required with routing: budget"),
+        ({"flop_budget": 5.0}, "only used with routing: budget"),
+        ({"routing": "prior", "methods": ["uniform_prior"]}, "add cached_prior"),
+        ({"experts": [0]}, "evaluation.experts: expected a non-empty list"),
+        ({"experts": [1, 1]}, "lists a k twice"),
+        (
+            {"routing": "prefix", "route_tokens": SEQ_LEN},
+            "evaluation.route_tokens: 8 leaves nothing",
+        ),
+        ({"members": "some"}, "members"),
+    ],
+)
+def test_routing_keys_are_validated(
+    run_dir: Path, evaluation: dict[str, Any], message: str
+) -> None:
+    from hdee.config import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        make_config(run_dir, **evaluation)

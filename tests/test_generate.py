@@ -151,10 +151,10 @@ def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> No
         }
     ).write(layout.results)
     seen: list[object] = []
-    real_generate = generate_module.generate
+    real_generate = generate_module.generate_continuation
     monkeypatch.setattr(
         generate_module,
-        "generate",
+        "generate_continuation",
         lambda *args, **kwargs: seen.append(kwargs["prior"]) or real_generate(*args, **kwargs),
     )
     text = generate_from_run(layout, "het", "w1", max_new_tokens=2, prior_domain="law")

@@ -217,13 +217,16 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from hdee.generate import generate_from_run
+    from hdee.atomic import write_text
+    from hdee.console import print_table, stderr_console
+    from hdee.generate import continue_from_run, expert_usage, weights_jsonl
 
-    text = generate_from_run(
+    continuation = continue_from_run(
         RunLayout.of(args.run),
         args.configuration,
         args.prompt,
         iteration=args.iteration,
+        members=args.members,
         max_new_tokens=args.max_new_tokens,
         greedy=args.temperature == 0,
         temperature=args.temperature or 1.0,
@@ -232,8 +235,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
         posterior=args.posterior,
         prior=args.prior,
         prior_domain=args.prior_domain,
+        routed_experts=args.experts,
+        route_tokens=args.route_tokens,
     )
-    print(args.prompt + text)  # the continuation reads best after its prompt
+    print(args.prompt + continuation.text)  # the continuation reads best after its prompt
+    # Which experts produced it, on stderr so stdout stays the text alone.
+    generation = continuation.generation
+    routed = (
+        f"routed to {len(generation.kept)} after {generation.routed_at} tokens"
+        if generation.routed_at is not None
+        else "every expert ran on every token"
+    )
+    rows = [
+        [u["expert"], f"{u['mean_weight']:.3f}", str(u["tokens_run"]), "yes" if u["kept"] else "no"]
+        for u in expert_usage(continuation)
+    ]
+    print_table(
+        ["expert", "mean weight", "tokens run", "kept"],
+        rows,
+        title=f"experts ({routed})",
+        right=["mean weight", "tokens run"],
+        console=stderr_console(),
+    )
+    if args.weights_jsonl:
+        write_text(Path(args.weights_jsonl), weights_jsonl(continuation))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -390,6 +415,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
+    p.add_argument(
+        "--members",
+        choices=["latest", "all"],
+        default="latest",
+        help="latest: the newest expert of every lane; all: every expert of every lane and "
+        "iteration (BTM's growing forest)",
+    )
+    p.add_argument(
+        "--experts",
+        type=_int_at_least(1),
+        default=None,
+        metavar="K",
+        help="route: after --route-tokens tokens keep only the K experts with the highest "
+        "posterior (the others never run again); default: every expert",
+    )
+    p.add_argument(
+        "--route-tokens",
+        type=_int_at_least(1),
+        default=32,
+        metavar="N",
+        help="tokens (prompt first) every expert reads before routing to --experts (default 32)",
+    )
+    p.add_argument(
+        "--weights-jsonl",
+        metavar="PATH",
+        help="write each new token's expert weights P(j | x_<t) as JSON lines to PATH",
+    )
     prior = p.add_mutually_exclusive_group()
     prior.add_argument(
         "--prior-domain",

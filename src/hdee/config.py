@@ -386,6 +386,54 @@ class EvaluationConfig(_Strict):
     batch_size: int = Field(8, gt=0)
     every_iteration: bool = Field(False, description="Also evaluate earlier iterations' ensembles.")
 
+    # Routed (sparse) ensembles and compute accounting (hdee.routing, docs/evaluation.md).
+    members: Literal["latest", "all"] = Field(
+        "latest",
+        description="'latest': the latest expert of every lane (the final ensemble); 'all': "
+        "every expert of every lane and iteration (BTM's growing forest).",
+    )
+    routing: Literal["none", "prefix", "prior", "budget"] = Field(
+        "none",
+        description="'none': dense only; 'prefix': every member on the first route_tokens "
+        "tokens, then the top-k of that posterior; 'prior': top-k of the domain's cached prior "
+        "(no routing prefix); 'budget': like prefix, keeping the most posterior mass that fits "
+        "flop_budget.",
+    )
+    route_tokens: int = Field(
+        32, gt=0, description="Routing prefix r: tokens every member runs on (prefix, budget)."
+    )
+    experts: list[int] | None = Field(
+        None,
+        description="The k values to route to (prefix, prior); default: every k from 1 to the "
+        "number of members - 1.",
+    )
+    flop_budget: float | None = Field(
+        None, gt=0, description="Forward FLOPs per token after routing (routing: budget)."
+    )
+
+    @model_validator(mode="after")
+    def _routing_keys_fit(self) -> EvaluationConfig:
+        if self.experts is not None:
+            if not self.experts or any(k < 1 for k in self.experts):
+                raise ValueError(
+                    f"evaluation.experts: expected a non-empty list of integers >= 1, "
+                    f"got {self.experts}"
+                )
+            if len(set(self.experts)) != len(self.experts):
+                raise ValueError(f"evaluation.experts: {self.experts} lists a k twice")
+        if self.routing == "budget" and self.flop_budget is None:
+            raise ValueError("evaluation.flop_budget: required with routing: budget (FLOPs/token)")
+        if self.routing != "budget" and self.flop_budget is not None:
+            raise ValueError(
+                f"evaluation.flop_budget is only used with routing: budget, not {self.routing!r}"
+            )
+        if self.routing == "prior" and "cached_prior" not in self.methods:
+            raise ValueError(
+                "evaluation.routing: 'prior' ranks experts by the cached prior; add cached_prior "
+                "to evaluation.methods"
+            )
+        return self
+
 
 class RunnerConfig(_Strict):
     kind: Literal["local", "ray"] = "local"
@@ -408,6 +456,17 @@ class ExperimentConfig(_Strict):
     plan: PlanConfig = PlanConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _route_tokens_within_a_window(self) -> ExperimentConfig:
+        routed = self.evaluation.routing in ("prefix", "budget")
+        if routed and self.evaluation.route_tokens >= self.data.seq_len:
+            raise ValueError(
+                f"evaluation.route_tokens: {self.evaluation.route_tokens} leaves nothing to "
+                f"route in windows of data.seq_len {self.data.seq_len} labels; expected < "
+                f"{self.data.seq_len}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _domains_referenced_exist(self) -> ExperimentConfig:

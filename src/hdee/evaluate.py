@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hdee.atomic import atomic_path, write_text
-from hdee.config import ExperimentConfig
+from hdee.config import EvaluationConfig, ExperimentConfig
 from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
@@ -40,15 +40,21 @@ from hdee.ensemble import (
 from hdee.integrity import verify_job
 from hdee.layout import RunLayout
 from hdee.records import (
+    ComputeResults,
+    ConfigurationCompute,
     ConfigurationResults,
+    DomainCompute,
     DomainInfo,
     DomainScores,
     EvaluationResults,
     IterationResults,
     Plan,
+    RoutedScore,
     Score,
 )
+from hdee.routing import Members, ensemble_members, route, routed_flops_per_token, routed_mixture
 from hdee.scoring import load_expert, resolve_device, window_log_probs
+from hdee.shapes import forward_flops_per_token
 
 CACHE_FORMAT = "hdee-label-logprobs"
 CACHE_VERSION = "2"  # 2: keyed by the expert's weights sha256
@@ -70,15 +76,18 @@ CSV_COLUMNS = (
 # Which ensembles and which (expert, domain, split) log-probs are needed
 
 
-def selected_ensembles(plan: Plan, every_iteration: bool) -> list[tuple[str, int, dict[str, str]]]:
-    """(configuration, 1-based iteration, {lane: job_id}) of every ensemble to evaluate."""
+def selected_ensembles(
+    plan: Plan, every_iteration: bool, members: Members = "latest"
+) -> list[tuple[str, int, dict[str, str]]]:
+    """(configuration, 1-based iteration, {member: job_id}) of every ensemble to evaluate;
+    members "latest" names them by lane, "all" (the growing forest) by lane@iteration."""
     chosen = []
     for name, configuration in plan.configurations.items():
         if not configuration.ensembles:
             raise ValueError(f"plan.json: configuration {name!r} has no ensembles")
         last = len(configuration.ensembles)
         for iteration in range(1 if every_iteration else last, last + 1):
-            chosen.append((name, *plan.ensemble(name, iteration)))
+            chosen.append((name, *ensemble_members(plan, name, iteration, members)))
     return chosen
 
 
@@ -271,7 +280,7 @@ def evaluate_run(
     domains = plan.domain_kinds()
     if not domains:
         raise ValueError(f"{layout.plan} lists no trained or held-out domains to evaluate")
-    ensembles = selected_ensembles(plan, settings.every_iteration)
+    ensembles = selected_ensembles(plan, settings.every_iteration, settings.members)
     splits = ["test"] + (["validation"] if "cached_prior" in methods else [])
     device = resolve_device()
     cache = _LogProbCache(layout, config, device)
@@ -333,9 +342,161 @@ def evaluate_run(
             )
         configuration.iterations[iteration] = IterationResults(experts=ensemble, domains=per_domain)
 
+    results.compute = compute_results(config, layout, plan, cache, list(domains))
     results.write(layout.results)
     write_text(layout.results_csv, results_csv(results))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Quality vs compute: routed (sparse) ensembles (hdee.routing, docs/evaluation.md "Routing")
+#
+# Computed from the same cached label log-probs as the methods above: the kept experts'
+# log-probs at t >= r are exactly what a routed run computes, so the routed perplexity is exact;
+# the FLOPs count what a routed run executes (routing prefix included).
+
+
+def member_flops(layout: RunLayout, job_id: str, seq_len: int) -> float:
+    """F_j: forward FLOPs per token of a trained expert, from its config.json (no weights)."""
+    from transformers import LlamaConfig
+
+    final = layout.job(job_id).final
+    if not (final / "config.json").is_file():
+        raise FileNotFoundError(f"{final}: no trained model here (has its job finished?)")
+    return float(forward_flops_per_token(LlamaConfig.from_pretrained(final), seq_len))
+
+
+def _compute_score(log_probs: torch.Tensor, flops_per_token: float, **extra: Any) -> RoutedScore:
+    return RoutedScore(
+        perplexity=perplexity(log_probs),
+        flops_per_token=flops_per_token,
+        tokens=int(log_probs.numel()),
+        **extra,
+    )
+
+
+def _section_log_prior(
+    cache: _LogProbCache, job_ids: list[str], domain: str, prior: str, decay: float
+) -> torch.Tensor | None:
+    """The prior the compute section starts from: None (uniform) or the log cached prior of
+    these members on the domain's validation windows."""
+    if prior == "uniform":
+        return None
+    validation = torch.stack([cache.get(job, domain, "validation") for job in job_ids])
+    return estimate_cached_prior(validation.to(torch.float64).sum(dim=2).T, decay).log()
+
+
+def routed_scores(
+    test_lp: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    names: list[str],
+    flops: list[float],
+    settings: EvaluationConfig,
+) -> list[RoutedScore]:
+    """One RoutedScore per routing setting of `settings` (k = each of `experts` below the
+    number of members, or the budget) for one ensemble on one domain, `test_lp` `[E, N, T]`."""
+    if settings.routing == "none":
+        return []
+    count, length = test_lp.shape[0], test_lp.shape[2]
+    if settings.routing == "budget":
+        plans: list[dict[str, Any]] = [{"flop_budget": settings.flop_budget}]
+    else:
+        ks = settings.experts or list(range(1, count))
+        plans = [{"experts": k} for k in ks if k < count]  # k = E is the full ensemble
+    scores = []
+    for setting in plans:
+        kept, r = route(
+            test_lp,
+            log_prior,
+            settings.posterior,
+            settings.routing,
+            settings.route_tokens,
+            flops=flops,
+            **setting,
+        )
+        mixture = routed_mixture(test_lp, log_prior, settings.posterior, r, kept)
+        share = kept.to(torch.float64).mean(dim=1).tolist()
+        scores.append(
+            _compute_score(
+                mixture,
+                routed_flops_per_token(flops, kept, r, length),
+                experts=setting.get("experts"),
+                flop_budget=setting.get("flop_budget"),
+                route_tokens=r,
+                kept=dict(zip(names, share, strict=True)),
+            )
+        )
+    return scores
+
+
+def compute_results(
+    config: ExperimentConfig,
+    layout: RunLayout,
+    plan: Plan,
+    cache: _LogProbCache,
+    domains: list[str],
+) -> ComputeResults:
+    """Perplexity and forward FLOPs per scored token of every configuration's final ensemble:
+    dense, best single member, each routing setting, and (members: all) the latest-per-lane
+    ensemble the forest grew from. Every log-prob it reads is already in `cache`."""
+    settings = config.evaluation
+    prior = "cached" if settings.routing == "prior" else "uniform"
+    seq_len = config.data.seq_len
+    flops_of: dict[str, float] = {}
+    section = ComputeResults(
+        members=settings.members,
+        routing=settings.routing,
+        route_tokens=settings.route_tokens if settings.routing in ("prefix", "budget") else 0,
+        prior=prior,
+        configurations={},
+    )
+    for name in plan.configurations:
+        iteration, members = ensemble_members(plan, name, None, settings.members)
+        names, job_ids = list(members), list(members.values())
+        for job in job_ids:
+            if job not in flops_of:
+                flops_of[job] = member_flops(layout, job, seq_len)
+        flops = [flops_of[job] for job in job_ids]
+        latest = plan.ensemble(name, iteration)[1] if settings.members == "all" else None
+        per_domain: dict[str, DomainCompute] = {}
+        for domain in domains:
+            test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
+            log_prior = _section_log_prior(
+                cache, job_ids, domain, prior, settings.cached_prior_decay
+            )
+            full = mixture_log_probs(test_lp.double(), log_prior, settings.posterior)
+            singles = [perplexity(test_lp[j]) for j in range(len(job_ids))]
+            best = min(range(len(job_ids)), key=lambda j: singles[j])
+            entry = DomainCompute(
+                full=_compute_score(full, sum(flops), experts=len(job_ids)),
+                best_single=_compute_score(
+                    test_lp[best], flops[best], experts=1, member=names[best], job_id=job_ids[best]
+                ),
+                routed=routed_scores(test_lp, log_prior, names, flops, settings),
+            )
+            if latest is not None:
+                latest_jobs = list(latest.values())
+                latest_lp = torch.stack([cache.get(job, domain, "test") for job in latest_jobs])
+                latest_prior = _section_log_prior(
+                    cache, latest_jobs, domain, prior, settings.cached_prior_decay
+                )
+                entry.latest = _compute_score(
+                    mixture_log_probs(latest_lp.double(), latest_prior, settings.posterior),
+                    sum(flops_of[job] for job in latest_jobs),
+                    experts=len(latest_jobs),
+                )
+            per_domain[domain] = entry
+        section.configurations[name] = ConfigurationCompute(
+            iteration=iteration,
+            members=members,
+            flops_per_token=dict(zip(names, flops, strict=True)),
+            domains=per_domain,
+        )
+    return section
+
+
+# ----------------------------------------------------------------------------------------------
+# results.csv
 
 
 def results_rows(results: EvaluationResults) -> Iterator[dict[str, Any]]:

@@ -4,10 +4,13 @@ At every step the next-token distribution is the posterior-weighted mixture of t
 distributions, `p(x | x_<t) = sum_j p_j(x | x_<t) P(j | x_<t)`, and the posterior is updated
 with the token that was chosen (prompt tokens included), exactly as in evaluation
 (`hdee.ensemble`). Each expert keeps its own KV cache, so a step costs one token per expert.
+With routing (`experts=K`, `hdee.routing`), every expert reads the first `route_tokens` tokens,
+then only the K with the highest posterior keep running: a step costs one token per kept expert.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
 from hdee.layout import RunLayout
 from hdee.records import EvaluationResults, Plan
+from hdee.routing import Members, ensemble_members, top_k_mask
 from hdee.scoring import device_of, inference_autocast, load_expert, resolve_device
 
 
@@ -31,6 +35,11 @@ class Generation:
     token_ids: list[int]  # the new tokens only
     token_log_probs: list[float] = field(default_factory=list)  # mixture log-prob of each
     posterior: list[float] = field(default_factory=list)  # P(j | everything), after the last
+    # P(j | x_<t) each expert had when each new token was chosen (0 once routed away).
+    weights: list[list[float]] = field(default_factory=list)
+    tokens_run: list[int] = field(default_factory=list)  # per expert: tokens it ran forward on
+    kept: list[int] = field(default_factory=list)  # the experts still running at the end
+    routed_at: int | None = None  # r: tokens every expert ran before routing (None: never)
 
 
 def _normalised_log_prior(prior: Sequence[float] | Tensor | None, experts: int) -> Tensor:
@@ -60,6 +69,102 @@ def _choose(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+class _Experts:
+    """The experts' decoding state: a KV cache, the next-token log-probs and the posterior
+    evidence of each expert still running. Routing (`hdee.routing`, the same rule as
+    evaluation) happens once every expert has read `route_tokens` tokens and the next token is
+    known: the top `experts` of the posterior keep running, the others never run again."""
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        posterior: PosteriorMode,
+        log_prior: Tensor,
+        experts: int | None,
+        route_tokens: int,
+    ) -> None:
+        self.models = models
+        self.posterior = posterior
+        self.log_prior = log_prior
+        self.device = device_of(models[0])
+        count = len(models)
+        self.active = list(range(count))
+        self.caches: list[Any] = [None] * count
+        self.next_lp: list[Tensor | None] = [None] * count  # log p_j(. | sequence so far), [V]
+        self.evidence = torch.zeros(count, dtype=torch.float64)
+        self.tokens_run = [0] * count
+        self.read = 0  # tokens every running expert has read
+        self.experts = experts
+        self.route_tokens = route_tokens
+        self.pending = experts is not None and experts < count
+        self.routed_at: int | None = None
+
+    def credit(self, token: int) -> None:
+        """Evidence of a known token from the predictions made before it."""
+        for j in self.active:
+            lp = self.next_lp[j]
+            assert lp is not None
+            self.evidence[j] = (
+                self.evidence[j] + lp[token] if self.posterior == "prefix" else lp[token]
+            )
+
+    def _read(self, tokens: list[int], credit_first: bool) -> None:
+        if credit_first:
+            self.credit(tokens[0])
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        for j in self.active:
+            with inference_autocast(self.device):
+                out = self.models[j](input_ids=ids, cache=self.caches[j], use_cache=True)
+            # The model's own Cache object (a DynamicCache), passed back as is: transformers
+            # removes the `past_key_values` argument and legacy tuple caches (5.40).
+            self.caches[j] = out.cache
+            lp = torch.log_softmax(out.logits[0].double(), dim=-1).cpu()  # [L, V]
+            if len(tokens) > 1:
+                token_lp = lp[:-1].gather(1, ids[0, 1:, None].cpu()).squeeze(1)
+                self.evidence[j] = (
+                    self.evidence[j] + token_lp.sum()
+                    if self.posterior == "prefix"
+                    else token_lp[-1]
+                )
+            self.next_lp[j] = lp[-1]
+            self.tokens_run[j] += len(tokens)
+        self.read += len(tokens)
+
+    def _route(self) -> None:
+        assert self.experts is not None
+        kept = top_k_mask(self.log_prior + self.evidence, self.experts)
+        self.active = [j for j in self.active if kept[j]]
+        for j in range(len(self.models)):
+            if not kept[j]:  # routed away: its cache is freed and it never runs again
+                self.caches[j] = None
+                self.next_lp[j] = None
+        self.pending = False
+        self.routed_at = self.read
+
+    def advance(self, tokens: list[int], credit_first: bool) -> None:
+        """Read known tokens (the prompt, or a chosen token), routing on the way when due."""
+        if self.pending:
+            head = tokens[: max(0, self.route_tokens - self.read)]
+            if head:
+                self._read(head, credit_first)
+                credit_first, tokens = True, tokens[len(head) :]
+            if self.read >= self.route_tokens and tokens:
+                # Every expert has read r tokens and x_r is known: its evidence completes the
+                # routing posterior (as P(j | x_<r) in evaluation), then the kept ones read it.
+                self.credit(tokens[0])
+                self._route()
+                self._read(tokens, credit_first=False)
+                return
+        if tokens:
+            self._read(tokens, credit_first)
+
+    def log_weights(self) -> Tensor:
+        """log P(j | sequence so far) `[E]`, renormalised over the running experts."""
+        masked = torch.full_like(self.log_prior, -math.inf)
+        masked[self.active] = self.log_prior[self.active] + self.evidence[self.active]
+        return masked - torch.logsumexp(masked, dim=0)
+
+
 @torch.inference_mode()
 def generate_ids(
     models: Sequence[torch.nn.Module],
@@ -72,11 +177,16 @@ def generate_ids(
     posterior: PosteriorMode = "prefix",
     prior: Sequence[float] | Tensor | None = None,
     eos_token_id: int | None = None,
+    experts: int | None = None,
+    route_tokens: int = 32,
 ) -> Generation:
     """Continue `input_ids` with the posterior-weighted mixture of `models`.
 
     `prior` is P(j) (None: uniform); `posterior` is "prefix" (P(j) times the likelihood of the
     whole sequence so far) or "updating" (P(j) times the last token's likelihood only).
+    `experts` K < len(models) routes: every expert reads the first `route_tokens` tokens
+    (prompt first, then generated ones), then only the K with the highest posterior keep
+    running, from their KV caches, with the posterior renormalised over them (`hdee.routing`).
     Stops after `max_new_tokens` or at `eos_token_id` (which is kept in the output).
     """
     if not models:
@@ -87,49 +197,36 @@ def generate_ids(
         raise ValueError(f"unknown posterior mode {posterior!r}, expected one of {POSTERIOR_MODES}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if experts is not None and not 1 <= experts <= len(models):
+        raise ValueError(f"--experts must be in 1..{len(models)} (the members), got {experts}")
+    if route_tokens < 1:
+        raise ValueError(f"--route-tokens must be >= 1, got {route_tokens}")
     log_prior = _normalised_log_prior(prior, len(models))
     generator = torch.Generator().manual_seed(seed)
-    device = device_of(models[0])
-    prompt = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-
-    # Prompt: one forward per expert fills its KV cache; the prompt's own tokens (after the
-    # first, which nothing predicts) are evidence for the posterior.
-    caches: list[Any] = []
-    next_lp: list[Tensor] = []  # each expert's log p_j(. | sequence so far), [V] float64
-    evidence = torch.zeros(len(models), dtype=torch.float64)
-    for j, model in enumerate(models):
-        with inference_autocast(device):
-            out = model(input_ids=prompt, use_cache=True)
-        lp = torch.log_softmax(out.logits[0].double(), dim=-1)  # [L, V]
-        # The model's own Cache object (a DynamicCache), passed back as is: transformers
-        # removes the `past_key_values` argument and legacy tuple caches (5.40).
-        caches.append(out.cache)
-        next_lp.append(lp[-1].cpu())
-        if prompt.shape[1] > 1:
-            token_lp = lp[:-1].gather(1, prompt[0, 1:, None]).squeeze(1).cpu()
-            evidence[j] = token_lp.sum() if posterior == "prefix" else token_lp[-1]
+    state = _Experts(models, posterior, log_prior, experts, route_tokens)
+    # The prompt's own tokens (after the first, which nothing predicts) are evidence.
+    state.advance(list(input_ids), credit_first=False)
 
     generation = Generation(token_ids=[])
-    for _ in range(max_new_tokens):
-        log_weights = log_prior + evidence
-        log_weights = log_weights - torch.logsumexp(log_weights, dim=0)
-        mixture = torch.logsumexp(torch.stack(next_lp) + log_weights[:, None], dim=0)  # [V]
+    for step in range(max_new_tokens):
+        log_weights = state.log_weights()
+        running = list(state.active)
+        next_lp = torch.stack([state.next_lp[j] for j in running])  # type: ignore[misc]
+        mixture = torch.logsumexp(next_lp + log_weights[running, None], dim=0)  # [V]
         token = _choose(mixture, greedy, temperature, top_k, generator)
         generation.token_ids.append(token)
         generation.token_log_probs.append(float(mixture[token]))
-        chosen = torch.stack([lp[token] for lp in next_lp])
-        evidence = evidence + chosen if posterior == "prefix" else chosen
-        if token == eos_token_id:
+        generation.weights.append(log_weights.exp().tolist())
+        if token == eos_token_id or step == max_new_tokens - 1:
+            # The final posterior includes the last token; no expert needs to read it.
+            state.credit(token)
             break
-        step = torch.tensor([[token]], dtype=torch.long, device=device)
-        for j, model in enumerate(models):
-            with inference_autocast(device):
-                out = model(input_ids=step, cache=caches[j], use_cache=True)
-            caches[j] = out.cache
-            next_lp[j] = torch.log_softmax(out.logits[0, -1].double(), dim=-1).cpu()
+        state.advance([token], credit_first=True)
 
-    final = log_prior + evidence
-    generation.posterior = torch.softmax(final, dim=0).tolist()
+    generation.posterior = state.log_weights().exp().tolist()
+    generation.tokens_run = list(state.tokens_run)
+    generation.kept = list(state.active)
+    generation.routed_at = state.routed_at
     return generation
 
 
@@ -146,7 +243,17 @@ def load_models(
     return models
 
 
-def generate(
+@dataclass
+class Continuation:
+    """A generated continuation with what produced it (for the CLI's summary and JSON lines)."""
+
+    text: str
+    generation: Generation
+    members: list[str]  # the experts' names, in the order of `generation.weights`
+    tokens: list[str]  # each new token as text
+
+
+def generate_continuation(
     experts: Sequence[str | Path | PreTrainedModel],
     tokenizer: PreTrainedTokenizerFast,
     prompt: str,
@@ -158,8 +265,12 @@ def generate(
     posterior: PosteriorMode = "prefix",
     prior: Sequence[float] | Tensor | None = None,
     stop_at_eos: bool = True,
-) -> str:
-    """The continuation (new text only) of `prompt` by the ensemble of `experts`.
+    routed_experts: int | None = None,
+    route_tokens: int = 32,
+    names: Sequence[str] | None = None,
+) -> Continuation:
+    """The continuation of `prompt` by the ensemble of `experts` (`routed_experts` K: only the
+    top K after `route_tokens` tokens keep running), with its per-token expert weights.
 
     The prompt is preceded by the EOS token, which separates documents in hdee's training data,
     so the experts read it as the start of a document.
@@ -179,8 +290,85 @@ def generate(
         posterior,
         prior,
         eos if stop_at_eos else None,
+        experts=routed_experts,
+        route_tokens=route_tokens,
     )
-    return tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+    return Continuation(
+        text=tokenizer.decode(generation.token_ids, skip_special_tokens=True),
+        generation=generation,
+        members=list(names) if names is not None else [str(j) for j in range(len(experts))],
+        tokens=[tokenizer.decode([token]) for token in generation.token_ids],
+    )
+
+
+def generate(
+    experts: Sequence[str | Path | PreTrainedModel],
+    tokenizer: PreTrainedTokenizerFast,
+    prompt: str,
+    max_new_tokens: int = 64,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    posterior: PosteriorMode = "prefix",
+    prior: Sequence[float] | Tensor | None = None,
+    stop_at_eos: bool = True,
+) -> str:
+    """The continuation (new text only) of `prompt` by the ensemble of `experts`."""
+    return generate_continuation(
+        experts,
+        tokenizer,
+        prompt,
+        max_new_tokens,
+        greedy,
+        temperature,
+        top_k,
+        seed,
+        posterior,
+        prior,
+        stop_at_eos,
+    ).text
+
+
+def expert_usage(continuation: Continuation) -> list[dict[str, Any]]:
+    """Per expert: its mean weight over the new tokens, the tokens it ran a forward pass on,
+    and whether it was still running at the end (the summary `hdee generate` prints)."""
+    generation = continuation.generation
+    steps = max(1, len(generation.weights))
+    return [
+        {
+            "expert": name,
+            "mean_weight": sum(w[j] for w in generation.weights) / steps,
+            "tokens_run": generation.tokens_run[j],
+            "kept": j in generation.kept,
+        }
+        for j, name in enumerate(continuation.members)
+    ]
+
+
+def weights_jsonl(continuation: Continuation) -> str:
+    """One JSON line per new token: its step, id, text, mixture log-prob and each expert's
+    weight P(j | x_<t) when it was chosen (for attribution)."""
+    lines = []
+    generation = continuation.generation
+    for step, (token, text, log_prob, weights) in enumerate(
+        zip(
+            generation.token_ids,
+            continuation.tokens,
+            generation.token_log_probs,
+            generation.weights,
+            strict=True,
+        )
+    ):
+        record = {
+            "step": step,
+            "token_id": token,
+            "token": text,
+            "log_prob": log_prob,
+            "weights": dict(zip(continuation.members, weights, strict=True)),
+        }
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
 
 
 def ensemble_dirs(layout: RunLayout, ensemble: dict[str, str]) -> list[Path]:
@@ -208,7 +396,13 @@ def cached_prior_from_run(
             f"{domain!r}; domains evaluated: {sorted(domains) or 'none'}"
         )
     prior = domains[domain].cached_prior
-    if prior is None or set(prior) != set(ensemble):
+    if prior is not None and set(prior) != set(ensemble):
+        raise ValueError(
+            f"{path}: the cached prior of {configuration!r} on {domain!r} weighs the experts "
+            f"{sorted(prior)}, not these members {sorted(ensemble)}: run `hdee evaluate` with "
+            "the same evaluation.members (latest | all) as --members"
+        )
+    if prior is None:
         raise ValueError(
             f"{path}: no cached prior for {configuration!r} on {domain!r} (add cached_prior to "
             "evaluation.methods and run `hdee evaluate` again)"
@@ -227,8 +421,22 @@ def generate_from_run(
     """`generate` with a run's tokenizer and a configuration's ensemble (default: after its
     last iteration); with `prior_domain`, the experts are weighted by the cached prior of that
     domain (else by `prior=` or uniformly)."""
+    return continue_from_run(layout, configuration, prompt, iteration, prior_domain, **kwargs).text
+
+
+def continue_from_run(
+    layout: RunLayout,
+    configuration: str,
+    prompt: str,
+    iteration: int | None = None,
+    prior_domain: str | None = None,
+    members: Members = "latest",
+    **kwargs: Any,
+) -> Continuation:
+    """`generate_from_run` with its per-token weights; `members` "all" generates from the
+    growing forest (every expert of every lane and iteration), `routed_experts` K routes."""
     plan = Plan.read(layout.plan)
-    iteration, ensemble = plan.ensemble(configuration, iteration)
+    iteration, ensemble = ensemble_members(plan, configuration, iteration, members)
     dirs = ensemble_dirs(layout, ensemble)
     if prior_domain is not None:
         if kwargs.get("prior") is not None:
@@ -237,4 +445,4 @@ def generate_from_run(
             layout, configuration, iteration, ensemble, prior_domain
         )
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
-    return generate(dirs, tokenizer, prompt, **kwargs)
+    return generate_continuation(dirs, tokenizer, prompt, names=list(ensemble), **kwargs)

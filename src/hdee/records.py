@@ -271,9 +271,49 @@ class DomainInfo(_Part):
     validation_windows: int | None = None
 
 
+# Quality vs compute of routed (sparse) ensembles (hdee.routing; the "compute" section of
+# docs/evaluation.md).
+
+
+class RoutedScore(_Part):
+    """One system's perplexity and the forward FLOPs per scored token it spends."""
+
+    perplexity: float
+    flops_per_token: float
+    tokens: int
+    experts: int | None = None  # k kept after routing (the full ensemble: every member)
+    flop_budget: float | None = None  # budget routing: FLOPs/token allowed after routing
+    route_tokens: int | None = None  # r: the routing prefix every member runs on
+    kept: dict[str, float] | None = None  # member -> share of windows that kept it
+    member: str | None = None  # best single: the winning member
+    job_id: str | None = None  # best single: its job
+
+
+class DomainCompute(_Part):
+    full: RoutedScore  # every member on every token (dense posterior)
+    best_single: RoutedScore  # the best single member on this domain
+    latest: RoutedScore | None = None  # members: all: the latest-per-lane ensemble, dense
+    routed: list[RoutedScore] = []  # one per routing setting (k, or the budget)
+
+
+class ConfigurationCompute(_Part):
+    iteration: int
+    members: dict[str, str]  # member -> job id
+    flops_per_token: dict[str, float]  # member -> forward FLOPs per token, F_j
+    domains: dict[str, DomainCompute]
+
+
+class ComputeResults(_Part):
+    members: Literal["latest", "all"]
+    routing: Literal["none", "prefix", "prior", "budget"]
+    route_tokens: int  # r (0 for prior and none)
+    prior: Literal["uniform", "cached"]  # the prior every system of this section starts from
+    configurations: dict[str, ConfigurationCompute]
+
+
 class EvaluationResults(Record):
     format: Literal["hdee-evaluation"] = "hdee-evaluation"
-    version: Literal[2] = 2
+    version: Literal[3] = 3
     MADE_BY: ClassVar[str] = "`hdee evaluate RUN`"
 
     posterior: Literal["prefix", "updating"]
@@ -283,6 +323,8 @@ class EvaluationResults(Record):
     device: str
     domains: dict[str, DomainInfo]
     configurations: dict[str, ConfigurationResults]
+    compute: ComputeResults | None = None  # quality vs compute (version 3); its `members` says
+    # which experts every ensemble above holds
 
 
 # ----------------------------------------------------------------------------------------------

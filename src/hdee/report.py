@@ -16,7 +16,14 @@ from hdee.config import ExperimentConfig
 from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
-from hdee.records import DifficultyRecord, EvaluationResults, Plan, TasksResults
+from hdee.records import (
+    ComputeResults,
+    DifficultyRecord,
+    EvaluationResults,
+    Plan,
+    RoutedScore,
+    TasksResults,
+)
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
@@ -370,6 +377,168 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Quality vs compute (the `compute` section of results.json: hdee.routing, docs/evaluation.md)
+
+
+def _geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def compute_points(compute: ComputeResults) -> dict[str, list[dict[str, Any]]]:
+    """configuration -> its systems, cheapest first: {"system", "experts", "perplexity" (the
+    geometric mean over domains), "flops_per_token" (the mean over domains), "gain_retained"}.
+    gain_retained is (ppl_best_single - ppl) / (ppl_best_single - ppl_full): the share of the
+    full ensemble's gain over the best single expert a system keeps (None when there is no
+    gain to keep)."""
+    points: dict[str, list[dict[str, Any]]] = {}
+    for name, configuration in compute.configurations.items():
+        domains = list(configuration.domains.values())
+        if not domains:
+            continue
+        systems: dict[str, list[RoutedScore]] = {"best single": [], "full": []}
+        for entry in domains:
+            systems["best single"].append(entry.best_single)
+            systems["full"].append(entry.full)
+            if entry.latest is not None:
+                systems.setdefault("latest ensemble", []).append(entry.latest)
+            for routed in entry.routed:
+                label = (
+                    f"budget {si(routed.flop_budget)}"
+                    if routed.flop_budget is not None
+                    else f"top-{routed.experts}"
+                )
+                systems.setdefault(label, []).append(routed)
+        rows = []
+        for label, scores in systems.items():
+            rows.append(
+                {
+                    "system": label,
+                    "experts": scores[0].experts,
+                    "perplexity": _geometric_mean([x.perplexity for x in scores]),
+                    "flops_per_token": sum(x.flops_per_token for x in scores) / len(scores),
+                }
+            )
+        single = next(r for r in rows if r["system"] == "best single")["perplexity"]
+        full = next(r for r in rows if r["system"] == "full")["perplexity"]
+        for row in rows:
+            gain = single - full
+            row["gain_retained"] = (single - row["perplexity"]) / gain if gain > 0 else None
+        points[name] = sorted(rows, key=lambda r: r["flops_per_token"])
+    return points
+
+
+def _compute_lines(compute: ComputeResults) -> list[str]:
+    routing = {
+        "none": "no routing (dense only)",
+        "prefix": f"prefix routing: every member reads the first {compute.route_tokens} tokens "
+        "of a window, then only the top k continue",
+        "prior": "prior routing: the top k of the domain's cached prior, no routing prefix",
+        "budget": f"budget routing after {compute.route_tokens} tokens",
+    }[compute.routing]
+    lines = [
+        f"Members: **{compute.members}** ("
+        + (
+            "the latest expert of every lane"
+            if compute.members == "latest"
+            else "every expert of every lane and iteration, BTM's growing forest"
+        )
+        + f"); {routing}; {compute.prior} prior. Perplexity is the geometric mean over domains, "
+        "FLOPs the mean forward FLOPs per scored token actually spent (routing prefix "
+        "included); the best single expert is chosen per domain. Routed perplexities are "
+        "computed exactly from the cached log-probs; the FLOPs count what a routed run executes.",
+        "",
+        "| configuration | system | perplexity | FLOPs/token | vs full | gain kept |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, rows in compute_points(compute).items():
+        full = next(r for r in rows if r["system"] == "full")["flops_per_token"]
+        for row in rows:
+            kept = row["gain_retained"]
+            lines.append(
+                f"| {name} | {row['system']} | {_fmt(row['perplexity'])} | "
+                f"{si(row['flops_per_token'])} | {row['flops_per_token'] / full:.2f}x | "
+                + ("–" if kept is None else f"{kept:.0%}")
+                + " |"
+            )
+    return lines
+
+
+def _forest_lines(compute: ComputeResults) -> list[str]:
+    """members: all: per domain, the latest-per-lane ensemble against the whole forest, which
+    serves again the domains a lane's later experts forgot."""
+    lines = [
+        "| configuration | domain | latest ensemble | forest | change |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, configuration in compute.configurations.items():
+        for domain, entry in configuration.domains.items():
+            if entry.latest is None:
+                continue
+            latest, forest = entry.latest.perplexity, entry.full.perplexity
+            lines.append(
+                f"| {name} | {domain} | {_fmt(latest)} | {_fmt(forest)} | "
+                f"{forest / latest - 1:+.1%} |"
+            )
+    return lines
+
+
+def _with_compute_section(markdown: str, results: EvaluationResults) -> str:
+    """The report with a "Quality vs compute" section before its footer (unchanged when the
+    results have no compute section)."""
+    compute = results.compute
+    if compute is None or not compute.configurations:
+        return markdown
+    section = ["## Quality vs compute", "", *_compute_lines(compute), ""]
+    if compute.members == "all":
+        section += [
+            "### The forest serves forgotten domains again",
+            "",
+            "Test perplexity of the final ensemble (latest expert of every lane) against every "
+            "expert of every iteration, both dense.",
+            "",
+            *_forest_lines(compute),
+            "",
+        ]
+    text = "\n".join(section) + "\n"
+    head, footer_mark, footer = markdown.rpartition("---\nMade by")
+    return head + text + footer_mark + footer if footer_mark else markdown + "\n" + text
+
+
+def plot_pareto(compute: ComputeResults, path: Path) -> bool:
+    """Perplexity against forward FLOPs per token: one curve per configuration through its
+    systems (best single, routed k = 1.., full), the best single expert marked."""
+    points = compute_points(compute)
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, (name, rows) in enumerate(points.items()):
+        colour = f"C{i % 10}"
+        curve = [r for r in rows if r["system"] not in ("best single", "latest ensemble")]
+        ax.plot(
+            [r["flops_per_token"] for r in curve],
+            [r["perplexity"] for r in curve],
+            marker="o",
+            color=colour,
+            label=name,
+        )
+        for r in curve:
+            ax.annotate(r["system"], (r["flops_per_token"], r["perplexity"]), fontsize=6)
+        single = next(r for r in rows if r["system"] == "best single")
+        ax.scatter(
+            [single["flops_per_token"]], [single["perplexity"]], marker="*", s=90, color=colour
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("forward FLOPs per scored token (log scale)")
+    ax.set_ylabel("test perplexity (geometric mean over domains)")
+    ax.set_title("Quality vs compute (star: best single expert per domain)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
 # The report
 
 
@@ -428,8 +597,13 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
             Path("..") / layout.difficulty_plot.relative_to(layout.report.parent)
         )
 
+    title = "Quality vs compute (perplexity against forward FLOPs per token)"
+    if results.compute is None or not plot_pareto(results.compute, plot_path("pareto", title)):
+        del plots[title]
+
     markdown = _with_tasks_section(
-        render_markdown(plan, results, difficulty, config, plots), layout
+        _with_compute_section(render_markdown(plan, results, difficulty, config, plots), results),
+        layout,
     )
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown

@@ -138,10 +138,19 @@ def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int = 512
     batch = batch.to(device)
     inputs, labels = batch[:, :-1], batch[:, 1:]
     hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, H]
+    return head_label_log_probs(model, hidden, labels, chunk_size)
+
+
+def head_label_log_probs(
+    model: torch.nn.Module, hidden: Tensor, labels: Tensor, chunk_size: int = 512
+) -> Tensor:
+    """log p(label) from the base model's last hidden states `[B, T, H]`, float32 `[B, T]`:
+    the LM head and log-sum-exp on `chunk_size` positions at a time (see `label_log_probs`;
+    the routed scorer of `hdee.routing` calls it on the part of a window it ran)."""
     head = model.get_output_embeddings()
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
-    out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=device)
+    out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, flat_labels.shape[0], chunk_size):
         stop = start + chunk_size
         # float32 for the normaliser: a bf16 log-sum-exp over 32K+ logits loses ~2 digits.

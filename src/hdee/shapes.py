@@ -162,3 +162,16 @@ def training_flops_per_token(cfg: Architecture | LlamaConfig, seq_len: int) -> i
     forward + backward. Norms, softmax and activations are ignored (a few percent at most).
     """
     return 6 * matmul_parameters(cfg) + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def forward_flops_per_token(cfg: Architecture | LlamaConfig, seq_len: int) -> int:
+    """Inference (forward-only) FLOPs per token, the forward third of `training_flops_per_token`:
+
+        2 * N + 4 * layers * hidden * seq_len
+
+    N = `matmul_parameters(cfg)` (2 x non-embedding parameters + 2 x hidden x vocabulary for the
+    LM head, in FLOPs); the second term is QK^T and AV over a context of `seq_len` (the same
+    convention as training: an upper bound, a causal token attends to its prefix only). Routed
+    ensembles (`hdee.routing`) count their cost per scored token with it.
+    """
+    return 2 * matmul_parameters(cfg) + 4 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
