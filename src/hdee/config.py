@@ -362,9 +362,27 @@ class EvaluationConfig(_Strict):
         100, gt=0, description="Validation sequences for the prior."
     )
     cached_prior_decay: float = Field(0.3, gt=0, le=1, description="EWMA weight of each new one.")
+    cached_prior_update: Literal["window", "last_token"] = Field(
+        "window",
+        description="What each validation window adds to the cached prior's moving average: "
+        "'window': its whole-window posterior, starting from uniform (BTM / DEMix paper); "
+        "'last_token': the one-token posterior at its last position, starting from the first "
+        "window's (DEMix code).",
+    )
     max_test_sequences: int | None = Field(None, gt=0, description="Cap on test sequences/domain.")
     batch_size: int = Field(8, gt=0)
-    every_iteration: bool = Field(False, description="Also evaluate earlier iterations' ensembles.")
+    every_iteration: bool = Field(
+        False,
+        description="Also evaluate earlier iterations' ensembles (and so every lane's experts on "
+        "every domain after every iteration: the report's forgetting table).",
+    )
+    bootstrap_resamples: int = Field(
+        1000,
+        ge=0,
+        description="Paired bootstrap resamples for the confidence intervals of differences "
+        "(0: none; the report then cannot tell wins from noise).",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of those intervals.")
 
 
 class RunnerConfig(_Strict):

@@ -24,13 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hdee.atomic import atomic_path, write_text
+from hdee.atomic import atomic_path, read_json, write_text
 from hdee.config import ExperimentConfig
 from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import (
-    estimate_cached_prior,
+    PriorUpdate,
+    cached_prior,
     mean_posterior,
     mixture_log_probs,
     perplexity,
@@ -48,6 +49,8 @@ from hdee.records import (
     Score,
 )
 from hdee.scoring import load_expert, resolve_device, window_log_probs
+from hdee.statistics import window_documents
+from hdee.uncertainty import paired_uncertainty
 
 CACHE_FORMAT = "hdee-label-logprobs"
 CACHE_VERSION = "1"
@@ -212,6 +215,7 @@ def evaluate_ensemble_on_domain(
     methods: list[str],
     posterior: str,
     decay: float,
+    prior_update: PriorUpdate = "window",
 ) -> DomainScores:
     """All methods for one ensemble on one domain, from label log-probs `[E, N, T]`."""
     scores = DomainScores(methods={})
@@ -223,9 +227,7 @@ def evaluate_ensemble_on_domain(
         scores.mean_posterior["uniform_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
     if "cached_prior" in methods:
         assert validation_lp is not None
-        # Sequence log-likelihood of each validation window under each expert: [N_val, E].
-        sequence_ll = validation_lp.to(torch.float64).sum(dim=2).T
-        prior = estimate_cached_prior(sequence_ll, decay)
+        prior = cached_prior(validation_lp, decay, prior_update)
         log_prior = prior.log()
         scores.methods["cached_prior"] = _score(mixture_log_probs(test_lp, log_prior, posterior))
         weights = mean_posterior(posterior_weights(test_lp, log_prior, posterior))
@@ -282,6 +284,7 @@ def evaluate_run(
         methods=methods,
         seq_len=config.data.seq_len,
         cached_prior_decay=settings.cached_prior_decay,
+        cached_prior_update=settings.cached_prior_update,
         device=str(device),
         domains={
             domain: DomainInfo(
@@ -319,12 +322,41 @@ def evaluate_run(
                 methods,
                 settings.posterior,
                 settings.cached_prior_decay,
+                settings.cached_prior_update,
             )
         configuration.iterations[iteration] = IterationResults(experts=ensemble, domains=per_domain)
 
+    if settings.bootstrap_resamples:
+        results.uncertainty = paired_uncertainty(
+            plan,
+            results,
+            cache.get,
+            test_window_documents(layout, cache, list(domains)),
+            settings,
+            config.seed,
+        )
     results.write(layout.results)
     write_text(layout.results_csv, results_csv(results))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired uncertainty (hdee.uncertainty): which document each test window comes from
+
+
+def test_window_documents(
+    layout: RunLayout, cache: _LogProbCache, domains: list[str]
+) -> dict[str, np.ndarray | None]:
+    """Domain -> the document of each test window, from the EOS tokens of the prepared split
+    (None where the manifest names no EOS token: the bootstrap then resamples windows)."""
+    documents: dict[str, np.ndarray | None] = {}
+    for domain in domains:
+        eos = read_json(layout.manifest(domain, "test")).get("eos_token_id")
+        tokens, count, _ = cache.windows(domain, "test")
+        documents[domain] = (
+            None if eos is None else window_documents(tokens, cache.seq_len, count, int(eos))
+        )
+    return documents
 
 
 def results_rows(results: EvaluationResults) -> Iterator[dict[str, Any]]:
