@@ -17,6 +17,12 @@ from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
 from hdee.records import DifficultyRecord, EvaluationResults, Plan, TasksResults
+from hdee.significance import (
+    against_reference_table,
+    configuration_winners,
+    method_winners,
+    tally,
+)
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
 HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
@@ -79,12 +85,16 @@ def _perplexity_table(
     domains: list[str],
     classes: dict[str, str],
     baseline: str,
+    winners: dict[str, str | None] | None = None,
 ) -> list[str]:
+    """With `winners` (domain -> significantly best configuration, None for a tie) only a
+    significant win is bold and a tie says so; without, the lowest number is bold."""
     names = list(table)
-    best = best_per_domain(table, baseline)
+    best = winners if winners is not None else best_per_domain(table, baseline)
+    extra = winners is not None
     lines = [
-        "| domain | class | " + " | ".join(names) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in names) + " |",
+        "| domain | class | " + " | ".join(names) + (" | result |" if extra else " |"),
+        "| --- | --- | " + " | ".join("---:" for _ in names) + (" | --- |" if extra else " |"),
     ]
     for domain in domains:
         cells = []
@@ -92,6 +102,8 @@ def _perplexity_table(
             value = table[name].get(domain)
             text = _fmt(value)
             cells.append(f"**{text}**" if best.get(domain) == name else text)
+        if extra:
+            cells.append(best.get(domain) or "tie")
         lines.append(f"| {domain} | {classes.get(domain, '')} | " + " | ".join(cells) + " |")
     return lines
 
@@ -178,6 +190,24 @@ def render_markdown(
         },
         baseline,
     )
+    winners = (
+        configuration_winners(
+            results.uncertainty, headline, list(table), plan.trained_domains + plan.held_out_domains
+        )
+        if results.uncertainty
+        else None
+    )
+    if winners is not None:
+        headline_lines = significance_headline(plan, results, headline, winners, methods)
+    else:
+        headline_lines = [
+            f"**A heterogeneous configuration has the lowest perplexity in {wins} of {total} "
+            f"domains** ({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
+            f"{total - trained_total} held out; baseline {baseline}, method: "
+            f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
+            "baseline counts as the baseline's. No confidence intervals were computed "
+            "(evaluation.bootstrap_resamples is 0): differences this small may be noise.",
+        ]
 
     out = [
         "# HDEE report",
@@ -193,20 +223,17 @@ def render_markdown(
             else "(previous token only, as in BTM / DEMix code)."
         ),
         "",
-        f"**A heterogeneous configuration is best in {wins} of {total} domains** "
-        f"({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
-        f"{total - trained_total} held out; baseline {baseline}, method: "
-        f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
-        "baseline counts as the baseline's.",
+        *headline_lines,
         "",
         "## Trained domains",
         "",
-        *_perplexity_table(table, plan.trained_domains, classes, baseline),
+        *_perplexity_table(table, plan.trained_domains, classes, baseline, winners),
         "",
         "## Held-out domains",
         "",
-        *_perplexity_table(table, plan.held_out_domains, classes, baseline),
+        *_perplexity_table(table, plan.held_out_domains, classes, baseline, winners),
         "",
+        *uncertainty_section(plan, results, headline),
         "## Every method (geometric mean of perplexity over domains)",
         "",
         "| method | " + " | ".join(table) + " |",
@@ -222,7 +249,9 @@ def render_markdown(
         out.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + " |")
     out += [
         "",
-        "Per-domain numbers of every method and every single expert: `evaluation/results.csv`.",
+        "The geometric mean summarises; per domain the methods are compared in the section on "
+        "confidence intervals. Per-domain numbers of every method and every single expert: "
+        "`evaluation/results.csv`.",
         "",
         "## Compute budgets",
         "",
@@ -245,6 +274,79 @@ def render_markdown(
         "check that the method runs end to end, not as a reproduction.",
     ]
     return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Confidence intervals (hdee.significance reads results.json's `uncertainty`)
+
+
+def significance_headline(
+    plan: Plan,
+    results: EvaluationResults,
+    method: str,
+    winners: dict[str, str | None],
+    methods: list[str],
+) -> list[str]:
+    """The headline: significant wins and ties, for configurations and for methods."""
+    assert results.uncertainty is not None
+    baseline = plan.baseline
+    names = list(results.configurations)
+    total = len(winners)
+    hetero = sum(w is not None and w != baseline for w in winners.values())
+    ties = sum(w is None for w in winners.values())
+    trained = [d for d in plan.trained_domains if d in winners]
+    hetero_trained = sum(winners[d] not in (None, baseline) for d in trained)
+    units = {r.unit for r in results.uncertainty.domains.values()}
+    lines = [
+        f"**A heterogeneous configuration is best in {hetero} of {total} domains "
+        f"(significant), {ties} ties** ({hetero_trained} of {len(trained)} trained domains; "
+        f"baseline {baseline} best in {sum(w == baseline for w in winners.values())}; method: "
+        f"{METHOD_TITLES[method]}).",
+        "",
+        f"Configurations ({METHOD_TITLES[method]}): {tally(winners, names)}.",
+        "",
+    ]
+    domains = plan.trained_domains + plan.held_out_domains
+    for name in names:
+        by_method = method_winners(results.uncertainty, name, methods, domains)
+        lines.append(f"Methods within {name}: " + tally(by_method, methods) + ".")
+        lines.append("")
+    lines.append(
+        f"A win counts only when the {results.uncertainty.level:.0%} paired-bootstrap interval "
+        f"({results.uncertainty.resamples} resamples of the test "
+        f"{' / '.join(sorted(units))}, seed {results.uncertainty.seed}) of the difference in "
+        "log perplexity against every other system excludes zero; otherwise the domain is a "
+        "tie. Significant wins are bold."
+    )
+    return lines
+
+
+def uncertainty_section(plan: Plan, results: EvaluationResults, method: str) -> list[str]:
+    if results.uncertainty is None:
+        return []
+    domains = plan.trained_domains + plan.held_out_domains
+    rows = against_reference_table(results.uncertainty, method, plan.baseline, domains)
+    if not rows:
+        return []
+    units = {r.unit for r in results.uncertainty.domains.values()}
+    note = (
+        "Whole documents were resampled (windows of one document move together)."
+        if units == {"documents"}
+        else "Where the unit is windows, the window-to-document map was not known (or a domain's"
+        " test split is one document): neighbouring windows are correlated and those "
+        "intervals are too narrow."
+    )
+    return [
+        f"## Confidence intervals ({METHOD_TITLES[method]})",
+        "",
+        f"Perplexity of each configuration relative to the baseline {plan.baseline}, with its "
+        f"{results.uncertainty.level:.0%} paired-bootstrap interval; bold where the interval "
+        f"excludes zero. {note} Every pair of configurations and of methods: "
+        "`evaluation/results.json` (`uncertainty`).",
+        "",
+        *rows,
+        "",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
