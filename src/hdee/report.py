@@ -13,6 +13,7 @@ from typing import Any
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.forgetting import forgetting_markdown, forgetting_matrix
 from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
@@ -247,6 +248,7 @@ def render_markdown(
             mean = math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
             cells.append(_fmt(mean))
         out.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + " |")
+    out += ["", *forgetting_markdown(plan, results)]
     out += [
         "",
         "The geometric mean summarises; per domain the methods are compared in the section on "
@@ -383,9 +385,11 @@ def plot_perplexity(
     ax.set_xticks(range(len(domains)))
     ax.set_xticklabels(domains, rotation=45, ha="right", fontsize=8)
     ax.set_yscale("log")
+    _log_ticks(ax, "y")
     ax.set_ylabel("test perplexity (log scale)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    # Beside the axes: over the bars it would hide data.
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     _save(fig, path)
 
@@ -471,6 +475,66 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
     return drew
 
 
+def plot_forgetting(plan: Plan, results: EvaluationResults, path: Path) -> bool:
+    """ppl(e_k, d_i) against iteration k: one panel per configuration, one colour per lane,
+    one marker per domain of that lane (a rising line is forgetting)."""
+    panels = []
+    for name in results.configurations:
+        curves = [
+            (lane, domain, row)
+            for lane in plan.lanes
+            for domain, row in forgetting_matrix(plan, results, name, lane).items()
+            if len(row) > 1
+        ]
+        if curves:
+            panels.append((name, curves))
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels) + 1.5, 3.6), squeeze=False, sharey=True
+    )
+    markers = "osD^v<>"
+    for ax, (name, curves) in zip(axes[0], panels, strict=True):
+        for lane_index, lane in enumerate(plan.lanes):
+            for domain_index, (curve_lane, domain, row) in enumerate(
+                c for c in curves if c[0] == lane
+            ):
+                ks = sorted(row)
+                ax.plot(
+                    ks,
+                    [row[k] for k in ks],
+                    color=f"C{lane_index}",
+                    marker=markers[domain_index % len(markers)],
+                    linewidth=1.2,
+                    label=f"{curve_lane}: {domain}",
+                )
+        ax.set_yscale("log")
+        _log_ticks(ax, "y")
+        ax.set_xticks(range(1, plan.iterations + 1))
+        ax.set_xlabel("after iteration", fontsize=8)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].set_ylabel("test perplexity of the lane's expert (log)", fontsize=8)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _log_ticks(ax: Any, axis: str) -> None:
+    """Enough labelled ticks on a log axis (matplotlib labels only powers of ten by default,
+    so a range inside one decade shows no number at all)."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    target.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+    formatter = ScalarFormatter()
+    formatter.set_scientific(False)
+    target.set_major_formatter(formatter)
+
+
 # ----------------------------------------------------------------------------------------------
 # The report
 
@@ -521,6 +585,9 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     )
     title = "Mean posterior weight of each expert per domain (uniform prior)"
     if not plot_posteriors(results, domains, plot_path("posterior", title)):
+        del plots[title]
+    title = "Forgetting: each lane's experts on that lane's domains, iteration by iteration"
+    if not plot_forgetting(plan, results, plot_path("forgetting", title)):
         del plots[title]
     title = "Training and validation loss of every job"
     if not plot_training_curves(plan, layout, plot_path("training_curves", title)):
