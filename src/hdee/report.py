@@ -359,7 +359,8 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        # "tight": legends placed beside or below the axes are kept, not cut off.
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -432,7 +433,7 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
     for job in plan.expert_jobs():
         groups.setdefault(f"{job.lane} lane", []).append(job.job_id)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4.4), squeeze=False)
     drew = False
     for ax, (title, job_ids) in zip(axes[0], groups.items(), strict=True):
         colours: dict[str, str] = {}
@@ -458,15 +459,39 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
             # One colour per size/steps, so a configuration's expert reads as one curve
             # continuing through the iterations.
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
-            ax.plot(*zip(*train, strict=True), linewidth=1, label=label, color=colour)
+            # Seeds differ in line style too, so sizes stay apart where colours are close.
+            style = ("-", "--", ":", "-.")[len(colours) % 4] if job.kind == "seed" else "-"
+            ax.plot(
+                *zip(*train, strict=True), linewidth=1, label=label, color=colour, linestyle=style
+            )
             if val:
-                ax.scatter(*zip(*val, strict=True), s=10, color=colour)
+                ax.scatter(
+                    *zip(*val, strict=True),
+                    s=22,
+                    marker="D",
+                    color=colour,
+                    edgecolors="black",
+                    linewidths=0.5,
+                    zorder=3,
+                    label="validation (same colour)",
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step (experts continue their parent)", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
+        ax.set_ylabel("loss (log scale)", fontsize=8)
+        if drew:
+            ax.set_yscale("log")
+            _log_ticks(ax, "y")
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        unique = dict(zip(labels, handles, strict=False))
+        # Below the axes: inside them it covers the curves' start, where loss is highest.
+        ax.legend(
+            unique.values(),
+            unique.keys(),
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.22),
+            ncol=2,
+        )
     fig.tight_layout()
     if drew:
         _save(fig, path)
@@ -510,10 +535,11 @@ def plot_forgetting(plan: Plan, results: EvaluationResults, path: Path) -> bool:
                     label=f"{curve_lane}: {domain}",
                 )
         ax.set_yscale("log")
-        _log_ticks(ax, "y")
         ax.set_xticks(range(1, plan.iterations + 1))
         ax.set_xlabel("after iteration", fontsize=8)
         ax.set_title(name, fontsize=9)
+    # After every panel: set_yscale on a shared axis resets the tick locators.
+    _log_ticks(axes[0][0], "y")
     axes[0][0].set_ylabel("test perplexity of the lane's expert (log)", fontsize=8)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -522,17 +548,22 @@ def plot_forgetting(plan: Plan, results: EvaluationResults, path: Path) -> bool:
     return True
 
 
-def _log_ticks(ax: Any, axis: str) -> None:
-    """Enough labelled ticks on a log axis (matplotlib labels only powers of ten by default,
-    so a range inside one decade shows no number at all)."""
-    from matplotlib.ticker import LogLocator, ScalarFormatter
+def _log_ticks(ax: Any, axis: str, count: int = 6) -> None:
+    """About `count` labelled ticks, evenly spaced on a log axis and rounded to two significant
+    digits (matplotlib labels only powers of ten by default, so a range inside one decade shows
+    no number at all). Call it after the data are drawn: it reads the axis limits."""
+    import numpy as np
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
 
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if not (0 < low < high):
+        return
+    ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(low, high, count)})
+    ticks = [t for t in ticks if low <= t <= high] or ticks
     target = ax.yaxis if axis == "y" else ax.xaxis
-    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-    target.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
-    formatter = ScalarFormatter()
-    formatter.set_scientific(False)
-    target.set_major_formatter(formatter)
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+    target.set_minor_locator(NullLocator())
 
 
 # ----------------------------------------------------------------------------------------------
