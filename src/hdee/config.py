@@ -395,9 +395,40 @@ class RunnerConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address (ray runner).")
 
 
+class RunConfig(_Strict):
+    """Repeats: the experiment again with other training seeds, on the same prepared data."""
+
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Run the experiment this many times: repeat k trains every job with seed "
+        "`seed + k` (data order, and initialisation where a job starts from scratch) on the "
+        "same prepared data; the report gives mean and standard deviation over repeats.",
+    )
+    repeat: int = Field(
+        0,
+        ge=0,
+        description="The repeat `hdee plan` and `hdee jobs` work on (0: the base run). "
+        "`hdee run` runs every repeat whatever this says.",
+    )
+
+    @model_validator(mode="after")
+    def _repeat_in_range(self) -> RunConfig:
+        if self.repeat >= self.repeats:
+            raise ValueError(
+                f"run.repeat {self.repeat} is not a repeat of run.repeats={self.repeats} "
+                f"(expected 0 to {self.repeats - 1})"
+            )
+        return self
+
+
 class ExperimentConfig(_Strict):
     run_dir: str = Field(description="Directory that holds everything this run produces.")
-    seed: int = Field(0, description="Global seed: splits, data order, initialisation.")
+    seed: int = Field(
+        0,
+        description="Global seed: splits, domain schedule, data order, initialisation (repeat "
+        "k trains with seed + k; splits and schedule always use this one).",
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     seeds: SeedsConfig = SeedsConfig()
@@ -406,6 +437,7 @@ class ExperimentConfig(_Strict):
     plan: PlanConfig = PlanConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
+    run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _domains_referenced_exist(self) -> ExperimentConfig:
@@ -444,6 +476,18 @@ class ExperimentConfig(_Strict):
                 if name not in names:
                     raise ValueError(f"difficulty.fixed: {name!r} is not in data.domains")
         return self
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of this repeat's training jobs (data order, initialisation). Prepared data
+        and the domain schedule use `seed` itself, so every repeat shares them."""
+        return self.seed + self.run.repeat
+
+    def for_repeat(self, repeat: int) -> ExperimentConfig:
+        """This config as repeat `repeat` of the experiment (0: the base run)."""
+        if not 0 <= repeat < self.run.repeats:
+            raise ValueError(f"repeat {repeat} is not one of 0..{self.run.repeats - 1}")
+        return self.model_copy(update={"run": self.run.model_copy(update={"repeat": repeat})})
 
     @property
     def trainable_domains(self) -> list[str]:
