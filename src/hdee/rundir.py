@@ -26,7 +26,7 @@ class RunError(RuntimeError):
 @contextmanager
 def run_lock(layout: RunLayout) -> Iterator[None]:
     """Stop two `hdee run`s from writing one directory (the lock dies with the process)."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.run_root.mkdir(parents=True, exist_ok=True)
     handle = open(layout.lock, "a+")  # noqa: SIM115 - held for the whole block
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -35,7 +35,7 @@ def run_lock(layout: RunLayout) -> Iterator[None]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunError(
-            f"{layout.root} is in use by {holder} (lock {layout.lock}); wait for it to finish"
+            f"{layout.run_root} is in use by {holder} (lock {layout.lock}); wait for it to finish"
         ) from None
     handle.seek(0)
     handle.truncate()
