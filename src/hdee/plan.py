@@ -316,7 +316,7 @@ def build_plan(
             "seq_len": seq_len,
             "training": seed_training.model_dump(mode="json"),
             "data": fingerprints[config.data.general.name],
-            "seed": config.seed,
+            "seed": config.training_seed,
         }
         job_id = _job_id("seed", size, config.data.general.name, identity)
         seeds[size] = job_id
@@ -416,7 +416,7 @@ def build_plan(
                     "training": training.model_dump(mode="json"),
                     "data": fingerprints.get(domain, domain),
                     "init_from": previous[lane],
-                    "seed": config.seed,
+                    "seed": config.training_seed,
                 }
                 job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
                 plan.jobs.setdefault(
