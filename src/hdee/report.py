@@ -18,6 +18,7 @@ from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
 from hdee.records import DifficultyRecord, EvaluationResults, Plan, TasksResults
+from hdee.repeats import RepeatResults, repeats_markdown
 from hdee.significance import (
     against_reference_table,
     configuration_winners,
@@ -168,6 +169,7 @@ def render_markdown(
     difficulty: DifficultyRecord | None,
     config: ExperimentConfig,
     plots: dict[str, str],
+    repeats_lines: list[str] | None = None,
 ) -> str:
     classes = dict(plan.classes or {})
     if difficulty:
@@ -226,6 +228,7 @@ def render_markdown(
         "",
         *headline_lines,
         "",
+        *(repeats_lines or []),
         "## Trained domains",
         "",
         *_perplexity_table(table, plan.trained_domains, classes, baseline, winners),
@@ -591,6 +594,26 @@ def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
     return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
 
 
+def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) -> list[str]:
+    """The "Repeats" section from every repeat's results.json (none for one repeat)."""
+    if config.run.repeats < 2:
+        return []
+    found: list[RepeatResults] = []
+    missing: list[int] = []
+    for index in range(config.run.repeats):
+        path = layout.repeat(index).results
+        if path.is_file():
+            seed = config.for_repeat(index).training_seed
+            found.append(RepeatResults(index, seed, EvaluationResults.read(path)))
+        else:
+            missing.append(index)
+    tables = [final_perplexities(r.results, method) for r in found]
+    domains = list(found[0].results.domains) if found else []
+    return repeats_markdown(
+        found, tables, METHOD_TITLES[method], method, domains, config.plan.baseline, missing
+    )
+
+
 def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
     plan = Plan.read(layout.plan)
@@ -629,7 +652,10 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
         )
 
     markdown = _with_tasks_section(
-        render_markdown(plan, results, difficulty, config, plots), layout
+        render_markdown(
+            plan, results, difficulty, config, plots, repeats_section(config, layout, methods[0])
+        ),
+        layout,
     )
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown
