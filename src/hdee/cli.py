@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "evaluate",
-        "Test perplexity of every configuration, domain and ensembling method.",
+        "Test perplexity of every configuration, domain and ensembling method (of every repeat).",
         cmd_evaluate,
     )
     p.add_argument("run", help="run directory")
