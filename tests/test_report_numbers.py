@@ -61,29 +61,64 @@ def best_by_hand(row: dict[str, float], baseline: str) -> str:
     return baseline if row[baseline] <= row[winner] * 1.0001 else winner
 
 
+def significant_best_by_hand(results: dict[str, Any], domain: str, names: list[str]) -> str | None:
+    """The configuration whose interval against every other excludes zero in its favour."""
+    pairs = {
+        (p["reference"], p["candidate"]): p
+        for p in results["uncertainty"]["configurations"]
+        if p["domain"] == domain and p["method"] == HEADLINE
+    }
+    for name in names:
+        others = [other for other in names if other != name]
+        if all(
+            pairs[(other, name)]["high"] < 0
+            if (other, name) in pairs
+            else pairs[(name, other)]["low"] > 0
+            for other in others
+        ):
+            return name
+    return None
+
+
 def check_report(markdown: str, results: dict[str, Any], plan: dict[str, Any]) -> None:
     baseline = plan["baseline"]
     table = final(results, HEADLINE)
     names = list(results["configurations"])
+    with_intervals = "uncertainty" in results
     wins = {"trained": 0, "held_out": 0}
+    ties = 0
     for heading, kind in (("## Trained domains", "trained"), ("## Held-out domains", "held_out")):
         header, *rows = table_after(markdown, heading)
-        assert header == ["domain", "class", *names]
+        assert header == ["domain", "class", *names] + (["result"] if with_intervals else [])
         assert [row[0] for row in rows] == plan[f"{kind}_domains"]
         for domain, _, *cells in rows:
             values = {name: table[name][domain] for name in names}
-            best = best_by_hand(values, baseline)
-            wins[kind] += best != baseline
+            if with_intervals:
+                best = significant_best_by_hand(results, domain, names)
+                assert cells.pop() == (best or "tie")
+                ties += best is None
+                wins[kind] += best not in (None, baseline)
+            else:
+                best = best_by_hand(values, baseline)
+                wins[kind] += best != baseline
             for name, cell in zip(names, cells, strict=True):
                 text = f"{values[name]:.2f}"
                 assert cell == (f"**{text}**" if name == best else text), (domain, name, cell)
     trained, held_out = len(plan["trained_domains"]), len(plan["held_out_domains"])
     total = wins["trained"] + wins["held_out"]
-    assert (
-        f"**A heterogeneous configuration is best in {total} of {trained + held_out} domains** "
-        f"({wins['trained']} of {trained} trained, {wins['held_out']} of {held_out} held out; "
-        f"baseline {baseline}, method: {TITLES[HEADLINE]})"
-    ) in markdown
+    if with_intervals:
+        assert (
+            f"**A heterogeneous configuration is best in {total} of {trained + held_out} domains "
+            f"(significant), {ties} ties** ({wins['trained']} of {trained} trained domains; "
+            f"baseline {baseline} best in "
+        ) in markdown
+    else:
+        assert (
+            f"**A heterogeneous configuration has the lowest perplexity in {total} of "
+            f"{trained + held_out} domains** ({wins['trained']} of {trained} trained, "
+            f"{wins['held_out']} of {held_out} held out; baseline {baseline}, method: "
+            f"{TITLES[HEADLINE]})"
+        ) in markdown
 
     header, *rows = table_after(
         markdown, "## Every method (geometric mean of perplexity over domains)"
@@ -131,12 +166,76 @@ def test_wins_ties_and_geometric_means_on_chosen_numbers(tiny_cli_run, tmp_path:
         domains = configuration["iterations"][str(configuration["final_iteration"])]["domains"]
         for domain, values in chosen.items():
             domains[domain]["methods"][HEADLINE]["perplexity"] = values[column]
+    del results["uncertainty"]  # as with evaluation.bootstrap_resamples: 0
     write_json(path, results)
 
     markdown = report(run_dir)
     check_report(markdown, results, plan)
     # The same, spelt out: 2 wins of 5 (MHo-IHe on d2, MHe-IHo on d3); the tie is no win.
-    assert "best in 2 of 5 domains** (1 of 3 trained, 1 of 2 held out;" in markdown
+    assert "lowest perplexity in 2 of 5 domains** (1 of 3 trained, 1 of 2 held out;" in markdown
+    assert "No confidence intervals were computed" in markdown
     assert "| d1 | moderate | **20.00** | 20.00 | 25.00 |" in markdown
     # Baseline: (10 * 20 * 40 * 80 * 160) ** (1/5) = 40.
     assert "| domain posterior, uniform prior | 40.00 |" in markdown
+
+
+def test_only_intervals_that_exclude_zero_count_as_wins(tiny_cli_run, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_cli_run["run_dir"], run_dir)
+    path = run_dir / "evaluation" / "results.json"
+    results = read_json(path)
+    # delta = log ppl(candidate) - log ppl(reference), interval [low, high], per domain:
+    chosen = {
+        # MHo-IHe clearly better than both: a significant heterogeneous win.
+        "d0": {
+            ("MHo-IHo", "MHo-IHe"): -0.1,
+            ("MHo-IHo", "MHe-IHo"): 0.0,
+            ("MHo-IHe", "MHe-IHo"): 0.1,
+        },
+        # Everything inside the noise: a tie, although MHe-IHo's number is lowest.
+        "d1": {
+            ("MHo-IHo", "MHo-IHe"): 0.0,
+            ("MHo-IHo", "MHe-IHo"): -0.01,
+            ("MHo-IHe", "MHe-IHo"): 0.0,
+        },
+        # The baseline better than both.
+        "d2": {
+            ("MHo-IHo", "MHo-IHe"): 0.1,
+            ("MHo-IHo", "MHe-IHo"): 0.1,
+            ("MHo-IHe", "MHe-IHo"): 0.0,
+        },
+        # MHe-IHo beats the baseline but not MHo-IHe: no one is best, a tie.
+        "d3": {
+            ("MHo-IHo", "MHo-IHe"): -0.1,
+            ("MHo-IHo", "MHe-IHo"): -0.1,
+            ("MHo-IHe", "MHe-IHo"): 0.0,
+        },
+        "d4": {
+            ("MHo-IHo", "MHo-IHe"): 0.0,
+            ("MHo-IHo", "MHe-IHo"): 0.0,
+            ("MHo-IHe", "MHe-IHo"): 0.0,
+        },
+    }
+    for pair in results["uncertainty"]["configurations"]:
+        if pair["method"] == HEADLINE:
+            centre = chosen[pair["domain"]][(pair["reference"], pair["candidate"])]
+            # A zero centre gets a wide interval around zero; others a narrow one.
+            width = 0.05 if centre == 0.0 else 0.02
+            pair.update(delta=centre, low=centre - width, high=centre + width)
+    write_json(path, results)
+    markdown = report(run_dir)
+    check_report(markdown, results, read_json(run_dir / "plan.json"))
+    assert (
+        "best in 1 of 5 domains (significant), 3 ties** (1 of 3 trained domains; baseline MHo-IHo best in 1;"
+        in markdown
+    )
+    assert (
+        "MHo-IHe best in 1 of 5 domains (significant), MHe-IHo best in 0 of 5 domains (significant); 3 ties"
+        in markdown
+    )
+    header, *rows = table_after(
+        markdown, "## Confidence intervals (domain posterior, uniform prior)"
+    )
+    assert header[2:] == ["MHo-IHe vs MHo-IHo", "MHe-IHo vs MHo-IHo"]
+    # exp(-0.1) - 1 = -9.5%, interval exp(-0.12) - 1, exp(-0.08) - 1; significant: bold.
+    assert rows[0][2] == "**-9.5% [-11.3, -7.7]**" and rows[0][3] == "+0.0% [-4.9, +5.1]"

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from hdee import __version__
-from hdee.config import STAGES, ConfigError, ExperimentConfig, load_config
+from hdee.config import STAGES, ConfigError, ExperimentConfig, RunConfig, load_config
 from hdee.layout import RunLayout
 
 EXAMPLES = """\
@@ -124,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     plan = build_plan(
         config,
         vocab_size,
-        classes=current_classes(layout),
+        classes=current_classes(layout.repeat(config.run.repeat)),
         manifests=training_manifests(config, layout),
     )
     print_plan(plan, stdout_console(), layout)
@@ -190,6 +190,9 @@ def cmd_run(args: argparse.Namespace) -> None:
         config = config.model_copy(
             update={"runner": config.runner.model_copy(update=runner_updates)}
         )
+    if args.repeats is not None:
+        # `hdee run` runs every repeat: the config's own run.repeat does not apply.
+        config = config.model_copy(update={"run": RunConfig(repeats=args.repeats)})
     from hdee.pipeline import run_experiment
 
     run_experiment(config, start=args.start, until=args.until, progress=not args.quiet)
@@ -197,12 +200,14 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
+    from hdee.pipeline import repeat_views
     from hdee.rundir import run_lock
 
     config = _run_config(args.run, args.set, "evaluate")
     layout = RunLayout.of(config.run_dir)
     with run_lock(layout, "hdee evaluate"):
-        evaluate_run(config, layout, progress=not args.quiet)
+        for repeat_config, repeat_layout in repeat_views(config, layout):
+            evaluate_run(repeat_config, repeat_layout, progress=not args.quiet)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -377,11 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
     p.add_argument("--address", help="Ray cluster address (with --runner ray)")
     p.add_argument("--workers", type=_int_at_least(0), help="concurrent jobs (0: automatic)")
+    p.add_argument(
+        "--repeats",
+        type=_int_at_least(1),
+        help="run the experiment N times with training seeds seed..seed+N-1 on the same "
+        "prepared data (default: the config's run.repeats)",
+    )
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     p = add(
         "evaluate",
-        "Test perplexity of every configuration, domain and ensembling method.",
+        "Test perplexity of every configuration, domain and ensembling method (of every repeat).",
         cmd_evaluate,
     )
     p.add_argument("run", help="run directory")

@@ -382,9 +382,27 @@ class EvaluationConfig(_Strict):
         100, gt=0, description="Validation sequences for the prior."
     )
     cached_prior_decay: float = Field(0.3, gt=0, le=1, description="EWMA weight of each new one.")
+    cached_prior_update: Literal["window", "last_token"] = Field(
+        "window",
+        description="What each validation window adds to the cached prior's moving average: "
+        "'window': its whole-window posterior, starting from uniform (BTM / DEMix paper); "
+        "'last_token': the one-token posterior at its last position, starting from the first "
+        "window's (DEMix code).",
+    )
     max_test_sequences: int | None = Field(None, gt=0, description="Cap on test sequences/domain.")
     batch_size: int = Field(8, gt=0)
-    every_iteration: bool = Field(False, description="Also evaluate earlier iterations' ensembles.")
+    every_iteration: bool = Field(
+        False,
+        description="Also evaluate earlier iterations' ensembles (and so every lane's experts on "
+        "every domain after every iteration: the report's forgetting table).",
+    )
+    bootstrap_resamples: int = Field(
+        1000,
+        ge=0,
+        description="Paired bootstrap resamples for the confidence intervals of differences "
+        "(0: none; the report then cannot tell wins from noise).",
+    )
+    confidence: float = Field(0.95, gt=0, lt=1, description="Level of those intervals.")
 
     # Routed (sparse) ensembles and compute accounting (hdee.routing, docs/evaluation.md).
     members: Literal["latest", "all"] = Field(
@@ -445,9 +463,40 @@ class RunnerConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address (ray runner).")
 
 
+class RunConfig(_Strict):
+    """Repeats: the experiment again with other training seeds, on the same prepared data."""
+
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Run the experiment this many times: repeat k trains every job with seed "
+        "`seed + k` (data order, and initialisation where a job starts from scratch) on the "
+        "same prepared data; the report gives mean and standard deviation over repeats.",
+    )
+    repeat: int = Field(
+        0,
+        ge=0,
+        description="The repeat `hdee plan` and `hdee jobs` work on (0: the base run). "
+        "`hdee run` runs every repeat whatever this says.",
+    )
+
+    @model_validator(mode="after")
+    def _repeat_in_range(self) -> RunConfig:
+        if self.repeat >= self.repeats:
+            raise ValueError(
+                f"run.repeat {self.repeat} is not a repeat of run.repeats={self.repeats} "
+                f"(expected 0 to {self.repeats - 1})"
+            )
+        return self
+
+
 class ExperimentConfig(_Strict):
     run_dir: str = Field(description="Directory that holds everything this run produces.")
-    seed: int = Field(0, description="Global seed: splits, data order, initialisation.")
+    seed: int = Field(
+        0,
+        description="Global seed: splits, domain schedule, data order, initialisation (repeat "
+        "k trains with seed + k; splits and schedule always use this one).",
+    )
     data: DataConfig
     model: ModelConfig = ModelConfig()
     seeds: SeedsConfig = SeedsConfig()
@@ -456,6 +505,7 @@ class ExperimentConfig(_Strict):
     plan: PlanConfig = PlanConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runner: RunnerConfig = RunnerConfig()
+    run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
     def _route_tokens_within_a_window(self) -> ExperimentConfig:
@@ -505,6 +555,18 @@ class ExperimentConfig(_Strict):
                 if name not in names:
                     raise ValueError(f"difficulty.fixed: {name!r} is not in data.domains")
         return self
+
+    @property
+    def training_seed(self) -> int:
+        """The seed of this repeat's training jobs (data order, initialisation). Prepared data
+        and the domain schedule use `seed` itself, so every repeat shares them."""
+        return self.seed + self.run.repeat
+
+    def for_repeat(self, repeat: int) -> ExperimentConfig:
+        """This config as repeat `repeat` of the experiment (0: the base run)."""
+        if not 0 <= repeat < self.run.repeats:
+            raise ValueError(f"repeat {repeat} is not one of 0..{self.run.repeats - 1}")
+        return self.model_copy(update={"run": self.run.model_copy(update={"repeat": repeat})})
 
     @property
     def trainable_domains(self) -> list[str]:

@@ -931,6 +931,8 @@ def demo_config(corpus: DemoCorpus, run_dir: Path, quick: bool) -> dict[str, Any
             "cached_prior_sequences": 16 if quick else 64,
             "max_test_sequences": 32 if quick else 128,
             "batch_size": 16,
+            # Every iteration's experts on every domain: the report's forgetting table.
+            "every_iteration": True,
         },
         # One job at a time on every core: two single-threaded workers were ~20% faster per
         # pair of jobs, but left a core idle whenever one job remained (3 seeds on 2 cores).

@@ -131,6 +131,45 @@ def estimate_cached_prior(sequence_log_likelihoods: Tensor, decay: float = 0.3) 
     return prior / prior.sum()  # only rounding separates the sum from one
 
 
+PriorUpdate = Literal["window", "last_token"]
+PRIOR_UPDATES: tuple[str, ...] = ("window", "last_token")
+
+
+def estimate_last_token_prior(last_label_log_probs: Tensor, decay: float = 0.3) -> Tensor:
+    """The DEMix code's cached prior, as probabilities `[E]`.
+
+    `last_label_log_probs[n, j]` is expert j's log-probability of the *last* label of
+    (validation) window n. Each window contributes the one-token posterior there,
+    `posterior_n = softmax_j(last_label_log_probs[n])` (what the "updating" weights would be
+    after it), and the average starts from the first observation rather than from uniform:
+
+        pi_1 = posterior_1;   pi_n = (1 - decay) * pi_{n-1} + decay * posterior_n
+    """
+    if last_label_log_probs.dim() != 2 or last_label_log_probs.shape[0] == 0:
+        raise ValueError("last_label_log_probs must be [num_sequences >= 1, num_experts]")
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"decay must be in (0, 1], got {decay}")
+    posteriors = torch.softmax(last_label_log_probs.to(torch.float64), dim=1)  # [N, E]
+    count = posteriors.shape[0]
+    # Unrolled: pi_N = (1-a)^(N-1) posterior_1 + sum_{n>=2} a (1-a)^(N-n) posterior_n.
+    powers = torch.arange(count - 1, -1, -1, dtype=torch.float64)
+    weights = decay * (1.0 - decay) ** powers
+    weights[0] = (1.0 - decay) ** (count - 1)
+    prior = weights @ posteriors
+    return prior / prior.sum()
+
+
+def cached_prior(validation_lp: Tensor, decay: float, update: PriorUpdate = "window") -> Tensor:
+    """The cached prior `[E]` from validation label log-probs `[E, N, T]` (see
+    `estimate_cached_prior` for 'window', `estimate_last_token_prior` for 'last_token')."""
+    lp64 = _check(validation_lp)
+    if update == "window":
+        return estimate_cached_prior(lp64.sum(dim=2).T, decay)
+    if update == "last_token":
+        return estimate_last_token_prior(lp64[:, :, -1].T, decay)
+    raise ValueError(f"unknown cached prior update {update!r}, expected one of {PRIOR_UPDATES}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Summaries
 

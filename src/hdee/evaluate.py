@@ -24,13 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hdee.atomic import atomic_path, write_text
+from hdee.atomic import atomic_path, read_json, write_text
 from hdee.config import EvaluationConfig, ExperimentConfig
 from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import (
-    estimate_cached_prior,
+    PriorUpdate,
+    cached_prior,
     mean_posterior,
     mixture_log_probs,
     perplexity,
@@ -55,6 +56,8 @@ from hdee.records import (
 from hdee.routing import Members, ensemble_members, route, routed_flops_per_token, routed_mixture
 from hdee.scoring import load_expert, resolve_device, window_log_probs
 from hdee.shapes import forward_flops_per_token
+from hdee.statistics import window_documents
+from hdee.uncertainty import paired_uncertainty
 
 CACHE_FORMAT = "hdee-label-logprobs"
 CACHE_VERSION = "2"  # 2: keyed by the expert's weights sha256
@@ -232,6 +235,7 @@ def evaluate_ensemble_on_domain(
     methods: list[str],
     posterior: str,
     decay: float,
+    prior_update: PriorUpdate = "window",
 ) -> DomainScores:
     """All methods for one ensemble on one domain, from label log-probs `[E, N, T]`."""
     scores = DomainScores(methods={})
@@ -243,9 +247,7 @@ def evaluate_ensemble_on_domain(
         scores.mean_posterior["uniform_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
     if "cached_prior" in methods:
         assert validation_lp is not None
-        # Sequence log-likelihood of each validation window under each expert: [N_val, E].
-        sequence_ll = validation_lp.to(torch.float64).sum(dim=2).T
-        prior = estimate_cached_prior(sequence_ll, decay)
+        prior = cached_prior(validation_lp, decay, prior_update)
         log_prior = prior.log()
         scores.methods["cached_prior"] = _score(mixture_log_probs(test_lp, log_prior, posterior))
         weights = mean_posterior(posterior_weights(test_lp, log_prior, posterior))
@@ -302,6 +304,7 @@ def evaluate_run(
         methods=methods,
         seq_len=config.data.seq_len,
         cached_prior_decay=settings.cached_prior_decay,
+        cached_prior_update=settings.cached_prior_update,
         device=str(device),
         domains={
             domain: DomainInfo(
@@ -339,10 +342,20 @@ def evaluate_run(
                 methods,
                 settings.posterior,
                 settings.cached_prior_decay,
+                settings.cached_prior_update,
             )
         configuration.iterations[iteration] = IterationResults(experts=ensemble, domains=per_domain)
 
     results.compute = compute_results(config, layout, plan, cache, list(domains))
+    if settings.bootstrap_resamples:
+        results.uncertainty = paired_uncertainty(
+            plan,
+            results,
+            cache.get,
+            test_window_documents(layout, cache, list(domains)),
+            settings,
+            config.seed,
+        )
     results.write(layout.results)
     write_text(layout.results_csv, results_csv(results))
     return results
@@ -376,14 +389,14 @@ def _compute_score(log_probs: torch.Tensor, flops_per_token: float, **extra: Any
 
 
 def _section_log_prior(
-    cache: _LogProbCache, job_ids: list[str], domain: str, prior: str, decay: float
+    cache: _LogProbCache, job_ids: list[str], domain: str, prior: str, settings: EvaluationConfig
 ) -> torch.Tensor | None:
     """The prior the compute section starts from: None (uniform) or the log cached prior of
     these members on the domain's validation windows."""
     if prior == "uniform":
         return None
     validation = torch.stack([cache.get(job, domain, "validation") for job in job_ids])
-    return estimate_cached_prior(validation.to(torch.float64).sum(dim=2).T, decay).log()
+    return cached_prior(validation, settings.cached_prior_decay, settings.cached_prior_update).log()
 
 
 def routed_scores(
@@ -461,9 +474,7 @@ def compute_results(
         per_domain: dict[str, DomainCompute] = {}
         for domain in domains:
             test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
-            log_prior = _section_log_prior(
-                cache, job_ids, domain, prior, settings.cached_prior_decay
-            )
+            log_prior = _section_log_prior(cache, job_ids, domain, prior, settings)
             full = mixture_log_probs(test_lp.double(), log_prior, settings.posterior)
             singles = [perplexity(test_lp[j]) for j in range(len(job_ids))]
             best = min(range(len(job_ids)), key=lambda j: singles[j])
@@ -477,9 +488,7 @@ def compute_results(
             if latest is not None:
                 latest_jobs = list(latest.values())
                 latest_lp = torch.stack([cache.get(job, domain, "test") for job in latest_jobs])
-                latest_prior = _section_log_prior(
-                    cache, latest_jobs, domain, prior, settings.cached_prior_decay
-                )
+                latest_prior = _section_log_prior(cache, latest_jobs, domain, prior, settings)
                 entry.latest = _compute_score(
                     mixture_log_probs(latest_lp.double(), latest_prior, settings.posterior),
                     sum(flops_of[job] for job in latest_jobs),
@@ -493,6 +502,25 @@ def compute_results(
             domains=per_domain,
         )
     return section
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired uncertainty (hdee.uncertainty): which document each test window comes from
+
+
+def test_window_documents(
+    layout: RunLayout, cache: _LogProbCache, domains: list[str]
+) -> dict[str, np.ndarray | None]:
+    """Domain -> the document of each test window, from the EOS tokens of the prepared split
+    (None where the manifest names no EOS token: the bootstrap then resamples windows)."""
+    documents: dict[str, np.ndarray | None] = {}
+    for domain in domains:
+        eos = read_json(layout.manifest(domain, "test")).get("eos_token_id")
+        tokens, count, _ = cache.windows(domain, "test")
+        documents[domain] = (
+            None if eos is None else window_documents(tokens, cache.seq_len, count, int(eos))
+        )
+    return documents
 
 
 # ----------------------------------------------------------------------------------------------

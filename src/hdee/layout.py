@@ -13,6 +13,9 @@ RUN/
   evaluation/results.json, results.csv
   tasks/results.json, tasks/builtin/   `hdee tasks`: downstream accuracy, the built-in tasks
   report/report.md, report/*.png
+  repeats/<k>/                 repeat k >= 1 of the experiment (run.repeats): its own
+                               difficulty/, plan.json and evaluation/; data/ and jobs/ are
+                               the run's (RunLayout.repeat). Repeat 0 is the files above.
 
 The typed contents of plan.json, result.json, difficulty.json and results.json are in
 `hdee.records`.
@@ -85,24 +88,49 @@ class JobLayout:
 
 @dataclass(frozen=True)
 class RunLayout:
+    """A run directory, or one repeat's view of it (`repeat(k)`): `root` holds the repeat's
+    own stage outputs (difficulty, plan, evaluation); the config, lock, prepared data, jobs,
+    tasks and report are always the run's, under `run_root`."""
+
     root: Path
+    shared: Path | None = None  # the run directory, when this is the view of a repeat k >= 1
 
     @classmethod
     def of(cls, root: str | Path) -> RunLayout:
         return cls(Path(root))
 
     @property
+    def run_root(self) -> Path:
+        """The run directory itself (the same as `root` except in a repeat's view)."""
+        return self.shared or self.root
+
+    def repeat(self, index: int) -> RunLayout:
+        """Repeat `index` of the experiment. Repeat 0 is the run directory itself, so a run
+        with one repeat is laid out exactly as one without repeats; repeat k >= 1 keeps its
+        stage outputs in RUN/repeats/<k>/ and shares the run's prepared data and jobs (a job
+        id already says which seed trained it)."""
+        if index < 0:
+            raise ValueError(f"repeat {index}: expected 0 or more")
+        if index == 0:
+            return RunLayout(self.run_root)
+        return RunLayout(self.repeats / str(index), shared=self.run_root)
+
+    @property
+    def repeats(self) -> Path:
+        return self.run_root / "repeats"
+
+    @property
     def config(self) -> Path:
-        return self.root / "config.yaml"
+        return self.run_root / "config.yaml"
 
     @property
     def lock(self) -> Path:
-        return self.root / "run.lock"
+        return self.run_root / "run.lock"
 
     # data
     @property
     def data(self) -> Path:
-        return self.root / "data"
+        return self.run_root / "data"
 
     @property
     def tokenizer(self) -> Path:
@@ -120,7 +148,7 @@ class RunLayout:
     # training jobs
     @property
     def jobs(self) -> Path:
-        return self.root / "jobs"
+        return self.run_root / "jobs"
 
     def job(self, job_id: str) -> JobLayout:
         return JobLayout(self.jobs / job_id)
@@ -159,7 +187,7 @@ class RunLayout:
 
     @property
     def tasks(self) -> Path:
-        return self.root / "tasks"
+        return self.run_root / "tasks"
 
     @property
     def tasks_results(self) -> Path:
@@ -171,7 +199,7 @@ class RunLayout:
 
     @property
     def report(self) -> Path:
-        return self.root / "report"
+        return self.run_root / "report"
 
     @property
     def report_markdown(self) -> Path:

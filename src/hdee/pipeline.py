@@ -2,6 +2,11 @@
 
     prepare -> seeds -> difficulty -> plan -> experts -> evaluate -> report
 
+With `run.repeats: N` the stages from seeds to evaluate run for every repeat k (the config's
+`for_repeat(k)`, the layout's `repeat(k)`): other training seeds on the same prepared data,
+each repeat's training jobs batched together so they run side by side. Prepare and report run
+once; the report aggregates over repeats.
+
 Each stage is a function of `(config, layout)` and idempotent, so running the same command
 again resumes: prepared data is reused, finished jobs are skipped (`JobLayout.is_done`), an
 interrupted job continues from its last checkpoint, and evaluation reuses cached
@@ -70,13 +75,25 @@ def write_job_spec(
         train_tokens=str(layout.tokens(job.domain, "train")),
         validation={job.domain: str(layout.tokens(job.domain, "validation"))},
         seq_len=config.data.seq_len,
-        seed=config.seed,
+        seed=config.training_seed,
         training=base.model_copy(update={"steps": job.steps}),
         output_dir=str(layout.job(job.job_id).root),
     )
     path = layout.job(job.job_id).spec
     write_json(path, spec.model_dump(mode="json"))
     return path
+
+
+def job_tasks(config: ExperimentConfig, layout: RunLayout, jobs: list[PlannedJob]) -> list[JobTask]:
+    """Write the spec of each job and return the runner's tasks (parents before children)."""
+    vocab_size, eos = prepared_vocab(layout)
+    tasks = []
+    job_ids = {job.job_id for job in jobs}
+    for job in jobs:
+        spec_path = write_job_spec(config, layout, job, vocab_size, eos)
+        # Dependencies outside this batch (a seed, for the first expert) are already finished.
+        tasks.append(JobTask(job.job_id, spec_path, [d for d in job.depends_on if d in job_ids]))
+    return tasks
 
 
 def run_training_jobs(
@@ -87,20 +104,27 @@ def run_training_jobs(
     label: str,
     progress: bool = False,
 ) -> dict[str, JobResult]:
-    vocab_size, eos = prepared_vocab(layout)
-    tasks = []
-    job_ids = {job.job_id for job in jobs}
-    for job in jobs:
-        spec_path = write_job_spec(config, layout, job, vocab_size, eos)
-        # Dependencies outside this batch (a seed, for the first expert) are already finished.
-        tasks.append(JobTask(job.job_id, spec_path, [d for d in job.depends_on if d in job_ids]))
-    done = sum(layout.job(job.job_id).is_done() for job in jobs)
-    status(f"[bold]{label}[/]: {len(jobs)} job(s), {done} already finished", console)
+    return run_job_tasks(config, layout, job_tasks(config, layout, jobs), console, label, progress)
+
+
+def run_job_tasks(
+    config: ExperimentConfig,
+    layout: RunLayout,
+    tasks: list[JobTask],
+    console: Console,
+    label: str,
+    progress: bool = False,
+) -> dict[str, JobResult]:
+    """Run the tasks with the config's runner (jobs live in the run's shared jobs/)."""
+    done = sum(layout.job(task.job_id).is_done() for task in tasks)
+    status(f"[bold]{label}[/]: {len(tasks)} job(s), {done} already finished", console)
     started: dict[str, float] = {}
     finished = [done]
     # The bar counts finished jobs (ETA from their pace); an in-process job's own bar shows
     # below it. Start and done lines stay in the scrollback (and in a log without a terminal).
-    with progress_bar(label, total=len(jobs), completed=done, unit="jobs", enabled=progress) as bar:
+    with progress_bar(
+        label, total=len(tasks), completed=done, unit="jobs", enabled=progress
+    ) as bar:
 
         def on_start(job_id: str) -> None:
             started[job_id] = time.time()
@@ -116,7 +140,7 @@ def run_training_jobs(
                     for name, score in result.validation.items()
                 )
                 status(
-                    f"  done   [{finished[0]}/{len(jobs)}] {job_id} in {seconds:.0f}s ({vals})",
+                    f"  done   [{finished[0]}/{len(tasks)}] {job_id} in {seconds:.0f}s ({vals})",
                     console,
                 )
                 bar.update(finished[0])
@@ -146,13 +170,12 @@ def write_stage_specs(
     config: ExperimentConfig, layout: RunLayout, stage: str
 ) -> list[tuple[PlannedJob, Path]]:
     """Write the spec of every job of a training stage ('seeds' or 'experts'), parents first,
-    for running them outside `hdee run` (an external scheduler, see docs/scaling.md)."""
-    if stage == "seeds":
-        jobs = make_plan(config, layout).seed_jobs()
-    elif stage == "experts":
-        jobs = sorted(Plan.read(layout.plan).expert_jobs(), key=lambda job: job.iteration or 0)
-    else:
+    for running them outside `hdee run` (an external scheduler, see docs/scaling.md). With
+    repeats, those of repeat `run.repeat`."""
+    layout = layout.repeat(config.run.repeat)
+    if stage not in TRAINING_STAGES:
         raise RunError(f"unknown training stage {stage!r}: expected 'seeds' or 'experts'")
+    jobs = sorted(stage_jobs(stage, config, layout), key=lambda job: job.iteration or 0)
     vocab_size, eos = prepared_vocab(layout)
     return [(job, write_job_spec(config, layout, job, vocab_size, eos)) for job in jobs]
 
@@ -189,11 +212,39 @@ def stage_prepare(
     print_prepared(config, layout, statuses, console)
 
 
+TRAINING_STAGES = ("seeds", "experts")
+
+
+def stage_jobs(stage: str, config: ExperimentConfig, layout: RunLayout) -> list[PlannedJob]:
+    """The jobs a training stage trains: the seeds of the current plan, or the experts of
+    plan.json (written by the 'plan' stage)."""
+    if stage == "seeds":
+        return make_plan(config, layout).seed_jobs()
+    return Plan.read(layout.plan).expert_jobs()
+
+
+def run_training_stage(
+    stage: str,
+    repeats: list[tuple[ExperimentConfig, RunLayout]],
+    console: Console,
+    progress: bool,
+) -> dict[str, JobResult]:
+    """The jobs of a training stage for every repeat, as one batch: repeats train side by side
+    when the runner has room. Job ids include the training seed, so no two repeats share one;
+    a job listed twice would still run once."""
+    tasks: dict[str, JobTask] = {}
+    for config, layout in repeats:
+        for task in job_tasks(config, layout, stage_jobs(stage, config, layout)):
+            tasks.setdefault(task.job_id, task)
+    config, layout = repeats[0]
+    label = stage if len(repeats) == 1 else f"{stage} ({len(repeats)} repeats)"
+    return run_job_tasks(config, layout, list(tasks.values()), console, label, progress)
+
+
 def stage_seeds(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
-    seeds = make_plan(config, layout).seed_jobs()
-    run_training_jobs(config, layout, seeds, console, "seeds", progress)
+    run_training_stage("seeds", [(config, layout)], console, progress)
 
 
 def stage_difficulty(
@@ -239,8 +290,7 @@ def stage_plan(
 def stage_experts(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
-    plan = Plan.read(layout.plan)
-    run_training_jobs(config, layout, plan.expert_jobs(), console, "experts", progress)
+    run_training_stage("experts", [(config, layout)], console, progress)
 
 
 def stage_evaluate(
@@ -291,6 +341,7 @@ def run_experiment(
 ) -> RunLayout:
     """Run (or resume) the stages from `start` to `until` inclusive."""
     console = console or stderr_console()
+    config = config.for_repeat(0)  # the run's own config; repeats are views of it
     layout = RunLayout.of(config.run_dir)
     stages = select_stages(start, until)
     # A config the planner will refuse is refused now, not after the seeds have trained.
@@ -298,11 +349,30 @@ def run_experiment(
         prepared_vocab(layout)[0] if (layout.tokenizer / "tokenizer.json").is_file() else None
     )
     check_plannable(config, known_vocab)
+    repeats = repeat_views(config, layout)
     with run_lock(layout):
         save_resolved_config(config, layout)
         for stage in stages:
             began = time.time()
             section(stage, console)
-            STAGE_FUNCTIONS[stage](config, layout, console, progress)
+            if stage in RUN_ONCE_STAGES or len(repeats) == 1:
+                STAGE_FUNCTIONS[stage](config, layout, console, progress)
+            elif stage in TRAINING_STAGES:
+                run_training_stage(stage, repeats, console, progress)
+            else:
+                for index, (repeat_config, repeat_layout) in enumerate(repeats):
+                    status(f"[bold]repeat {index}[/] (seed {repeat_config.training_seed})", console)
+                    STAGE_FUNCTIONS[stage](repeat_config, repeat_layout, console, progress)
             status(f"[dim]{stage} took {time.time() - began:.1f}s[/]", console)
     return layout
+
+
+# Prepared data is shared by every repeat, and the report covers them all.
+RUN_ONCE_STAGES = ("prepare", "report")
+
+
+def repeat_views(
+    config: ExperimentConfig, layout: RunLayout
+) -> list[tuple[ExperimentConfig, RunLayout]]:
+    """(config, layout) of every repeat of the run, repeat 0 (the run directory) first."""
+    return [(config.for_repeat(k), layout.repeat(k)) for k in range(config.run.repeats)]

@@ -318,7 +318,7 @@ def build_plan(
             "training": seed_training.weight_settings(),
             "ranks": ranks,
             "data": fingerprints[config.data.general.name],
-            "seed": config.seed,
+            "seed": config.training_seed,
         }
         job_id = _job_id("seed", size, config.data.general.name, identity)
         seeds[size] = job_id
@@ -419,7 +419,7 @@ def build_plan(
                     "ranks": ranks,
                     "data": fingerprints.get(domain, domain),
                     "init_from": previous[lane],
-                    "seed": config.seed,
+                    "seed": config.training_seed,
                 }
                 job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
                 plan.jobs.setdefault(

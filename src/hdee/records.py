@@ -311,6 +311,39 @@ class ComputeResults(_Part):
     configurations: dict[str, ConfigurationCompute]
 
 
+# ----------------------------------------------------------------------------------------------
+# Paired uncertainty (hdee.statistics, written by hdee.uncertainty): kept apart from the scores.
+
+
+class PairedDifference(_Part):
+    """delta = log ppl(candidate) - log ppl(reference) on one domain (negative: the candidate
+    is better), with its paired-bootstrap percentile interval [low, high]."""
+
+    domain: str
+    reference: str  # configurations: a configuration; methods: a method
+    candidate: str
+    method: str | None = None  # configuration pairs: the method both are scored with
+    configuration: str | None = None  # method pairs: the configuration both belong to
+    delta: float
+    low: float
+    high: float
+
+
+class DomainResampling(_Part):
+    unit: Literal["documents", "windows"]  # what the bootstrap resampled on this domain
+    units: int  # how many of them the test windows come from
+
+
+class Uncertainty(_Part):
+    resamples: int
+    level: float  # e.g. 0.95: [low, high] are the 2.5 / 97.5 percentiles
+    seed: int
+    iteration: Literal["final"] = "final"  # the ensembles compared
+    domains: dict[str, DomainResampling]
+    configurations: list[PairedDifference]  # every pair of configurations, per method
+    methods: list[PairedDifference]  # every pair of methods, per configuration
+
+
 class EvaluationResults(Record):
     format: Literal["hdee-evaluation"] = "hdee-evaluation"
     version: Literal[3] = 3
@@ -320,11 +353,13 @@ class EvaluationResults(Record):
     methods: list[str]
     seq_len: int
     cached_prior_decay: float
+    cached_prior_update: Literal["window", "last_token"] = "window"
     device: str
     domains: dict[str, DomainInfo]
     configurations: dict[str, ConfigurationResults]
     compute: ComputeResults | None = None  # quality vs compute (version 3); its `members` says
     # which experts every ensemble above holds
+    uncertainty: Uncertainty | None = None  # None when evaluation.bootstrap_resamples is 0
 
 
 # ----------------------------------------------------------------------------------------------

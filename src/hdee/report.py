@@ -13,6 +13,7 @@ from typing import Any
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.forgetting import forgetting_markdown, forgetting_matrix
 from hdee.formatting import si
 from hdee.layout import RunLayout
 from hdee.metrics import read_metrics
@@ -23,6 +24,13 @@ from hdee.records import (
     Plan,
     RoutedScore,
     TasksResults,
+)
+from hdee.repeats import RepeatResults, repeats_markdown
+from hdee.significance import (
+    against_reference_table,
+    configuration_winners,
+    method_winners,
+    tally,
 )
 
 # The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
@@ -86,12 +94,16 @@ def _perplexity_table(
     domains: list[str],
     classes: dict[str, str],
     baseline: str,
+    winners: dict[str, str | None] | None = None,
 ) -> list[str]:
+    """With `winners` (domain -> significantly best configuration, None for a tie) only a
+    significant win is bold and a tie says so; without, the lowest number is bold."""
     names = list(table)
-    best = best_per_domain(table, baseline)
+    best = winners if winners is not None else best_per_domain(table, baseline)
+    extra = winners is not None
     lines = [
-        "| domain | class | " + " | ".join(names) + " |",
-        "| --- | --- | " + " | ".join("---:" for _ in names) + " |",
+        "| domain | class | " + " | ".join(names) + (" | result |" if extra else " |"),
+        "| --- | --- | " + " | ".join("---:" for _ in names) + (" | --- |" if extra else " |"),
     ]
     for domain in domains:
         cells = []
@@ -99,6 +111,8 @@ def _perplexity_table(
             value = table[name].get(domain)
             text = _fmt(value)
             cells.append(f"**{text}**" if best.get(domain) == name else text)
+        if extra:
+            cells.append(best.get(domain) or "tie")
         lines.append(f"| {domain} | {classes.get(domain, '')} | " + " | ".join(cells) + " |")
     return lines
 
@@ -162,6 +176,7 @@ def render_markdown(
     difficulty: DifficultyRecord | None,
     config: ExperimentConfig,
     plots: dict[str, str],
+    repeats_lines: list[str] | None = None,
 ) -> str:
     classes = dict(plan.classes or {})
     if difficulty:
@@ -185,6 +200,24 @@ def render_markdown(
         },
         baseline,
     )
+    winners = (
+        configuration_winners(
+            results.uncertainty, headline, list(table), plan.trained_domains + plan.held_out_domains
+        )
+        if results.uncertainty
+        else None
+    )
+    if winners is not None:
+        headline_lines = significance_headline(plan, results, headline, winners, methods)
+    else:
+        headline_lines = [
+            f"**A heterogeneous configuration has the lowest perplexity in {wins} of {total} "
+            f"domains** ({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
+            f"{total - trained_total} held out; baseline {baseline}, method: "
+            f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
+            "baseline counts as the baseline's. No confidence intervals were computed "
+            "(evaluation.bootstrap_resamples is 0): differences this small may be noise.",
+        ]
 
     out = [
         "# HDEE report",
@@ -200,20 +233,18 @@ def render_markdown(
             else "(previous token only, as in BTM / DEMix code)."
         ),
         "",
-        f"**A heterogeneous configuration is best in {wins} of {total} domains** "
-        f"({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
-        f"{total - trained_total} held out; baseline {baseline}, method: "
-        f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
-        "baseline counts as the baseline's.",
+        *headline_lines,
         "",
+        *(repeats_lines or []),
         "## Trained domains",
         "",
-        *_perplexity_table(table, plan.trained_domains, classes, baseline),
+        *_perplexity_table(table, plan.trained_domains, classes, baseline, winners),
         "",
         "## Held-out domains",
         "",
-        *_perplexity_table(table, plan.held_out_domains, classes, baseline),
+        *_perplexity_table(table, plan.held_out_domains, classes, baseline, winners),
         "",
+        *uncertainty_section(plan, results, headline),
         "## Every method (geometric mean of perplexity over domains)",
         "",
         "| method | " + " | ".join(table) + " |",
@@ -227,9 +258,12 @@ def render_markdown(
             mean = math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
             cells.append(_fmt(mean))
         out.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + " |")
+    out += ["", *forgetting_markdown(plan, results)]
     out += [
         "",
-        "Per-domain numbers of every method and every single expert: `evaluation/results.csv`.",
+        "The geometric mean summarises; per domain the methods are compared in the section on "
+        "confidence intervals. Per-domain numbers of every method and every single expert: "
+        "`evaluation/results.csv`.",
         "",
         "## Compute budgets",
         "",
@@ -255,6 +289,79 @@ def render_markdown(
 
 
 # ----------------------------------------------------------------------------------------------
+# Confidence intervals (hdee.significance reads results.json's `uncertainty`)
+
+
+def significance_headline(
+    plan: Plan,
+    results: EvaluationResults,
+    method: str,
+    winners: dict[str, str | None],
+    methods: list[str],
+) -> list[str]:
+    """The headline: significant wins and ties, for configurations and for methods."""
+    assert results.uncertainty is not None
+    baseline = plan.baseline
+    names = list(results.configurations)
+    total = len(winners)
+    hetero = sum(w is not None and w != baseline for w in winners.values())
+    ties = sum(w is None for w in winners.values())
+    trained = [d for d in plan.trained_domains if d in winners]
+    hetero_trained = sum(winners[d] not in (None, baseline) for d in trained)
+    units = {r.unit for r in results.uncertainty.domains.values()}
+    lines = [
+        f"**A heterogeneous configuration is best in {hetero} of {total} domains "
+        f"(significant), {ties} ties** ({hetero_trained} of {len(trained)} trained domains; "
+        f"baseline {baseline} best in {sum(w == baseline for w in winners.values())}; method: "
+        f"{METHOD_TITLES[method]}).",
+        "",
+        f"Configurations ({METHOD_TITLES[method]}): {tally(winners, names)}.",
+        "",
+    ]
+    domains = plan.trained_domains + plan.held_out_domains
+    for name in names:
+        by_method = method_winners(results.uncertainty, name, methods, domains)
+        lines.append(f"Methods within {name}: " + tally(by_method, methods) + ".")
+        lines.append("")
+    lines.append(
+        f"A win counts only when the {results.uncertainty.level:.0%} paired-bootstrap interval "
+        f"({results.uncertainty.resamples} resamples of the test "
+        f"{' / '.join(sorted(units))}, seed {results.uncertainty.seed}) of the difference in "
+        "log perplexity against every other system excludes zero; otherwise the domain is a "
+        "tie. Significant wins are bold."
+    )
+    return lines
+
+
+def uncertainty_section(plan: Plan, results: EvaluationResults, method: str) -> list[str]:
+    if results.uncertainty is None:
+        return []
+    domains = plan.trained_domains + plan.held_out_domains
+    rows = against_reference_table(results.uncertainty, method, plan.baseline, domains)
+    if not rows:
+        return []
+    units = {r.unit for r in results.uncertainty.domains.values()}
+    note = (
+        "Whole documents were resampled (windows of one document move together)."
+        if units == {"documents"}
+        else "Where the unit is windows, the window-to-document map was not known (or a domain's"
+        " test split is one document): neighbouring windows are correlated and those "
+        "intervals are too narrow."
+    )
+    return [
+        f"## Confidence intervals ({METHOD_TITLES[method]})",
+        "",
+        f"Perplexity of each configuration relative to the baseline {plan.baseline}, with its "
+        f"{results.uncertainty.level:.0%} paired-bootstrap interval; bold where the interval "
+        f"excludes zero. {note} Every pair of configurations and of methods: "
+        "`evaluation/results.json` (`uncertainty`).",
+        "",
+        *rows,
+        "",
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
 # Plots
 
 
@@ -262,7 +369,8 @@ def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        # "tight": legends placed beside or below the axes are kept, not cut off.
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -288,9 +396,11 @@ def plot_perplexity(
     ax.set_xticks(range(len(domains)))
     ax.set_xticklabels(domains, rotation=45, ha="right", fontsize=8)
     ax.set_yscale("log")
+    _log_ticks(ax, "y")
     ax.set_ylabel("test perplexity (log scale)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    # Beside the axes: over the bars it would hide data.
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     _save(fig, path)
 
@@ -333,7 +443,7 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
     for job in plan.expert_jobs():
         groups.setdefault(f"{job.lane} lane", []).append(job.job_id)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 4.4), squeeze=False)
     drew = False
     for ax, (title, job_ids) in zip(axes[0], groups.items(), strict=True):
         colours: dict[str, str] = {}
@@ -359,21 +469,111 @@ def plot_training_curves(plan: Plan, layout: RunLayout, path: Path) -> bool:
             # One colour per size/steps, so a configuration's expert reads as one curve
             # continuing through the iterations.
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
-            ax.plot(*zip(*train, strict=True), linewidth=1, label=label, color=colour)
+            # Seeds differ in line style too, so sizes stay apart where colours are close.
+            style = ("-", "--", ":", "-.")[len(colours) % 4] if job.kind == "seed" else "-"
+            ax.plot(
+                *zip(*train, strict=True), linewidth=1, label=label, color=colour, linestyle=style
+            )
             if val:
-                ax.scatter(*zip(*val, strict=True), s=10, color=colour)
+                ax.scatter(
+                    *zip(*val, strict=True),
+                    s=22,
+                    marker="D",
+                    color=colour,
+                    edgecolors="black",
+                    linewidths=0.5,
+                    zorder=3,
+                    label="validation (same colour)",
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step (experts continue their parent)", fontsize=8)
-        ax.set_ylabel("loss", fontsize=8)
+        ax.set_ylabel("loss (log scale)", fontsize=8)
+        if drew:
+            ax.set_yscale("log")
+            _log_ticks(ax, "y")
         handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        unique = dict(zip(labels, handles, strict=False))
+        # Below the axes: inside them it covers the curves' start, where loss is highest.
+        ax.legend(
+            unique.values(),
+            unique.keys(),
+            fontsize=7,
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.22),
+            ncol=2,
+        )
     fig.tight_layout()
     if drew:
         _save(fig, path)
     else:
         plt.close(fig)
     return drew
+
+
+def plot_forgetting(plan: Plan, results: EvaluationResults, path: Path) -> bool:
+    """ppl(e_k, d_i) against iteration k: one panel per configuration, one colour per lane,
+    one marker per domain of that lane (a rising line is forgetting)."""
+    panels = []
+    for name in results.configurations:
+        curves = [
+            (lane, domain, row)
+            for lane in plan.lanes
+            for domain, row in forgetting_matrix(plan, results, name, lane).items()
+            if len(row) > 1
+        ]
+        if curves:
+            panels.append((name, curves))
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.2 * len(panels) + 1.5, 3.6), squeeze=False, sharey=True
+    )
+    markers = "osD^v<>"
+    for ax, (name, curves) in zip(axes[0], panels, strict=True):
+        for lane_index, lane in enumerate(plan.lanes):
+            for domain_index, (curve_lane, domain, row) in enumerate(
+                c for c in curves if c[0] == lane
+            ):
+                ks = sorted(row)
+                ax.plot(
+                    ks,
+                    [row[k] for k in ks],
+                    color=f"C{lane_index}",
+                    marker=markers[domain_index % len(markers)],
+                    linewidth=1.2,
+                    label=f"{curve_lane}: {domain}",
+                )
+        ax.set_yscale("log")
+        ax.set_xticks(range(1, plan.iterations + 1))
+        ax.set_xlabel("after iteration", fontsize=8)
+        ax.set_title(name, fontsize=9)
+    # After every panel: set_yscale on a shared axis resets the tick locators.
+    _log_ticks(axes[0][0], "y")
+    axes[0][0].set_ylabel("test perplexity of the lane's expert (log)", fontsize=8)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def _log_ticks(ax: Any, axis: str, count: int = 6) -> None:
+    """About `count` labelled ticks, evenly spaced on a log axis and rounded to two significant
+    digits (matplotlib labels only powers of ten by default, so a range inside one decade shows
+    no number at all). Call it after the data are drawn: it reads the axis limits."""
+    import numpy as np
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullLocator
+
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if not (0 < low < high):
+        return
+    ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(low, high, count)})
+    ticks = [t for t in ticks if low <= t <= high] or ticks
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FixedFormatter([f"{t:g}" for t in ticks]))
+    target.set_minor_locator(NullLocator())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,6 +763,26 @@ def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
     return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
 
 
+def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) -> list[str]:
+    """The "Repeats" section from every repeat's results.json (none for one repeat)."""
+    if config.run.repeats < 2:
+        return []
+    found: list[RepeatResults] = []
+    missing: list[int] = []
+    for index in range(config.run.repeats):
+        path = layout.repeat(index).results
+        if path.is_file():
+            seed = config.for_repeat(index).training_seed
+            found.append(RepeatResults(index, seed, EvaluationResults.read(path)))
+        else:
+            missing.append(index)
+    tables = [final_perplexities(r.results, method) for r in found]
+    domains = list(found[0].results.domains) if found else []
+    return repeats_markdown(
+        found, tables, METHOD_TITLES[method], method, domains, config.plan.baseline, missing
+    )
+
+
 def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     """Write RUN/report/report.md and its plots; returns the Markdown file's path."""
     plan = Plan.read(layout.plan)
@@ -589,6 +809,9 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     title = "Mean posterior weight of each expert per domain (uniform prior)"
     if not plot_posteriors(results, domains, plot_path("posterior", title)):
         del plots[title]
+    title = "Forgetting: each lane's experts on that lane's domains, iteration by iteration"
+    if not plot_forgetting(plan, results, plot_path("forgetting", title)):
+        del plots[title]
     title = "Training and validation loss of every job"
     if not plot_training_curves(plan, layout, plot_path("training_curves", title)):
         del plots[title]
@@ -602,7 +825,17 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
         del plots[title]
 
     markdown = _with_tasks_section(
-        _with_compute_section(render_markdown(plan, results, difficulty, config, plots), results),
+        _with_compute_section(
+            render_markdown(
+                plan,
+                results,
+                difficulty,
+                config,
+                plots,
+                repeats_section(config, layout, methods[0]),
+            ),
+            results,
+        ),
         layout,
     )
     write_text(layout.report_markdown, markdown)

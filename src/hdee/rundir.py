@@ -28,7 +28,7 @@ def run_lock(layout: RunLayout, command: str = "hdee run") -> Iterator[None]:
     """Stop two hdee commands from writing one run directory at once (`hdee run`, `prepare`,
     `jobs`, `evaluate`, `report`, `tasks`, `export` into the run): the second is refused with
     the first one's name and pid. The lock dies with the process."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    layout.run_root.mkdir(parents=True, exist_ok=True)
     handle = open(layout.lock, "a+")  # noqa: SIM115 - held for the whole block
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -37,7 +37,7 @@ def run_lock(layout: RunLayout, command: str = "hdee run") -> Iterator[None]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunError(
-            f"{layout.root} is in use by {holder} (lock {layout.lock}); wait for it to finish"
+            f"{layout.run_root} is in use by {holder} (lock {layout.lock}); wait for it to finish"
         ) from None
     handle.seek(0)
     handle.truncate()
