@@ -1,4 +1,4 @@
-"""The shape of the package: imports run one way, and only layout.py names run-directory files.
+"""The shape of the package: imports run one way, and only layout.py builds run-directory paths.
 
 Read from the source (ast), so the checks hold for lazy imports inside functions too.
 """
@@ -88,12 +88,35 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def path_literals(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every run-directory file name used to build a path: `x / "name"`,
+    `Path("name")`, `x.joinpath("name")` or `open("name")` (a word like "final" elsewhere, e.g.
+    a record's value, is not a path)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        operands: list[ast.expr] = []
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            operands = [node.left, node.right]
+        elif isinstance(node, ast.Call):
+            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+            if name in ("Path", "joinpath", "open"):
+                operands = list(node.args)
+        for operand in operands:
+            if isinstance(operand, ast.Constant) and operand.value in RUN_DIRECTORY_NAMES:
+                found.append((operand.lineno, operand.value))
+    return found
+
+
+def test_path_literals_are_found() -> None:
+    source = 'a = root / "final"\nb = Path("plan.json")\nc = x.joinpath("spec.json")\nd = "final"'
+    assert path_literals(source) == [(1, "final"), (2, "plan.json"), (3, "spec.json")]
+
+
 def test_only_layout_names_files_of_a_run_directory() -> None:
-    offenders = []
-    for path in PACKAGE.rglob("*.py"):
-        if path.name == "layout.py":
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and node.value in RUN_DIRECTORY_NAMES:
-                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    offenders = [
+        f"{path.relative_to(PACKAGE)}:{line} {name!r}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "layout.py"
+        for line, name in path_literals(path.read_text())
+    ]
     assert offenders == []
