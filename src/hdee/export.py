@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerFast
@@ -30,13 +29,13 @@ from hdee.integrity import verify_model_dir
 from hdee.layout import RunLayout
 from hdee.model import load_model
 from hdee.records import Plan
+from hdee.routing import Members, ensemble_members
 
 MODELING_FILE = "modeling_hdee.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_hdee.HdeeEnsembleConfig",
     "AutoModelForCausalLM": "modeling_hdee.HdeeEnsembleForCausalLM",
 }
-Members = Literal["latest", "all"]
 
 
 @dataclass(frozen=True)
@@ -67,44 +66,22 @@ def select_members(
     iteration: int | None = None,
     members: Members = "latest",
 ) -> tuple[int, list[Member]]:
-    """(iteration, members): the latest expert of every lane after `iteration` (default: the
-    last), or with members="all" every expert of every lane and iteration up to it (BTM's
-    growing forest), iteration by iteration in the plan's lane order."""
-    every = plan_ensembles(run_dir)
-    if configuration not in every:
-        raise ValueError(
-            f"configuration {configuration!r} is not in the plan; choose one of {sorted(every)}"
-        )
-    ensembles = every[configuration]
-    index = len(ensembles) if iteration is None else iteration
-    if not 1 <= index <= len(ensembles):
-        raise ValueError(f"{configuration!r} has iterations 1..{len(ensembles)}, not {iteration}")
-    if members == "latest":
-        chosen = [
-            Member(
-                f"{lane}@{_trained_at(ensembles, lane, job)}",
-                lane,
-                _trained_at(ensembles, lane, job),
-                job,
-            )
-            for lane, job in ensembles[index - 1].items()
-        ]
-    elif members == "all":
-        seen: set[str] = set()
-        chosen = []
-        for k, ensemble in enumerate(ensembles[:index], start=1):
-            for lane, job in ensemble.items():
-                if job not in seen:  # a lane not retrained in iteration k keeps its expert
-                    seen.add(job)
-                    chosen.append(Member(f"{lane}@{k}", lane, k, job))
-    else:
+    """(iteration, members): `hdee.routing.ensemble_members` (the latest expert of every lane
+    after `iteration`, default the last; or with members="all" BTM's growing forest), each
+    named `lane@k` by the iteration k that trained it."""
+    plan = Plan.read(RunLayout.of(run_dir).plan)
+    if members not in ("latest", "all"):
         raise ValueError(f"--members must be 'latest' or 'all', got {members!r}")
-    return index, chosen
-
-
-def _trained_at(ensembles: list[dict[str, str]], lane: str, job: str) -> int:
-    """The first iteration whose ensemble holds `job` in `lane`."""
-    return next(k for k, e in enumerate(ensembles, start=1) if e.get(lane) == job)
+    index, chosen = ensemble_members(plan, configuration, iteration, members)
+    origins: dict[str, tuple[str, int]] = {}  # job id -> (lane, the iteration that trained it)
+    for k in range(1, index + 1):
+        for lane, job_id in plan.ensemble(configuration, k)[1].items():
+            origins.setdefault(job_id, (lane, k))
+    selected = []
+    for job_id in chosen.values():
+        lane, k = origins[job_id]
+        selected.append(Member(f"{lane}@{k}", lane, k, job_id))
+    return index, selected
 
 
 def resolve_prior(
