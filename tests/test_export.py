@@ -18,9 +18,11 @@ from hdee.data.tokens import load_tokens
 from hdee.ensemble import mixture_log_probs
 from hdee.evaluate import read_cached_log_probs
 from hdee.export import build_ensemble, select_members
-from hdee.generate import generate_from_run
+from hdee.generate import continue_from_run, generate_from_run
+from hdee.hf_ensemble import HdeeEnsembleConfig
 from hdee.layout import RunLayout
 from hdee.records import Plan
+from hdee.routing import route, routed_mixture
 
 CONFIGURATION = "MHe-IHo"  # S / M / L experts: heterogeneous widths are the normal case
 
@@ -160,10 +162,117 @@ def test_bad_export_arguments_are_named(tiny_finished_run: Path, tmp_path: Path,
     argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(tmp_path / "x")]
     assert main([*argv, "--prior", "1,2"]) == 1
     assert "expected 3 non-negative weights" in capsys.readouterr().err
-    assert main([*argv, "--experts", "2"]) == 1
-    assert "not yet supported" in capsys.readouterr().err
+    assert main([*argv, "--experts", "4"]) == 1
+    assert "--experts must be in 1..3" in capsys.readouterr().err
+    assert main([*argv, "--experts", "2", "--route-tokens", "0"]) == 1
+    assert "--route-tokens must be >= 1" in capsys.readouterr().err
     assert main([*argv, "--members", "all", "--prior", "d0"]) == 1
     assert "--members all" in capsys.readouterr().err
     assert main([*argv, "--iteration", "5"]) == 1
     assert "iterations 1..2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def cached_test_log_probs(run_dir: Path, domain: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(evaluation windows, the cached per-expert label log-probs `[E, N, T]` on them)."""
+    layout = RunLayout.of(run_dir)
+    config = load_config(layout.config)
+    _, jobs = Plan.read(layout.plan).ensemble(CONFIGURATION)
+    tokens = load_tokens(layout.tokens(domain, "test"))
+    seq_len, windows = config.data.seq_len, config.evaluation.max_test_sequences
+    batches = list(eval_batches(tokens, seq_len, 4, windows))
+    cached = []
+    for job_id in jobs.values():
+        path = layout.label_logprobs(job_id, domain, "test")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        cached.append(read_cached_log_probs(path, metadata))
+    return batches, torch.stack(cached)
+
+
+@pytest.mark.parametrize(("experts", "route_tokens"), [(1, 5), (2, 12), (3, 5)])
+def test_routed_label_log_probs_equal_hdee_routing(
+    tiny_finished_run: Path, experts: int, route_tokens: int
+) -> None:
+    """With --experts K the exported model scores exactly `hdee.routing.routed_mixture` (prefix
+    routing after --route-tokens) on the cached per-expert log-probs; K = E is the dense mix."""
+    model = build_ensemble(
+        tiny_finished_run, CONFIGURATION, experts=experts, route_tokens=route_tokens
+    )
+    assert model.config.routing == {"top_k": experts, "route_tokens": route_tokens}
+    batches, lp = cached_test_log_probs(tiny_finished_run, "d6")
+    ours = exported_label_log_probs(model, batches)
+    kept, r = route(lp, None, "prefix", "prefix", route_tokens, experts)
+    theirs = routed_mixture(lp, None, "prefix", r, kept)
+    torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=0)
+    dense = mixture_log_probs(lp, None, "prefix").double()
+    if experts == 3:
+        torch.testing.assert_close(ours.double(), dense, atol=1e-5, rtol=0)
+    else:  # routing really changed the numbers after r, and only there
+        torch.testing.assert_close(ours[:, :r].double(), dense[:, :r], atol=1e-5, rtol=0)
+        assert (ours[:, r:].double() - dense[:, r:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("route_tokens", [2, 7])  # inside the prompt / during generation
+def test_routed_greedy_generation_equals_hdee_generate(
+    tiny_finished_run: Path, route_tokens: int
+) -> None:
+    """Greedy generate() of a routed export equals `hdee generate --experts 1 --route-tokens N`,
+    and the routed-away experts stop running once the sequence has routed."""
+    model = build_ensemble(tiny_finished_run, CONFIGURATION, experts=1, route_tokens=route_tokens)
+    tokenizer = AutoTokenizer.from_pretrained(RunLayout.of(tiny_finished_run).tokenizer)
+    prompt = "the a of"
+    theirs = continue_from_run(
+        RunLayout.of(tiny_finished_run),
+        CONFIGURATION,
+        prompt,
+        max_new_tokens=12,
+        stop_at_eos=False,
+        routed_experts=1,
+        route_tokens=route_tokens,
+    )
+    calls = [0] * len(model.experts)
+    for j, expert in enumerate(model.experts):
+        expert.register_forward_hook(lambda *_, j=j: calls.__setitem__(j, calls[j] + 1))
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
+    out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None)
+    assert tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True) == theirs.text
+    kept = theirs.generation.kept
+    assert len(kept) == 1
+    # Prefill + 11 steps for the kept expert; the others stop at the step that routes.
+    assert calls[kept[0]] == 12
+    assert all(calls[j] < 12 for j in range(len(calls)) if j != kept[0])
+    if route_tokens < len(ids):  # routed inside the prompt: the others ran the prefill only
+        assert sorted(calls) == [1, 1, 12]
+
+
+def test_routed_left_padding_and_config_round_trip(tiny_finished_run: Path, tmp_path: Path) -> None:
+    """A routed export: a left-padded row generates what it generates alone (each row routes at
+    its own N-th real token and keeps its own experts), and the routing survives
+    save_pretrained / from_pretrained."""
+    out = tmp_path / "routed"
+    argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]
+    assert main([*argv, "--experts", "1", "--route-tokens", "4"]) == 0
+    assert read_json(out / "config.json")["routing"] == {"top_k": 1, "route_tokens": 4}
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    eos = tokenizer.eos_token_id
+    short = [eos] + tokenizer.encode("the of", add_special_tokens=False)
+    long = [eos] + tokenizer.encode("he was for on are with as", add_special_tokens=False)
+    pad = len(long) - len(short)
+    batch = torch.tensor([[eos] * pad + short, long])
+    mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
+    together = model.generate(batch, attention_mask=mask, **kwargs)
+    assert together[0, pad:].tolist() == model.generate(torch.tensor([short]), **kwargs)[0].tolist()
+    assert together[1].tolist() == model.generate(torch.tensor([long]), **kwargs)[0].tolist()
+    model.save_pretrained(tmp_path / "copy")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
+    assert reloaded.config.routing == {"top_k": 1, "route_tokens": 4}
+    ids = torch.tensor([long])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="routing.top_k must be an integer in 1..3"):
+        HdeeEnsembleConfig(experts=model.config.experts, routing={"top_k": 4, "route_tokens": 4})
+    with pytest.raises(ValueError, match="routing.route_tokens must be an integer >= 1"):
+        HdeeEnsembleConfig(experts=model.config.experts, routing={"top_k": 1})

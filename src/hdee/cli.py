@@ -282,6 +282,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             prior=args.prior,
             posterior=args.posterior,
             experts=args.experts,
+            route_tokens=args.route_tokens,
         )
     print(out)
 
@@ -499,7 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="K",
-        help="top-K routing: not yet supported below the number of members",
+        help="route (the exported model does it itself): after --route-tokens tokens each "
+        "sequence keeps only the K experts with the highest posterior (default: all mix)",
+    )
+    p.add_argument(
+        "--route-tokens",
+        type=int,
+        default=32,
+        metavar="N",
+        help="tokens every expert reads before routing to --experts (default 32)",
     )
 
     p = add(

@@ -1,7 +1,8 @@
 """`hdee export`: a configuration's ensemble as a self-contained transformers model directory.
 
 OUT/
-  config.json              HdeeEnsembleConfig: members, lanes, posterior, prior, routing, auto_map
+  config.json              HdeeEnsembleConfig: members, lanes, posterior, prior, routing (top K
+                           after N tokens, or none), auto_map
   model.safetensors        every member's weights (experts.<j>.*), never a pickle
   modeling_hdee.py         the model code (a copy of hdee/hf_ensemble.py: torch + transformers only)
   generation_config.json
@@ -129,8 +130,12 @@ def build_ensemble(
     posterior: str = "prefix",
     experts: int | None = None,
     device: str | torch.device = "cpu",
+    route_tokens: int = 32,
 ) -> HdeeEnsembleForCausalLM:
-    """A configuration's ensemble as an `HdeeEnsembleForCausalLM`, in memory, in eval mode."""
+    """A configuration's ensemble as an `HdeeEnsembleForCausalLM`, in memory, in eval mode.
+
+    `experts` K routes (hdee.routing's `prefix` rule): after `route_tokens` tokens each sequence
+    keeps its top K experts by posterior; None (or every member) mixes them all."""
     if posterior not in POSTERIOR_MODES:
         raise ValueError(f"--posterior must be one of {POSTERIOR_MODES}, got {posterior!r}")
     layout = RunLayout.of(run_dir)
@@ -138,11 +143,8 @@ def build_ensemble(
     if experts is not None:
         if not 1 <= experts <= len(chosen):
             raise ValueError(f"--experts must be in 1..{len(chosen)} (the members), got {experts}")
-        if experts < len(chosen):
-            raise ValueError(
-                f"--experts {experts}: top-K routing is not yet supported by the exported model "
-                f"(export all {len(chosen)} members instead)"
-            )
+        if route_tokens < 1:
+            raise ValueError(f"--route-tokens must be >= 1, got {route_tokens}")
     weights, source = resolve_prior(run_dir, configuration, index, chosen, prior, members)
     models = []
     for member in chosen:
@@ -165,7 +167,9 @@ def build_ensemble(
         posterior=posterior,
         prior=weights,
         prior_source=source,
-        routing={"top_k": None},
+        routing=(
+            {"top_k": None} if experts is None else {"top_k": experts, "route_tokens": route_tokens}
+        ),
         hdee={
             "run_dir": str(Path(run_dir).resolve()),
             "configuration": configuration,
@@ -191,10 +195,20 @@ def export_ensemble(
     prior: str = "uniform",
     posterior: str = "prefix",
     experts: int | None = None,
+    route_tokens: int = 32,
 ) -> Path:
     """Write the ensemble's model directory to `out` atomically (replacing an older export)."""
     layout = RunLayout.of(run_dir)
-    ensemble = build_ensemble(run_dir, configuration, iteration, members, prior, posterior, experts)
+    ensemble = build_ensemble(
+        run_dir,
+        configuration,
+        iteration,
+        members,
+        prior,
+        posterior,
+        experts,
+        route_tokens=route_tokens,
+    )
     ensemble.config.auto_map = dict(AUTO_MAP)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     out = Path(out)

@@ -17,9 +17,16 @@ so `log_softmax(logits) == logits` and every tool that reads logits (lm-evaluati
 pipelines, `generate`) sees the ensemble's distribution. A token is evidence only when it and
 the token before it are real (attention mask 1): left padding never moves the posterior.
 
+With routing (`config.routing = {"top_k": K, "route_tokens": N}`, K below the number of
+experts; hdee.routing's `prefix` rule): positions t < N mix every expert; at t = N each sequence
+keeps the K experts with the highest w_j(N), and for t >= N the weights are w_j(t) restricted to
+the kept experts and renormalised over them (zero elsewhere). Positions count real tokens.
+
 For incremental decoding the cache (`HdeeEnsembleCache`) carries each expert's own KV cache
 and, per sequence, each expert's running evidence, its log-distribution at the last position
-(the next token's log-probability is read from it) and whether the last token was real.
+(the next token's log-probability is read from it), whether the last token was real, and the
+experts it kept (all, until it routed). An expert that every sequence of the batch routed away
+no longer runs: its KV cache stays where it stopped, since nothing reads it again.
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ class HdeeEnsembleConfig(PretrainedConfig):
     posterior: "prefix" (HDEE) or "updating" (BTM/DEMix code)
     prior:     P(j), one non-negative weight per expert (normalised here); None: uniform
     prior_source: where the prior came from ("uniform", "cached:DOMAIN", "explicit")
-    routing:   {"top_k": None} (every member mixes at every position)
+    routing:   {"top_k": None} (every member mixes at every position), or
+               {"top_k": K, "route_tokens": N}: after N tokens keep the top K (prefix routing)
     hdee:      provenance (run directory, configuration, iteration, members)
     """
 
@@ -90,9 +98,7 @@ class HdeeEnsembleConfig(PretrainedConfig):
             )
             for key in ("bos_token_id", "eos_token_id"):
                 kwargs.setdefault(key, llama[0].get(key))
-        routing = dict(routing or {"top_k": None})
-        if routing.get("top_k") is not None:
-            raise ValueError("top-K routing is not yet supported by the exported model")
+        routing = _checked_routing(routing, len(experts))
         self.experts = experts
         self.posterior = posterior
         self.prior = prior
@@ -103,6 +109,28 @@ class HdeeEnsembleConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def _checked_routing(routing: dict[str, Any] | None, count: int) -> dict[str, Any]:
+    """`routing` with its keys checked: {"top_k": None} or {"top_k": K, "route_tokens": N}."""
+    routing = dict(routing or {"top_k": None})
+    top_k = routing.get("top_k")
+    if top_k is None:
+        return {"top_k": None}
+    route_tokens = routing.get("route_tokens")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or (count and not 1 <= top_k <= count):
+        raise ValueError(
+            f"routing.top_k must be an integer in 1..{count} (the experts), got {top_k!r}"
+        )
+    if isinstance(route_tokens, bool) or not isinstance(route_tokens, int) or route_tokens < 1:
+        raise ValueError(f"routing.route_tokens must be an integer >= 1, got {route_tokens!r}")
+    return {"top_k": top_k, "route_tokens": route_tokens}
+
+
+def _shifted(log_weight: Tensor, total: Tensor) -> Tensor:
+    """log_weight - total as float32, -inf where the weight is zero (also when total is -inf:
+    no expert with weight has been mixed at that position yet)."""
+    return torch.where(torch.isneginf(log_weight), log_weight, log_weight - total).float()
+
+
 class HdeeEnsembleCache(Cache):
     """Per-expert KV caches plus the posterior's running state, one row per sequence.
 
@@ -110,18 +138,28 @@ class HdeeEnsembleCache(Cache):
               log-probabilities of the real tokens seen so far
     next_log_probs [E, B, V] float32: each expert's log-distribution after the last token
     last_real [B] bool: whether the last token was real (not padding)
+    kept      [B, E] bool: the experts each sequence mixes (all of them until it routed)
+    routed    [B] bool: whether the sequence has routed
     """
 
     is_compileable = False
 
     def __init__(
-        self, expert_caches: list[Any], evidence: Tensor, next_log_probs: Tensor, last_real: Tensor
+        self,
+        expert_caches: list[Any],
+        evidence: Tensor,
+        next_log_probs: Tensor,
+        last_real: Tensor,
+        kept: Tensor,
+        routed: Tensor,
     ) -> None:
         # Deliberately no Cache.__init__: this is a container of caches (as EncoderDecoderCache).
         self.expert_caches = expert_caches
         self.evidence = evidence
         self.next_log_probs = next_log_probs
         self.last_real = last_real
+        self.kept = kept
+        self.routed = routed
 
     def __len__(self) -> int:
         return len(self.expert_caches[0])
@@ -129,11 +167,17 @@ class HdeeEnsembleCache(Cache):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(experts={len(self.expert_caches)}, tokens={self.get_seq_length()})"
 
+    def _running_cache(self) -> Any:
+        """A cache that has seen every token: an expert some sequence still mixes (a routed-away
+        expert's cache stops growing)."""
+        running = self.kept.any(dim=0)
+        return self.expert_caches[int(running.nonzero()[0, 0]) if running.any() else 0]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.expert_caches[0].get_seq_length(layer_idx)
+        return self._running_cache().get_seq_length(layer_idx)
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.expert_caches[0].get_max_length(layer_idx)
+        return self._running_cache().get_max_length(layer_idx)
 
     @property
     def is_linear(self) -> list[bool]:
@@ -155,6 +199,8 @@ class HdeeEnsembleCache(Cache):
         self.evidence = select(self.evidence, 0)
         self.next_log_probs = select(self.next_log_probs, 1)
         self.last_real = select(self.last_real, 0)
+        self.kept = select(self.kept, 0)
+        self.routed = select(self.routed, 0)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for cache in self.expert_caches:
@@ -255,15 +301,88 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         counted = real & before_real  # [B, L]: token t is evidence
         keep = length if not logits_to_keep else min(int(logits_to_keep), length)
         log_prior = self.log_prior.to(device)
+        count = len(self.experts)
+        top_k, route_tokens = (
+            self.config.routing.get("top_k"),
+            self.config.routing.get("route_tokens"),
+        )
+        routing = top_k is not None and top_k < count
 
-        # One pass over the experts. With a_j the unnormalised log-weight of expert j and
-        # Z = logsumexp_j a_j, the mixture is logsumexp_j (a_j - Z + lp_j), accumulated
-        # expert by expert against the running Z so every term stays a log-weight <= 0 and
-        # float32 keeps it exact to ~1e-7 (a_j alone reaches thousands on long prefixes).
+        # Routing state per row: kept [B, E] and routed [B] before this chunk; route_at [B] is
+        # the chunk index where a row routes (its real token at position N), `length` if not here.
+        if cache is not None:
+            kept, routed = cache.kept.to(device), cache.routed.to(device)
+        else:
+            kept = torch.ones(batch, count, dtype=torch.bool, device=device)
+            routed = torch.zeros(batch, dtype=torch.bool, device=device)
+        indices = torch.arange(length, device=device)
+        route_at = torch.full((batch,), length, dtype=torch.long, device=device)
+        if routing:
+            at_n = real & (position_ids.to(device) == route_tokens) & ~routed[:, None]
+            route_at = torch.where(at_n.any(dim=1), at_n.long().argmax(dim=1), route_at)
+            route_at = torch.where(routed, torch.zeros_like(route_at), route_at)
+            # A row routing on this chunk's first token needs only the cached evidence (x_N's
+            # log-probability was predicted before): route it now, so its routed-away experts
+            # need not read x_N at all (as `hdee generate` does).
+            first = ~routed & (route_at == 0)
+            if cache is not None and first.any():
+                token_lp = (
+                    cache.next_log_probs.to(device)
+                    .gather(2, input_ids[None, :, :1].expand(count, -1, -1))[..., 0]
+                    .double()
+                    .T
+                )  # [B, E]
+                evidence0 = torch.stack(
+                    [
+                        self._evidence(
+                            token_lp[:, j : j + 1], counted[:, :1], cache.evidence[:, j].to(device)
+                        )[:, 0]
+                        for j in range(count)
+                    ],
+                    dim=1,
+                )
+                kept = torch.where(first[:, None], self._top_k(log_prior + evidence0, top_k), kept)
+                routed = routed | first
+        # Mixing waits for every expert when a row routes inside the chunk (the kept set needs
+        # every expert's evidence at N); otherwise each expert is mixed as soon as it has run.
+        deferred = bool((route_at[~routed] < length).any()) if routing else False
+        # An expert runs unless every row has routed and none kept it.
+        needed = (~routed[:, None] | kept).any(dim=0).tolist()
+        after = indices[None, :] >= route_at[:, None]  # [B, L]: positions that mix kept experts
+
+        # With a_j the unnormalised log-weight of expert j and Z = logsumexp_j a_j, the mixture
+        # is logsumexp_j (a_j - Z + lp_j), accumulated expert by expert against the running Z so
+        # every term stays a log-weight <= 0 and float32 keeps it exact to ~1e-7 (a_j alone
+        # reaches thousands on long prefixes). A routed-away expert's a_j is -inf.
         mixture: Tensor | None = None
         normaliser: Tensor | None = None
-        new_caches, new_evidence, next_lps = [], [], []
+        pending: list[tuple[int, Tensor, Tensor]] = []
+        evidences: list[Tensor | None] = [None] * count
+        new_caches: list[Any] = list(cache.expert_caches) if cache is not None else [None] * count
+        new_evidence = cache.evidence.to(device).clone() if cache is not None else None
+        next_lps: list[Tensor | None] = (
+            list(cache.next_log_probs.to(device).unbind(0)) if cache is not None else [None] * count
+        )
+
+        def mix(j: int, log_probs: Tensor, evidence: Tensor) -> None:
+            nonlocal mixture, normaliser
+            weight = log_prior[j] + evidence[:, -keep:]  # [B, keep] float64
+            if routing:
+                away = after[:, -keep:] & ~kept[:, j : j + 1]
+                weight = weight.masked_fill(away, -torch.inf)
+            if mixture is None or normaliser is None:
+                mixture, normaliser = log_probs, weight
+                return
+            total = torch.logaddexp(normaliser, weight)
+            mixture = torch.logaddexp(
+                mixture + _shifted(normaliser, total)[..., None],
+                log_probs + _shifted(weight, total)[..., None],
+            )
+            normaliser = total
+
         for j, expert in enumerate(self.experts):
+            if not needed[j]:
+                continue  # routed away by every row: it never runs again
             out = expert(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -283,29 +402,46 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             evidence = self._evidence(
                 token_lp, counted, cache.evidence[:, j].to(device) if cache is not None else None
             )
-            weight = log_prior[j] + evidence[:, -keep:]  # [B, keep] float64
-            if mixture is None or normaliser is None:
-                mixture, normaliser = log_probs, weight
+            evidences[j] = evidence
+            if deferred:
+                pending.append((j, log_probs[:, -keep:], evidence))
             else:
-                total = torch.logaddexp(normaliser, weight)
-                mixture = torch.logaddexp(
-                    mixture + (normaliser - total).float()[..., None],
-                    log_probs + (weight - total).float()[..., None],
-                )
-                normaliser = total
+                mix(j, log_probs[:, -keep:], evidence)
             if use_cache:
-                new_caches.append(getattr(out, OUTPUT_CACHE_FIELD))
-                new_evidence.append(evidence[:, -1])
-                next_lps.append(log_probs[:, -1])
+                new_caches[j] = getattr(out, OUTPUT_CACHE_FIELD)
+                if new_evidence is None:
+                    new_evidence = torch.zeros(batch, count, dtype=torch.float64, device=device)
+                new_evidence[:, j] = evidence[:, -1]
+                next_lps[j] = log_probs[:, -1]
+        if deferred:
+            # A row routes here, so every expert ran on this chunk.
+            assert top_k is not None
+            here = ~routed & (route_at < length)
+            at = route_at.clamp(max=length - 1)[:, None]
+            weights_at_n = torch.stack(
+                [
+                    log_prior[j] + e.gather(1, at)[:, 0]
+                    for j, e in enumerate(evidences)
+                    if e is not None
+                ],
+                dim=1,
+            )
+            kept = torch.where(here[:, None], self._top_k(weights_at_n, top_k), kept)
+            routed = routed | here
+            for j, log_probs, evidence in pending:
+                mix(j, log_probs, evidence)
         assert mixture is not None
 
         new_cache = None
         if use_cache:
+            assert new_evidence is not None
             new_cache = HdeeEnsembleCache(
                 new_caches,
-                torch.stack(new_evidence, dim=1),
-                torch.stack(next_lps),
+                new_evidence,
+                torch.stack([lp for lp in next_lps if lp is not None]),  # every expert ran once
                 real[:, -1],
+                kept,
+                routed,
             )
         loss = None
         if labels is not None:
@@ -317,6 +453,13 @@ class HdeeEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 ignore_index=-100,
             )
         return CausalLMOutputWithPast(loss=loss, logits=mixture, **{OUTPUT_CACHE_FIELD: new_cache})
+
+    @staticmethod
+    def _top_k(log_weights: Tensor, k: int) -> Tensor:
+        """[B, E] boolean: each row's k largest weights (ties: as torch.topk; hdee.routing's
+        `top_k_mask`)."""
+        index = torch.topk(log_weights, k, dim=-1).indices
+        return torch.zeros_like(log_weights, dtype=torch.bool).scatter_(-1, index, True)
 
     def _evidence(self, token_lp: Tensor, counted: Tensor, before: Tensor | None) -> Tensor:
         """Each position's evidence for one expert, [B, L] float64: what its weight at that
