@@ -252,8 +252,8 @@ def test_routed_left_padding_and_config_round_trip(tiny_finished_run: Path, tmp_
     save_pretrained / from_pretrained."""
     out = tmp_path / "routed"
     argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]
-    assert main([*argv, "--experts", "1", "--route-tokens", "4"]) == 0
-    assert read_json(out / "config.json")["routing"] == {"top_k": 1, "route_tokens": 4}
+    assert main([*argv, "--experts", "1", "--route-tokens", "2"]) == 0
+    assert read_json(out / "config.json")["routing"] == {"top_k": 1, "route_tokens": 2}
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     eos = tokenizer.eos_token_id
@@ -265,10 +265,14 @@ def test_routed_left_padding_and_config_round_trip(tiny_finished_run: Path, tmp_
     kwargs = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
     together = model.generate(batch, attention_mask=mask, **kwargs)
     assert together[0, pad:].tolist() == model.generate(torch.tensor([short]), **kwargs)[0].tolist()
-    assert together[1].tolist() == model.generate(torch.tensor([long]), **kwargs)[0].tolist()
+    with torch.no_grad():  # both rows reached N = 2 real tokens: each kept its own one expert
+        cache = model(batch, attention_mask=mask, use_cache=True).cache
+        alone = [model(torch.tensor([row]), use_cache=True).cache for row in (short, long)]
+    assert cache.routed.tolist() == [True, True] and cache.kept.sum(dim=1).tolist() == [1, 1]
+    assert cache.kept.tolist() == [a.kept[0].tolist() for a in alone]
     model.save_pretrained(tmp_path / "copy")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
-    assert reloaded.config.routing == {"top_k": 1, "route_tokens": 4}
+    assert reloaded.config.routing == {"top_k": 1, "route_tokens": 2}
     ids = torch.tensor([long])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)
