@@ -562,7 +562,7 @@ def _describe(error: BaseException, args: argparse.Namespace) -> str:
     error names the key only)."""
     config_path = getattr(args, "config", None)
     if config_path is None and getattr(args, "run", None):
-        config_path = str(Path(args.run) / "config.yaml")
+        config_path = str(RunLayout.of(args.run).config)
     message = str(error)
     if _is_config_error(error) and config_path and not message.startswith(str(config_path)):
         message = f"{config_path}: {message}"
