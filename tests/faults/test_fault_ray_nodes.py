@@ -10,6 +10,7 @@ would stop every Ray on the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -59,21 +60,32 @@ def _wait_ready(process: subprocess.Popen, log: Path, seconds: float = 120) -> N
         time.sleep(0.2)
 
 
-def _group_pids(process: subprocess.Popen) -> dict[int, str]:
-    found = {}
+def _descendants(root: int) -> dict[int, str]:
+    """pid -> process name of every process below `root` (Ray starts workers in sessions of
+    their own, so the process group is not enough)."""
+    parents: dict[int, int] = {}
+    names: dict[int, str] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == process.pid:  # process group id
-                found[int(stat.parent.name)] = (stat.parent / "comm").read_text().strip()
+            text = stat.read_text()
+            parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
+            names[int(stat.parent.name)] = text.split("(", 1)[1].rsplit(")", 1)[0]
         except (OSError, ValueError, IndexError):
             continue
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = names[pid]
+                frontier.append(pid)
     return found
 
 
 def _training_on(node: subprocess.Popen, layout: RunLayout) -> bool:
     """Whether a job runs on this node's Ray worker and has begun training (its log says)."""
-    for pid in _group_pids(node):
+    for pid in _descendants(node.pid):
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
@@ -145,8 +157,8 @@ def test_a_lost_ray_node_is_retried_and_the_run_ends_the_same(
             assert run.poll() is None, run.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "no job trained on the second node in 300 s"
             time.sleep(0.01)
-        raylets = [pid for pid, name in _group_pids(node).items() if name == "raylet"]
-        assert raylets, _group_pids(node)
+        raylets = [pid for pid, name in _descendants(node.pid).items() if name == "raylet"]
+        assert raylets, _descendants(node.pid)
         for pid in raylets:
             os.kill(pid, signal.SIGKILL)
         _, err = run.communicate(timeout=600)
@@ -160,11 +172,13 @@ def test_a_lost_ray_node_is_retried_and_the_run_ends_the_same(
         got = _outputs(layout)
         assert [name for name in expected if got.get(name) != expected[name]] == []
     finally:
-        for process in (node, head):  # the groups this test started, leaders gone or not
-            if process is not None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait()
+        for process in (node, head):  # what this test started, by process id
+            if process is None:
+                continue
+            for pid in [*_descendants(process.pid), process.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
         shutil.rmtree(ray_dir, ignore_errors=True)
