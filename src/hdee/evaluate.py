@@ -38,7 +38,7 @@ from hdee.ensemble import (
     posterior_weights,
     simple_average,
 )
-from hdee.integrity import verify_job
+from hdee.integrity import checked_weights_sha256
 from hdee.layout import RunLayout
 from hdee.records import (
     ComputeResults,
@@ -177,7 +177,7 @@ class _LogProbCache:
         _, count, fingerprint = self.windows(domain, split)
         # Verified against the job's result.json first (IntegrityError naming the file): a
         # cached log-prob is only ever reused for the very weights it was computed from.
-        weights = verify_job(self.layout.job(job_id))
+        weights = checked_weights_sha256(self.layout.job(job_id).final)
         return _cache_metadata(job_id, domain, split, self.seq_len, count, fingerprint, weights)
 
     def get(self, job_id: str, domain: str, split: str) -> torch.Tensor:

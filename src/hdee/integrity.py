@@ -85,3 +85,15 @@ def verify_job(job: JobLayout) -> str:
             "the job again"
         )
     return actual
+
+
+def checked_weights_sha256(model_dir: str | Path) -> str:
+    """The sha256 of a model directory's weights, verified against its job's record where
+    there is one (`verify_model_dir`); what caches of a model's outputs are keyed by."""
+    verified = verify_model_dir(model_dir)
+    if verified is not None:
+        return verified
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no trained model here (has its job finished?)")
+    return file_sha256(weights)
