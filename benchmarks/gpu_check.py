@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     parser.add_argument(
-        "--eval-windows", type=positive_int, help="evaluation windows per expert (64; 8 dry)"
+        "--eval-windows", type=positive_int, help="evaluation windows per expert (256; 8 dry)"
     )
     parser.add_argument("--eval-batch-size", type=positive_int, default=16)
     parser.add_argument(
@@ -120,7 +120,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.shape = DRY_RUN if args.dry_run else PAPER_M
     args.steps = args.steps or (4 if args.dry_run else 40)
     args.batch_size = args.batch_size or (4 if args.dry_run else 16)
-    args.eval_windows = args.eval_windows or (8 if args.dry_run else 64)
+    args.eval_windows = args.eval_windows or (8 if args.dry_run else 256)
     args.compile = not (args.no_compile or args.dry_run)
     if args.steps < 2:
         parser.error(f"--steps must be >= 2 (step 1 is left out of tokens/s), got {args.steps}")
