@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hdee.config import ConfigError, Corpus, parse_config
+from hdee.config import ConfigError, Corpus, ExperimentConfig, parse_config
 from hdee.data import DataError
 from hdee.data.prepare import prepare_data
 from hdee.data.sources import chunks, iter_documents, paragraphs
@@ -110,14 +110,18 @@ def test_one_big_text_file_per_domain_prepares(tmp_path: Path):
         }
 
     with pytest.raises(DataError, match="set the source's split_documents"):
-        prepare_data(parse_config(raw()), progress=False)
-    prepare_data(parse_config(raw(split_documents="paragraphs")), progress=False)
+        prepare(parse_config(raw()))
+    prepare(parse_config(raw(split_documents="paragraphs")))
     layout = RunLayout.of(tmp_path / "run")
     documents = {
         split: read_manifest(layout.tokens("a", split))["num_documents"]
         for split in ("train", "validation", "test")
     }
     assert sum(documents.values()) == 40 and min(documents.values()) >= 1
-    prepare_data(parse_config(raw(split_documents="chars", chunk_chars=400)), progress=False)
+    prepare(parse_config(raw(split_documents="chars", chunk_chars=400)))
     # About 3 x 12 short words per paragraph: 400-character chunks hold a couple of them.
     assert 10 < read_manifest(layout.tokens("a", "train"))["num_documents"] < 40
+
+
+def prepare(config: ExperimentConfig) -> dict:
+    return prepare_data(config, RunLayout.of(config.run_dir), progress=False)
