@@ -1,12 +1,12 @@
 """Ray on two nodes (docs/scaling.md): a Ray head and a second Ray node on this machine, `hdee
 run --runner ray --address ...`, the second node killed (its job's worker and raylet) while a
-seed trains on it. Ray
-retries the lost jobs, they resume, and the run ends with models and results byte-identical to
-the uninterrupted shared run (conftest.tiny_cli_run). Skipped where `ray` is not installed.
+seed trains on it. Ray retries the lost job, it resumes, and the run ends with models and
+results byte-identical to the uninterrupted shared run (conftest.tiny_cli_run). Skipped where
+`ray` is not installed.
 
 Ray 2.60 refuses a second node without the cluster's token, so the head, the node and the
-driver share RAY_AUTH_MODE=token and a fresh RAY_AUTH_TOKEN. Teardown stops the two
-`ray start --block` process groups this test started, by id (never `ray stop --force`, which
+driver share RAY_AUTH_MODE=token and a fresh RAY_AUTH_TOKEN. Teardown kills the two
+`ray start --block` processes this test started and everything below them, by id (never `ray stop --force`, which
 would stop every Ray on the machine)."""
 
 from __future__ import annotations
