@@ -6,8 +6,8 @@ results byte-identical to the uninterrupted shared run (conftest.tiny_cli_run). 
 
 Ray 2.60 refuses a second node without the cluster's token, so the head, the node and the
 driver share RAY_AUTH_MODE=token and a fresh RAY_AUTH_TOKEN. Teardown kills the two
-`ray start --block` processes this test started and everything below them, by id (never `ray stop --force`, which
-would stop every Ray on the machine)."""
+`ray start --block` processes this test started and everything below them, by id (never
+`ray stop --force`, which would stop every Ray on the machine)."""
 
 from __future__ import annotations
 
