@@ -59,7 +59,11 @@ def test_bad_arguments_are_named(gpu_check: ModuleType, capsys, argv, message):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
-def test_refuses_without_cuda_unless_dry_run(gpu_check: ModuleType, capsys):
+def test_refuses_without_cuda_unless_dry_run(gpu_check: ModuleType, capsys, monkeypatch):
+    def must_not_run(*args: object) -> None:
+        raise AssertionError("measured the M model without CUDA instead of refusing")
+
+    monkeypatch.setattr(gpu_check, "measure_training", must_not_run)
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main([])
     assert exit_info.value.code == 2
