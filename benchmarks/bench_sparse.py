@@ -19,8 +19,6 @@ perplexity gain over the best single expert each system keeps.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
@@ -33,6 +31,7 @@ from hdee.model import llama_config
 from hdee.routing import routed_flops_per_token, routed_label_log_probs
 from hdee.scoring import label_log_probs
 from hdee.shapes import forward_flops_per_token, model_shapes
+from machine import print_machine
 
 VOCAB = 256
 SEQ_LEN = 1024
@@ -40,17 +39,6 @@ ROUTE_TOKENS = 32
 DOMAINS = 3
 SIZES = {"S": 288, "M": 384, "L": 480}  # FFN widths 0.75 / 1 / 1.25, as HDEE's S / M / L
 LANE_ORDER = {"S": [0, 1, 2], "M": [1, 2, 0], "L": [2, 0, 1]}  # domain of each iteration
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markov_tables(seed: int) -> list[np.ndarray]:
@@ -122,7 +110,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    print_machine()
     start = time.perf_counter()
     names, models, tables = build_forest(args.steps, args.seed)
     print(
