@@ -67,12 +67,8 @@ def test_auto_follows_the_cpu_and_explicit_settings_win(
     monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: has_bf16)
     bf16_if_units = torch.bfloat16 if has_bf16 else None
     assert resolve_precision("auto", CPU) == bf16_if_units
-    assert resolve_precision("auto", CPU, hidden_size=768) == bf16_if_units
-    assert resolve_precision("auto", CPU, hidden_size=scoring.CPU_BF16_MIN_HIDDEN) == bf16_if_units
-    # A tiny model is faster in fp32 even with bf16 units (the casts outweigh the matmuls).
-    assert resolve_precision("auto", CPU, hidden_size=64) is None
-    assert resolve_precision("fp32", CPU, hidden_size=768) is None
-    assert resolve_precision("bf16", CPU, hidden_size=64) == torch.bfloat16
+    assert resolve_precision("fp32", CPU) is None
+    assert resolve_precision("bf16", CPU) == torch.bfloat16
     # Evaluation on a CPU is fp32 either way: cached log-probs agree across machines.
     assert inference_precision(CPU) is None
     assert validation_precision(CPU, torch.bfloat16) is None
@@ -82,13 +78,11 @@ def test_auto_on_a_bf16_cpu_trains_under_bf16_autocast_with_fp32_masters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ):
     monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(scoring, "CPU_BF16_MIN_HIDDEN", 64)  # the tiny test model qualifies
     spec = tiny_spec(tmp_path, "auto", steps=4, eval_every=4, device="cpu", precision="auto")
-    hidden = spec.model["hidden_size"]
-    assert setup_runtime(spec.training, hidden).amp_dtype == torch.bfloat16
-    assert setup_runtime(spec.training, hidden // 2).amp_dtype is None
+    assert setup_runtime(spec.training).amp_dtype == torch.bfloat16
     result = run_training(spec, progress=False)
-    assert "cpu, bf16 autocast" in capsys.readouterr().out
+    # bf16 on a CPU trains with eager attention (faster than SDPA's CPU kernel at this length)
+    assert "cpu, bf16 autocast, attention eager" in capsys.readouterr().out
     final = load_model(Path(spec.output_dir) / "final")
     assert {p.dtype for p in final.parameters()} == {torch.float32}
     # Training really ran in bf16: an fp32 job of the same spec ends elsewhere.
@@ -97,7 +91,8 @@ def test_auto_on_a_bf16_cpu_trains_under_bf16_autocast_with_fp32_masters(
         progress=False,
     )
     assert result.final_loss != fp32.final_loss
-    # ...and validated in fp32: the job's validation loss is exactly a CPU evaluation's.
+    # ...and validated in fp32 with SDPA: the job's validation loss is exactly what a CPU
+    # evaluation of the final weights computes.
     tokens = load_tokens(spec.validation["val"])
     score = evaluate(final, tokens, spec.seq_len, spec.training.batch_size, 2)
     assert score.loss == pytest.approx(result.validation["val"].loss, rel=1e-7)  # bf16: ~1e-3
@@ -113,3 +108,30 @@ def test_cpu_evaluation_is_fp32_on_a_bf16_cpu(tmp_path: Path, monkeypatch: pytes
     windows = torch.as_tensor(tokens[: 4 * 32 + 1].astype("int64"))
     batch = torch.stack([windows[i * 32 : i * 32 + 33] for i in range(4)])
     assert torch.equal(scored, label_log_probs(model, batch))  # no autocast: exactly fp32
+
+
+def test_validation_scores_with_the_attention_evaluate_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A model trained with eager attention (bf16 on a CPU) is validated with SDPA in fp32, as
+    `hdee evaluate` loads it, and trains with eager attention again afterwards."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from train_helpers import random_llama
+
+    model = random_llama(64, seed=1)
+    model.set_attn_implementation("eager")
+    calls = {"eager": 0}
+    real_eager = llama.eager_attention_forward
+
+    def counting_eager(*args, **kwargs):
+        calls["eager"] += 1
+        return real_eager(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "eager_attention_forward", counting_eager)
+    tokens = torch.randint(0, 64, (8 * 17,)).numpy()
+    evaluate(model, tokens, 16, 4, 2)
+    assert calls["eager"] == 0
+    assert model.config._attn_implementation == "eager"
+    model(input_ids=torch.randint(0, 64, (1, 8)))
+    assert calls["eager"] == 2  # one per layer: eager again outside validation

@@ -30,14 +30,27 @@ WEIGHTS_NAME = WEIGHTS_FILE
 CONFIG_NAME = "config.json"
 
 
+# Up to this sequence length, bf16 attention on a CPU is faster written out (eager: two batched
+# matmuls and a softmax) than through torch's fused CPU kernel (SDPA): a hidden-128 training
+# step took 0.75x the time at 256 tokens and 0.88x at 512, but 2x as long at 1024
+# (2-core EPYC with avx512_bf16, torch 2.13; docs/speed.md). In fp32 SDPA is as fast or faster.
+CPU_BF16_EAGER_MAX_SEQ_LEN = 512
+
+
 def attention_implementation(
-    device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    seq_len: int | None = None,
 ) -> str:
-    """FlashAttention-2 where it can run (installed, CUDA, bf16/fp16 compute), else SDPA."""
-    on_cuda = torch.device(device).type == "cuda"
+    """FlashAttention-2 where it can run (installed, CUDA, bf16/fp16 compute); eager for bf16
+    on a CPU with sequences of at most `CPU_BF16_EAGER_MAX_SEQ_LEN`; else SDPA."""
+    device_type = torch.device(device).type
     half = compute_dtype in (torch.bfloat16, torch.float16)
-    if on_cuda and half and importlib.util.find_spec("flash_attn") is not None:
+    if device_type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
+    short = seq_len is not None and seq_len <= CPU_BF16_EAGER_MAX_SEQ_LEN
+    if device_type == "cpu" and compute_dtype == torch.bfloat16 and short:
+        return "eager"
     return "sdpa"
 
 
@@ -65,6 +78,21 @@ def llama_config(
         use_cache=False,
         attn_implementation=attn_implementation,
     )
+
+
+@contextmanager
+def attention_set_to(model: LlamaForCausalLM, implementation: str) -> Iterator[None]:
+    """Run `model` with another attention implementation for a while (e.g. a CPU job trained
+    with eager bf16 attention validates in fp32 with SDPA, as `hdee evaluate` scores)."""
+    before = model.config._attn_implementation
+    if before == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 # ----------------------------------------------------------------------------------------------

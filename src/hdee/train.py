@@ -34,7 +34,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -55,8 +54,9 @@ from hdee.data.loaders import eval_batches, train_batch
 from hdee.data.tokens import load_tokens, read_manifest
 from hdee.integrity import verify_model_dir, weights_sha256
 from hdee.layout import JobLayout
+from hdee.loss import CausalLMLoss
 from hdee.metrics import MetricsLogger
-from hdee.model import attention_implementation, load_model, save_model
+from hdee.model import attention_implementation, attention_set_to, load_model, save_model
 from hdee.records import JobResult, ValidationScore
 from hdee.scoring import (
     autocast,
@@ -107,41 +107,6 @@ class TrainSpec(BaseModel):
         return data
 
 
-class CausalLMLoss(torch.nn.Module):
-    """Mean next-token cross-entropy of a causal LM: the module DDP and torch.compile wrap.
-
-    With `chunk_tokens`, the LM head and the loss run on that many positions at a time, each
-    chunk under activation checkpointing: its logits are recomputed in the backward pass
-    instead of kept. A 128K vocabulary holds 0.5 MB of fp32 logits per position, so a
-    14 x 1024 micro-batch saves about 7 GB for one extra LM-head forward.
-    """
-
-    def __init__(self, model: LlamaForCausalLM, chunk_tokens: int | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.chunk_tokens = chunk_tokens
-
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not self.chunk_tokens:
-            logits = self.model(input_ids=inputs, use_cache=False).logits
-            return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        from torch.utils.checkpoint import checkpoint
-
-        hidden = self.model.model(input_ids=inputs, use_cache=False).last_hidden_state
-        hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, flat_labels.numel(), self.chunk_tokens):
-            stop = start + self.chunk_tokens
-            total = total + checkpoint(
-                self._chunk_loss, hidden[start:stop], flat_labels[start:stop], use_reentrant=False
-            )
-        return total / flat_labels.numel()
-
-    def _chunk_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model.get_output_embeddings()(hidden).float()
-        return F.cross_entropy(logits, labels, reduction="sum")
-
-
 def lr_at(step: int, training: TrainingConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup to `lr` over
     `warmup_steps`, then cosine decay that reaches `min_lr` exactly at the last step
@@ -182,9 +147,8 @@ class Runtime:
         return autocast(self.device, self.amp_dtype)
 
 
-def setup_runtime(training: TrainingConfig, hidden_size: int | None = None) -> Runtime:
-    """Device, precision (`resolve_precision`, which weighs the model's `hidden_size` on a
-    CPU) and the DDP process group of this process."""
+def setup_runtime(training: TrainingConfig) -> Runtime:
+    """Device, precision (`resolve_precision`) and the DDP process group of this process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -198,7 +162,7 @@ def setup_runtime(training: TrainingConfig, hidden_size: int | None = None) -> R
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns_group = True
-    amp_dtype = resolve_precision(training.precision, device, hidden_size)
+    amp_dtype = resolve_precision(training.precision, device)
     return Runtime(rank, local_rank, world_size, device, amp_dtype, owns_group)
 
 
@@ -232,14 +196,17 @@ def evaluate(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
+    precision = validation_precision(runtime.device, runtime.amp_dtype)
+    # The attention `hdee evaluate` would load the model with, so the numbers are its numbers.
+    attention = attention_implementation(runtime.device, precision or torch.float32, seq_len)
     batches = eval_batches(tokens, seq_len, batch_size, max_windows=max_batches * batch_size)
-    for index, batch in enumerate(batches):
-        if index % runtime.world_size != runtime.rank:
-            continue
-        with autocast(runtime.device, validation_precision(runtime.device, runtime.amp_dtype)):
+    with attention_set_to(model, attention), autocast(runtime.device, precision):
+        for index, batch in enumerate(batches):
+            if index % runtime.world_size != runtime.rank:
+                continue
             log_probs = label_log_probs(model, batch.to(runtime.device))
-        total -= float(log_probs.double().sum())
-        count += log_probs.numel()
+            total -= float(log_probs.double().sum())
+            count += log_probs.numel()
     total, count = _all_reduce_sum([total, count], runtime)
     model.train(was_training)
     mean = total / max(count, 1.0)
@@ -309,7 +276,9 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
     config = LlamaConfig.from_dict(dict(spec.model))
     _check_data(spec, config)
 
-    attn = attention_implementation(runtime.device, runtime.amp_dtype or torch.float32)
+    attn = attention_implementation(
+        runtime.device, runtime.amp_dtype or torch.float32, spec.seq_len
+    )
     model, resumed, optimizer_state = _resume(layout, runtime, attn)
     if model is None:
         model = _initial_model(spec, config, runtime, attn)
@@ -684,7 +653,7 @@ def run_training(
     layout = JobLayout(Path(spec.output_dir))
     if layout.is_done():
         return JobResult.read(layout.result)
-    runtime = setup_runtime(spec.training, spec.model.get("hidden_size"))
+    runtime = setup_runtime(spec.training)
     try:
         job = build(spec, runtime)
         with MetricsLogger(layout, job.start_step, enabled=runtime.is_main) as metrics:
