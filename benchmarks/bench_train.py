@@ -285,10 +285,16 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+SPEED_GOAL = 1.3  # x the tokens/s of the faster reference loop, at equal or lower val loss
+MFU_GOAL = 0.60  # of the measured bf16 matmul peak (fp32 peak on a CPU without bf16 units)
+
+
 def print_table(
     results: dict[str, list[dict[str, Any]]], flops_per_token: float, peaks: dict[str, float]
 ) -> None:
-    """Medians over rounds, the ratio to the bf16 reference loop and model FLOPs utilisation."""
+    """Medians over rounds, the ratio to the bf16 reference loop, model FLOPs utilisation, and
+    each hdee system against the goals (issue 13): >= 1.3x the faster reference loop's tokens/s
+    at equal or lower validation loss, >= 60% of the measured matmul peak."""
     median = {
         name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
         for name, runs in results.items()
@@ -309,6 +315,24 @@ def print_table(
         "(medians over rounds; tokens/s steady state without the first step; end to end "
         "includes it, and hdee's evaluation and checkpoint)"
     )
+    references = {name: row for name, row in median.items() if name.startswith("reference")}
+    fastest_name = max(references, key=lambda name: references[name]["tokens_per_s"])
+    fastest = references[fastest_name]
+    # The peak of the precision the CPU computes fast: bf16 with bf16 units, else fp32.
+    peak_name = "bf16" if peaks["bf16"] > peaks["fp32"] else "fp32"
+    print(f"\ngoals, against the faster reference loop here ({fastest_name}):")
+    for name, row in median.items():
+        if not name.startswith("hdee") or "fp32" in name:
+            continue
+        speed = row["tokens_per_s"] / fastest["tokens_per_s"]
+        loss_ok = row["val_loss"] <= fastest["val_loss"]
+        mfu = row["tokens_per_s"] * flops_per_token / 1e9 / peaks[peak_name]
+        print(
+            f"  {name}: {speed:.2f}x the tokens/s ({'met' if speed >= SPEED_GOAL else 'below'} "
+            f">= {SPEED_GOAL}x), val loss {row['val_loss']:.4f} vs {fastest['val_loss']:.4f} "
+            f"({'equal or lower' if loss_ok else 'HIGHER'}), {mfu:.0%} of the {peak_name} "
+            f"matmul peak ({'met' if mfu >= MFU_GOAL else 'below'} >= {MFU_GOAL:.0%})"
+        )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 model, and evaluation tokens/s of a full ensemble, in one summary table.
 
 Training is hdee's own job (`hdee.train.run_training`) with `precision: auto` (bf16 autocast
-over fp32 master weights on a GPU), the chunked loss (`loss_chunk_tokens`) and `compile: true`,
+over fp32 master weights on a GPU), the fused, chunked LM-head + loss (`hdee.loss`) and
+`compile: true`,
 on random tokens: the paper's M model is hidden 768, 12 layers, 12 heads, FFN 3072, a 128K
 vocabulary and 1024-token sequences. Tokens/s is steady state (the first logged step, which
 holds compilation, is left out); MFU is training FLOPs per token
@@ -13,8 +14,10 @@ peak is printed too). The goal is >= 40% MFU.
 Evaluation is what `hdee evaluate` does per domain and split: each expert of a three-member
 ensemble (FFN 2304 / 3072 / 3840, as the paper's S / M / L) scores the same windows once
 (`hdee.scoring.window_log_probs`, bf16 autocast, float32 log-softmax); ensemble tokens/s is
-window tokens over the time all members took. Routed evaluation (a domain router picking the
-members to run) has a hook, `measure_routed_eval`, to fill in when routing lands.
+window tokens over the time all members took. Routed evaluation (`measure_routed_eval`) runs
+`hdee.routing.routed_label_log_probs` with prefix routing (every member reads the first 32
+tokens, then each window keeps its top-1 member) against the same scorer running every member,
+batch by batch interleaved.
 
 Without CUDA it refuses (exit 2) unless `--dry-run`, which runs the same code on a tiny model on
 the CPU in seconds (what tests/test_gpu_check.py checks).
@@ -41,8 +44,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hdee.config import TrainingConfig
+from hdee.data.loaders import eval_batches
 from hdee.data.tokens import load_tokens, write_tokens
+from hdee.loss import auto_chunk_tokens
 from hdee.model import llama_config
+from hdee.routing import routed_label_log_probs
 from hdee.scoring import resolve_precision, window_log_probs
 from hdee.shapes import ModelShape, training_flops_per_token
 from hdee.train import TrainSpec, run_training
@@ -101,14 +107,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--loss-chunk-tokens",
         type=positive_int,
-        default=4096,
-        help="positions per LM-head + loss chunk (the chunked loss)",
+        help="positions per chunk of the fused LM-head + loss (default: hdee's choice for "
+        "the device, hdee.loss.auto_chunk_tokens)",
     )
     parser.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     parser.add_argument(
         "--eval-windows", type=positive_int, help="evaluation windows per expert (256; 8 dry)"
     )
     parser.add_argument("--eval-batch-size", type=positive_int, default=16)
+    parser.add_argument(
+        "--route-tokens",
+        type=positive_int,
+        default=32,
+        help="routed evaluation: positions every member reads before the router picks",
+    )
+    parser.add_argument(
+        "--route-experts",
+        type=positive_int,
+        default=1,
+        help="routed evaluation: members each window keeps after routing (of 3)",
+    )
     parser.add_argument(
         "--peak-tflops",
         type=positive_float,
@@ -124,6 +142,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.compile = not (args.no_compile or args.dry_run)
     if args.steps < 2:
         parser.error(f"--steps must be >= 2 (step 1 is left out of tokens/s), got {args.steps}")
+    if args.route_tokens >= args.shape.seq_len:
+        parser.error(
+            f"--route-tokens must be below the sequence length {args.shape.seq_len}, "
+            f"got {args.route_tokens}"
+        )
+    if args.route_experts > len(args.shape.ensemble_ffn):
+        parser.error(
+            f"--route-experts must be at most {len(args.shape.ensemble_ffn)} (the members), "
+            f"got {args.route_experts}"
+        )
     return args
 
 
@@ -217,9 +245,17 @@ def measure_training(args: argparse.Namespace, device: torch.device, work: Path)
         "wall_s": wall,
         "flops_per_token": training_flops_per_token(config, shape.seq_len),
         "final_loss": result.final_loss,
+        "loss_chunk_tokens": args.loss_chunk_tokens or auto_chunk_tokens(shape.vocab, device),
         "precision": "bf16 autocast" if resolve_precision("auto", device) else "fp32",
         "peak_memory_gib": peak_memory,
     }
+
+
+def ensemble_member(shape: Shape, index: int, device: torch.device) -> LlamaForCausalLM:
+    """Member `index` of the three-member ensemble (FFN `shape.ensemble_ffn[index]`), seeded."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(index)
+        return LlamaForCausalLM(model_config(shape, shape.ensemble_ffn[index])).to(device).eval()
 
 
 def measure_full_ensemble_eval(
@@ -231,10 +267,8 @@ def measure_full_ensemble_eval(
     random_tokens(work / "eval.bin", count, shape.vocab, seed=2)
     tokens = load_tokens(work / "eval.bin")
     seconds = 0.0
-    for index, ffn in enumerate(shape.ensemble_ffn):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(index)
-            expert = LlamaForCausalLM(model_config(shape, ffn)).to(device).eval()
+    for index in range(len(shape.ensemble_ffn)):
+        expert = ensemble_member(shape, index, device)
         # One warm-up batch per member (CUDA context, kernels' first launch), not timed.
         window_log_probs(expert, tokens, shape.seq_len, args.eval_batch_size, 1)
         if device.type == "cuda":
@@ -251,19 +285,56 @@ def measure_full_ensemble_eval(
 
 def measure_routed_eval(
     args: argparse.Namespace, device: torch.device, work: Path
-) -> dict[str, Any] | None:
-    """HOOK (routed evaluation): measure evaluation tokens/s when a router picks the members
-    each window runs, on the same windows and experts as `measure_full_ensemble_eval`, and
-    return {"members": <mean members run per window>, "tokens_per_s": ...}. Routing is not in
-    hdee yet, so this returns None and the table says "not measured"."""
-    return None
+) -> dict[str, Any]:
+    """Routed evaluation (`hdee.routing.routed_label_log_probs`, what `hdee evaluate` and
+    `hdee generate` execute with `routing: prefix`): every member reads the first
+    `--route-tokens` of a window, then each window continues with its top `--route-experts`
+    members only. Timed against the same scorer running every member on everything
+    (`routing: none`), batch by batch interleaved, on the windows and experts of
+    `measure_full_ensemble_eval` (random weights: the speed, not the routing quality)."""
+    shape = args.shape
+    tokens = load_tokens(work / "eval.bin")
+    models = [ensemble_member(shape, index, device) for index in range(len(shape.ensemble_ffn))]
+    batches = list(eval_batches(tokens, shape.seq_len, args.eval_batch_size, args.eval_windows))
+    systems = {
+        "routed": {"routing": "prefix", "experts": args.route_experts},
+        "full": {"routing": "none", "experts": None},
+    }
+    seconds = dict.fromkeys(systems, 0.0)
+    kept_per_window: list[float] = []
+    for batch_index, batch in enumerate([batches[0], *batches]):  # the first: warm-up
+        for name, setting in systems.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            scores = routed_label_log_probs(
+                models,
+                batch,
+                setting["routing"],  # type: ignore[arg-type]
+                route_tokens=args.route_tokens,
+                experts=setting["experts"],
+            )
+            elapsed = time.perf_counter() - started  # log-probs end on the CPU: synced
+            if batch_index:
+                seconds[name] += elapsed
+                if name == "routed":
+                    kept_per_window += scores.kept.sum(0).float().tolist()
+    del models
+    scored = sum(batch[:, 1:].numel() for batch in batches)
+    return {
+        "members": sum(kept_per_window) / len(kept_per_window),
+        "of": len(shape.ensemble_ffn),
+        "route_tokens": args.route_tokens,
+        "tokens_per_s": scored / seconds["routed"],
+        "full_tokens_per_s": scored / seconds["full"],
+    }
 
 
 def summary_rows(
     args: argparse.Namespace,
     training: dict[str, Any],
     full_eval: dict[str, Any],
-    routed_eval: dict[str, Any] | None,
+    routed_eval: dict[str, Any],
     peak: tuple[float, str],
     measured_tflops: float,
 ) -> list[tuple[str, str]]:
@@ -272,10 +343,10 @@ def summary_rows(
     mfu = achieved / peak[0]
     goal = "meets" if mfu >= MFU_GOAL else "below"
     routed = (
-        f"{routed_eval['tokens_per_s']:,.0f} tokens/s ({routed_eval['members']:.2f} members "
-        "per window)"
-        if routed_eval
-        else "not measured (routing not in hdee yet: measure_routed_eval is the hook)"
+        f"{routed_eval['tokens_per_s']:,.0f} tokens/s, {routed_eval['members']:.2f} of "
+        f"{routed_eval['of']} members per window after a {routed_eval['route_tokens']}-token "
+        f"prefix: {routed_eval['tokens_per_s'] / routed_eval['full_tokens_per_s']:.2f}x the "
+        f"same scorer running all members ({routed_eval['full_tokens_per_s']:,.0f} tokens/s)"
     )
     return [
         ("CUDA tests (pytest -m gpu)", args.tests),
@@ -287,14 +358,15 @@ def summary_rows(
         ),
         (
             "training setup",
-            f"{training['precision']}, fp32 master weights, fused AdamW, loss chunks of "
-            f"{args.loss_chunk_tokens} positions, compile {'on' if args.compile else 'off'}, "
+            f"{training['precision']}, fp32 master weights, fused AdamW, fused LM-head + loss "
+            f"in chunks of {training['loss_chunk_tokens']} positions, compile "
+            f"{'on' if args.compile else 'off'}, "
             f"batch {args.batch_size} x {shape.seq_len}, {args.steps} steps",
         ),
         ("training tokens/s", f"{training['tokens_per_s']:,.0f} (steady state, step 1 left out)"),
         (
             "training MFU",
-            f"{mfu:.1%} of {peak[0]:,.0f} TFLOP/s ({peak[1]}); {achieved:,.1f} TFLOP/s at "
+            f"{mfu:.1%} of {peak[0]:,.1f} TFLOP/s ({peak[1]}); {achieved:,.2f} TFLOP/s at "
             f"{training['flops_per_token'] / 1e9:.2f} GFLOP/token; goal {MFU_GOAL:.0%}: {goal}",
         ),
         (

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check in at most 8 minutes on one H100 / H200: the CUDA tests (pytest -m gpu), then
 # benchmarks/gpu_check.py (training tokens/s and MFU of the paper's M model with bf16 autocast,
-# the chunked loss and torch.compile; full-ensemble evaluation tokens/s), ending in one summary
+# the fused chunked loss and torch.compile; full-ensemble and routed evaluation tokens/s), ending in one summary
 # table. Run from anywhere:
 #
 #     bash benchmarks/gpu_check.sh              # PYTHON=... to choose the interpreter

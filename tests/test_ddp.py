@@ -89,8 +89,9 @@ def _launch_two_ranks(spec: TrainSpec, spec_path: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_chunked_loss_under_ddp_trains_like_the_plain_loss(tmp_path: Path) -> None:
-    """The chunked, recomputed LM-head loss sits inside the DDP wrapper: gradients are still
-    averaged over ranks, so both runs end at the same weights (to float rounding)."""
+    """The fused, chunked LM-head loss sits inside the DDP wrapper: gradients are still
+    averaged over ranks whatever the chunk, so an automatic chunk and chunks of 10 positions
+    end at the same weights (to float rounding)."""
     # fp32: the tolerance below is float32 rounding (bf16 would round each chunk its own way).
     settings = {"steps": 6, "eval_every": 6, "checkpoint_every": 6, "precision": "fp32"}
     plain = tiny_spec(tmp_path, "plain", **settings)

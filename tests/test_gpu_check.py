@@ -49,6 +49,8 @@ def test_defaults_are_the_paper_m_model(gpu_check: ModuleType):
         (["--peak-tflops", "-5"], "expected a finite number > 0, got -5"),
         (["--peak-tflops", "nan"], "expected a finite number > 0, got nan"),
         (["--batch"], "expected one argument"),
+        (["--route-tokens", "1024"], "--route-tokens must be below the sequence length 1024"),
+        (["--route-experts", "4"], "--route-experts must be at most 3"),
     ],
 )
 def test_bad_arguments_are_named(gpu_check: ModuleType, capsys, argv, message):
@@ -89,8 +91,12 @@ def test_dry_run_prints_the_summary_table(gpu_check: ModuleType, capsys, tmp_pat
     assert "measured matmul peak" in results["training MFU"]
     assert float(results["evaluation, full ensemble"].split()[0].replace(",", "")) > 0
     assert "3 members" in results["evaluation, full ensemble"]
-    assert "not measured" in results["evaluation, routed"]
-    assert "measure_routed_eval" in results["evaluation, routed"]
+    # Routed evaluation ran hdee's routed scorer: top-1 of 3 after the prefix, and its speed
+    # against the same scorer running every member.
+    routed = results["evaluation, routed"]
+    assert float(routed.split()[0].replace(",", "")) > 0
+    assert "1.00 of 3 members per window after a 32-token prefix" in routed
+    assert "x the same scorer running all members" in routed
 
 
 def test_mfu_uses_the_nominal_peak_of_known_gpus(gpu_check: ModuleType, monkeypatch):

@@ -211,14 +211,14 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="'auto': bf16 autocast (fp32 master weights) on CUDA and on CPUs with bf16 "
-        "units (avx512_bf16 / amx_bf16), fp32 elsewhere.",
+        "units (avx512_bf16 / amx_bf16), at any model size; fp32 elsewhere.",
     )
     compile: bool = Field(False, description="torch.compile the model.")
     loss_chunk_tokens: int | None = Field(
         None,
         gt=0,
-        description="Compute the LM head and loss this many positions at a time, recomputing "
-        "them in backward: saves the logits' memory with large vocabularies (e.g. 4096).",
+        description="Positions per chunk of the fused LM-head + loss (hdee.loss); None: chosen "
+        "from the vocabulary and device (auto_chunk_tokens).",
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
 
