@@ -116,3 +116,13 @@ def test_auto_chunks_hold_about_two_megabytes_of_logits_on_a_cpu() -> None:
     assert auto_chunk_tokens(2048, cpu) == 256
     assert auto_chunk_tokens(128_256, cpu) == MIN_CHUNK_TOKENS  # never fewer positions
     assert auto_chunk_tokens(128_256, torch.device("cuda")) == (1 << 30) // (4 * 128_256)
+
+
+def test_autocast_dtype_follows_the_autocast_context() -> None:
+    from hdee.loss import autocast_dtype
+
+    assert autocast_dtype("cpu") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert autocast_dtype("cpu") == torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            assert autocast_dtype("cpu") is None

@@ -97,6 +97,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives a linear layer on `device_type` now (None: autocast is off)."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, chunk_tokens: int
 ) -> Tensor:
@@ -104,11 +115,7 @@ def linear_cross_entropy(
     `labels` (positions), `chunk_tokens` positions at a time, with the precision autocast gives
     a linear layer (the compute dtype) and fp32 for the softmax."""
     device_type = hidden.device.type
-    compute_dtype = (
-        torch.get_autocast_dtype(device_type)
-        if torch.is_autocast_enabled(device_type)
-        else weight.dtype
-    )
+    compute_dtype = autocast_dtype(device_type) or weight.dtype
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, labels, chunk_tokens, compute_dtype)
 
