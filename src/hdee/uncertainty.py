@@ -112,39 +112,47 @@ def paired_uncertainty(
             sums = method_window_sums(test_lp, validation_lp, methods, best_lane, settings)
             per_configuration[name] = sums
             for reference, candidate in combinations(methods, 2):
-                interval = paired_interval(
-                    sums[reference], sums[candidate], labels, weights, settings.confidence
-                )
                 uncertainty.methods.append(
-                    PairedDifference(
+                    _paired_difference(
+                        sums[reference],
+                        sums[candidate],
+                        labels,
+                        weights,
+                        settings.confidence,
                         domain=domain,
                         reference=reference,
                         candidate=candidate,
                         configuration=name,
-                        delta=interval.delta,
-                        low=interval.low,
-                        high=interval.high,
                     )
                 )
         for method in COMPARED_METHODS:
             having = [n for n in names if method in per_configuration[n]]
             for reference, candidate in combinations(having, 2):
-                interval = paired_interval(
-                    per_configuration[reference][method],
-                    per_configuration[candidate][method],
-                    labels,
-                    weights,
-                    settings.confidence,
-                )
                 uncertainty.configurations.append(
-                    PairedDifference(
+                    _paired_difference(
+                        per_configuration[reference][method],
+                        per_configuration[candidate][method],
+                        labels,
+                        weights,
+                        settings.confidence,
                         domain=domain,
                         reference=reference,
                         candidate=candidate,
                         method=method,
-                        delta=interval.delta,
-                        low=interval.low,
-                        high=interval.high,
                     )
                 )
     return uncertainty
+
+
+def _paired_difference(
+    reference_sums: np.ndarray,
+    candidate_sums: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    confidence: float,
+    **names: str,
+) -> PairedDifference:
+    """The record of one paired interval (`names`: domain, reference, candidate, and the
+    configuration or method the pair shares)."""
+    interval = paired_interval(reference_sums, candidate_sums, labels, weights, confidence)
+    return PairedDifference(**names, delta=interval.delta, low=interval.low, high=interval.high)
