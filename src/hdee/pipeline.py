@@ -28,7 +28,7 @@ from hdee.layout import RunLayout
 from hdee.plan import build_plan, check_plannable
 from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
-from hdee.runners.local import JobTask, run_jobs
+from hdee.runners.base import JobTask, runner_for
 
 # ----------------------------------------------------------------------------------------------
 # What the stages share
@@ -145,25 +145,7 @@ def run_job_tasks(
                 )
                 bar.update(finished[0])
 
-        if config.runner.kind == "ray":
-            from hdee.runners.ray_runner import run_jobs_on_ray
-
-            return run_jobs_on_ray(
-                tasks,
-                address=config.runner.address,
-                gpus_per_job=config.runner.gpus_per_job,
-                cpus_per_job=config.runner.cpus_per_job,
-                on_start=on_start,
-                on_done=on_done,
-            )
-        return run_jobs(
-            tasks,
-            workers=config.runner.workers,
-            gpus_per_job=config.runner.gpus_per_job,
-            on_start=on_start,
-            on_done=on_done,
-            progress=progress,
-        )
+        return runner_for(config.runner).run(tasks, on_start, on_done, progress)
 
 
 def write_stage_specs(

@@ -1,8 +1,5 @@
-"""Run a graph of training jobs on this machine.
-
-A job is a TrainSpec file; running it is idempotent (a finished job returns its stored result)
-and resumable (an interrupted one continues from its last checkpoint), so the runner only has
-to respect dependencies, share the hardware, and retry a job whose worker died.
+"""Run a graph of training jobs on this machine (`runner.kind: local`; the contract is
+`hdee.runners.base.Runner`).
 
 - workers == 1: jobs run one after another in this process (simplest; what tests use).
 - workers > 1: a pool of worker processes; each imports torch once and runs many jobs. On GPUs
@@ -15,33 +12,42 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import subprocess
-import sys
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from hdee.atomic import read_json
-from hdee.console import job_log
-from hdee.layout import JobLayout
 from hdee.processes import die_with_parent
 from hdee.records import JobResult
+from hdee.runners.base import (
+    MAX_RETRIES,
+    JobFailed,
+    JobTask,
+    OnDone,
+    OnStart,
+    Runner,
+    check_dependencies,
+    execute_job,
+    raise_if_failed,
+)
 
-MAX_RETRIES = 2
+__all__ = ["MAX_RETRIES", "JobFailed", "JobTask", "LocalRunner", "execute_job", "run_jobs"]
 
 
-@dataclass
-class JobTask:
-    job_id: str
-    spec_path: Path
-    depends_on: list[str] = field(default_factory=list)
+class LocalRunner(Runner):
+    """`runner: {kind: local, workers, gpus_per_job}`: `run_jobs` on this machine."""
 
+    def __init__(self, config: Any) -> None:
+        self.workers = config.workers
+        self.gpus_per_job = config.gpus_per_job
 
-class JobFailed(RuntimeError):
-    """One or more jobs failed; finished jobs are kept and a re-run resumes the rest."""
+    def run(
+        self,
+        tasks: list[JobTask],
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+        progress: bool = False,
+    ) -> dict[str, JobResult]:
+        return run_jobs(tasks, self.workers, self.gpus_per_job, on_done, on_start, progress)
 
 
 def cpu_count() -> int:
@@ -68,44 +74,6 @@ def default_workers(gpus_per_job: int) -> int:
     return max(1, cpu_count() // 4)
 
 
-def execute_job(spec_path: str, gpus: int = 0, show_progress: bool = False) -> JobResult:
-    """Run one job to completion in this process (or under torchrun for several GPUs).
-
-    With `show_progress` the job shows its progress here (as HDEE_PROGRESS says, see
-    console.py); otherwise (pool workers, Ray tasks, --quiet) everything it prints goes to
-    RUN/jobs/<id>/train.log, progress as plain lines, so concurrent jobs never interleave and a
-    finished job's log stays beside its checkpoints.
-    """
-    job = JobLayout(Path(read_json(spec_path)["output_dir"]))
-    if show_progress:
-        return _execute(spec_path, gpus, job, progress=True)
-    with job_log(job.log) as log:
-        return _execute(spec_path, gpus, job, progress=True, log=log)
-
-
-def _execute(
-    spec_path: str, gpus: int, job: JobLayout, progress: bool, log: IO[str] | None = None
-) -> JobResult:
-    if gpus > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={gpus}",
-            "-m",
-            "hdee.train",
-            spec_path,
-        ]
-        subprocess.run(command, check=True, stdout=log, stderr=log)
-        return JobResult.read(job.result)
-    from hdee.train import TrainSpec, run_training
-
-    result = run_training(TrainSpec.model_validate(read_json(spec_path)), progress=progress)
-    assert result is not None  # no stop_after: the job ran to its end
-    return result
-
-
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
     """Kill the pool's workers now instead of waiting for their jobs (Ctrl-C, an error)."""
     for process in list(getattr(pool, "_processes", {}).values()):
@@ -127,76 +95,92 @@ def run_jobs(
     tasks: list[JobTask],
     workers: int = 0,
     gpus_per_job: int = 1,
-    on_done: Callable[[str, JobResult], None] | None = None,
-    on_start: Callable[[str], None] | None = None,
+    on_done: OnDone | None = None,
+    on_start: OnStart | None = None,
     progress: bool = False,
 ) -> dict[str, JobResult]:
     """Run every task once its dependencies are done. Returns job id -> result.
 
     `progress`: in-process jobs (workers == 1) draw their progress bar on this terminal; jobs
     in worker processes always write their output to their train.log."""
-    by_id = {t.job_id: t for t in tasks}
-    for task in tasks:
-        for dep in task.depends_on:
-            if dep not in by_id:
-                raise ValueError(f"job {task.job_id} depends on unknown job {dep}")
+    check_dependencies(tasks)
     workers = workers or default_workers(gpus_per_job)
-    gpus = gpu_count()
-    per_job_gpus = gpus_per_job if gpus else 0
-
-    results: dict[str, JobResult] = {}
-    failed: dict[str, str] = {}
-
-    def ready() -> list[JobTask]:
-        return [
-            t
-            for t in tasks
-            if t.job_id not in results
-            and t.job_id not in failed
-            and all(d in results for d in t.depends_on)
-        ]
-
+    per_job_gpus = gpus_per_job if gpu_count() else 0
+    graph = _Graph(tasks)
     if workers == 1:
-        while batch := [t for t in ready() if t.job_id not in results]:
+        while batch := graph.ready():
             for task in batch:
                 if on_start:
                     on_start(task.job_id)
                 try:
-                    results[task.job_id] = execute_job(str(task.spec_path), per_job_gpus, progress)
+                    result = execute_job(str(task.spec_path), per_job_gpus, progress)
                 except Exception as error:  # noqa: BLE001 - reported together at the end
-                    failed[task.job_id] = f"{type(error).__name__}: {error}"
+                    graph.failed[task.job_id] = f"{type(error).__name__}: {error}"
                     continue
+                graph.results[task.job_id] = result
                 if on_done:
-                    on_done(task.job_id, results[task.job_id])
-        _raise_if_failed(tasks, results, failed)
-        return results
+                    on_done(task.job_id, result)
+    else:
+        _run_in_pool(graph, workers, per_job_gpus, on_done, on_start)
+    raise_if_failed(tasks, graph.results, graph.failed)
+    return graph.results
 
+
+class _Graph:
+    """The jobs, those finished (results) and those failed (reasons)."""
+
+    def __init__(self, tasks: list[JobTask]) -> None:
+        self.tasks = tasks
+        self.results: dict[str, JobResult] = {}
+        self.failed: dict[str, str] = {}
+
+    def ready(self) -> list[JobTask]:
+        """Tasks not run yet whose dependencies have all finished."""
+        return [
+            t
+            for t in self.tasks
+            if t.job_id not in self.results
+            and t.job_id not in self.failed
+            and all(d in self.results for d in t.depends_on)
+        ]
+
+
+def _new_pool(workers: int, per_job_gpus: int) -> ProcessPoolExecutor:
     context = multiprocessing.get_context("spawn")
     threads = max(1, cpu_count() // workers)
+    gpus = gpu_count()
+    device_queue = None
+    if gpus:
+        # Every worker owns its GPU, or its group of gpus_per_job GPUs for torchrun: without
+        # this, concurrent torchrun jobs would all use devices 0..gpus_per_job-1. A fresh queue
+        # per pool: a pool rebuilt after a worker died must find every device free.
+        group = max(1, per_job_gpus)
+        device_queue = context.Queue()
+        for index in range(workers):
+            device_queue.put(",".join(str((index * group + k) % gpus) for k in range(group)))
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(threads, device_queue),
+    )
 
-    def new_pool() -> ProcessPoolExecutor:
-        device_queue = None
-        if gpus:
-            # Every worker owns its GPU, or its group of gpus_per_job GPUs for torchrun: without
-            # this, concurrent torchrun jobs would all use devices 0..gpus_per_job-1. A fresh
-            # queue per pool: a pool rebuilt after a worker died must find every device free.
-            group = max(1, per_job_gpus)
-            device_queue = context.Queue()
-            for index in range(workers):
-                device_queue.put(",".join(str((index * group + k) % gpus) for k in range(group)))
-        return ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=context,
-            initializer=_init_worker,
-            initargs=(threads, device_queue),
-        )
 
+def _run_in_pool(
+    graph: _Graph,
+    workers: int,
+    per_job_gpus: int,
+    on_done: OnDone | None,
+    on_start: OnStart | None,
+) -> None:
+    """Run the graph on a pool of worker processes; a job whose worker died is resubmitted to
+    a fresh pool (it resumes from its last checkpoint), at most MAX_RETRIES times."""
     attempts: dict[str, int] = {}
     running: dict[Future, str] = {}
-    pool = new_pool()
+    pool = _new_pool(workers, per_job_gpus)
     try:
         while True:
-            for task in ready():
+            for task in graph.ready():
                 if task.job_id in running.values():
                     continue
                 if on_start:
@@ -211,47 +195,28 @@ def run_jobs(
             for future in done:
                 job_id = running.pop(future)
                 try:
-                    results[job_id] = future.result()
+                    graph.results[job_id] = future.result()
                 except BrokenProcessPool:
-                    # A worker died (killed, out of memory). The job resumes from its last
-                    # checkpoint in a fresh pool; give up after MAX_RETRIES.
+                    # A worker died (killed, out of memory): every job in flight is lost.
                     broken = True
                     if attempts[job_id] > MAX_RETRIES:
-                        failed[job_id] = "worker process died repeatedly"
+                        graph.failed[job_id] = "worker process died repeatedly"
                     continue
                 except Exception as error:  # noqa: BLE001
-                    failed[job_id] = f"{type(error).__name__}: {error}"
+                    graph.failed[job_id] = f"{type(error).__name__}: {error}"
                     continue
                 if on_done:
-                    on_done(job_id, results[job_id])
+                    on_done(job_id, graph.results[job_id])
             if broken:
-                # Every job in flight in the broken pool is lost; resubmit them too.
                 for job_id in running.values():
                     if attempts[job_id] > MAX_RETRIES:
-                        failed[job_id] = "worker process died repeatedly"
+                        graph.failed[job_id] = "worker process died repeatedly"
                 running.clear()
                 pool.shutdown(wait=False, cancel_futures=True)
-                pool = new_pool()
+                pool = _new_pool(workers, per_job_gpus)
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) or broken: do not wait for running jobs to finish;
         # they resume from their last checkpoint next time.
         _stop_workers(pool)
         raise
     pool.shutdown(wait=True)
-    _raise_if_failed(tasks, results, failed)
-    return results
-
-
-def _raise_if_failed(tasks: list[JobTask], results: dict[str, Any], failed: dict[str, str]) -> None:
-    if not failed:
-        return
-    blocked = [t.job_id for t in tasks if t.job_id not in results and t.job_id not in failed]
-    lines = [f"{len(failed)} job(s) failed ({len(results)} finished, kept):"]
-    lines += [f"  {job_id}: {reason}" for job_id, reason in failed.items()]
-    if blocked:
-        lines.append(f"  not started because a dependency failed: {', '.join(blocked)}")
-    lines.append(
-        "Each job's output is in RUN/jobs/<job>/train.log. Fix the cause and run the same "
-        "command again: finished jobs are skipped."
-    )
-    raise JobFailed("\n".join(lines))

@@ -1,8 +1,8 @@
 """Run a graph of training jobs on a Ray cluster (or a local Ray instance).
 
-The contract is `hdee.runners.local.run_jobs`: a job is submitted once its dependencies have
-finished, independent jobs run at the same time, and failures are reported together at the end
-with finished jobs kept. Each job is one Ray task holding `gpus_per_job` GPUs (torchrun inside
+`runner.kind: ray`; the contract is `hdee.runners.base.Runner`: a job is submitted once its
+dependencies have finished, independent jobs run at the same time, and failures are reported
+together at the end with finished jobs kept. Each job is one Ray task holding `gpus_per_job` GPUs (torchrun inside
 the task for more than one) or, on a cluster without GPUs, CPU cores only.
 
 A worker that dies (killed node, out-of-memory kill) is retried by Ray (`max_retries`); as
@@ -13,11 +13,19 @@ storage (NFS, Lustre, ...), and hdee must be installed on every node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from hdee.records import JobResult
-from hdee.runners.local import MAX_RETRIES, JobTask, _raise_if_failed, execute_job
+from hdee.runners.base import (
+    MAX_RETRIES,
+    JobTask,
+    OnDone,
+    OnStart,
+    Runner,
+    check_dependencies,
+    execute_job,
+    raise_if_failed,
+)
 
 CPUS_PER_CPU_JOB = 4  # as the local runner: on the CPU one job per 4 cores
 
@@ -42,13 +50,33 @@ def _default_cpus(ray: Any, per_job_gpus: int) -> int:
     return max(1, min(CPUS_PER_CPU_JOB, node_cpus))
 
 
+class RayRunner(Runner):
+    """`runner: {kind: ray, address, gpus_per_job, cpus_per_job}`: `run_jobs_on_ray`."""
+
+    def __init__(self, config: Any) -> None:
+        self.address = config.address
+        self.gpus_per_job = config.gpus_per_job
+        self.cpus_per_job = config.cpus_per_job
+
+    def run(
+        self,
+        tasks: list[JobTask],
+        on_start: OnStart | None = None,
+        on_done: OnDone | None = None,
+        progress: bool = False,
+    ) -> dict[str, JobResult]:
+        return run_jobs_on_ray(
+            tasks, self.address, self.gpus_per_job, self.cpus_per_job, on_start, on_done
+        )
+
+
 def run_jobs_on_ray(
     tasks: list[JobTask],
     address: str | None = None,
     gpus_per_job: int = 1,
     cpus_per_job: int | None = None,
-    on_start: Callable[[str], None] | None = None,
-    on_done: Callable[[str, JobResult], None] | None = None,
+    on_start: OnStart | None = None,
+    on_done: OnDone | None = None,
 ) -> dict[str, JobResult]:
     """Run every task on Ray once its dependencies are done. Returns job id -> result.
 
@@ -61,11 +89,7 @@ def run_jobs_on_ray(
     except ImportError as error:
         raise ImportError("the Ray runner needs Ray: pip install 'hdee[ray]'") from error
 
-    by_id = {t.job_id: t for t in tasks}
-    for task in tasks:
-        for dep in task.depends_on:
-            if dep not in by_id:
-                raise ValueError(f"job {task.job_id} depends on unknown job {dep}")
+    check_dependencies(tasks)
     if not ray.is_initialized():
         ray.init(address=address)
     per_job_gpus = gpus_per_job if ray.cluster_resources().get("GPU", 0) else 0
@@ -118,5 +142,5 @@ def run_jobs_on_ray(
         # Interrupted (Ctrl-C, a failing callback): stop this run's jobs on the cluster too.
         for ref in running:
             ray.cancel(ref, force=True)
-    _raise_if_failed(tasks, results, failed)
+    raise_if_failed(tasks, results, failed)
     return results
