@@ -275,65 +275,108 @@ def build_plan(
     placeholders. `manifests` maps corpus name -> content hash of its prepared training tokens.
     """
     lanes = lanes_of(config)
-    iterations = config.plan.iterations
     shapes = model_shapes(config.model)
     _check_configurations(config, lanes, shapes)
-    seq_len = config.data.seq_len
-    fingerprints = corpus_fingerprints(config, manifests)
+    _check_seed_sizes(config, shapes)
+    ids = _JobIdentity(config, shapes, vocab_size, corpus_fingerprints(config, manifests))
+    schedule, classes, provisional = _schedule(config, lanes, classes)
+    trained = [d for lane in lanes for d in schedule[lane]]
+    seeds, jobs, seed_budget = _plan_seeds(config, ids)
+    measure, configurations = _planned_configurations(config, lanes, ids)
+    plan = Plan(
+        lanes=lanes,
+        classes=classes,
+        schedule=schedule,
+        trained_domains=trained,
+        held_out_domains=[d for d in config.data.domain_names if d not in trained],
+        seeds=seeds,
+        jobs=jobs,
+        configurations=configurations,
+        seed_budget=seed_budget,
+        baseline=config.plan.baseline,
+        budget_measure=measure,
+        provisional=provisional,
+    )
+    _check_budgets(config, plan, measure)
+    _plan_experts(config, plan, ids)
+    return plan
 
-    def flops_per_step(size: str, training) -> float:
-        architecture = Architecture.of(shapes[size], vocab_size)
-        return training_flops_per_token(architecture, seq_len) * tokens_per_step(config, training)
 
-    expert_training = config.experts.training
-    expert_flops = {size: flops_per_step(size, expert_training) for size in shapes}
+class _JobIdentity:
+    """What determines a job's weights (its id hashes it) and the FLOPs of one of its steps."""
 
-    # Schedule: explicit, or from classes, or placeholders until the seeds have ranked domains.
-    provisional = False
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        shapes: dict[str, Any],
+        vocab_size: int,
+        fingerprints: dict[str, str],
+    ) -> None:
+        self.config, self.shapes, self.vocab_size = config, shapes, vocab_size
+        self.fingerprints = fingerprints
+        self.ranks = max(1, config.runner.gpus_per_job)  # DDP ranks: each adds a batch to a step
+
+    def flops_per_step(self, size: str, training: Any) -> float:
+        architecture = Architecture.of(self.shapes[size], self.vocab_size)
+        flops = training_flops_per_token(architecture, self.config.data.seq_len)
+        return flops * tokens_per_step(self.config, training)
+
+    def of(self, kind: str, size: str, training: Any, data: str, **more: Any) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "shape": asdict(self.shapes[size]),
+            "vocab": self.vocab_size,
+            "seq_len": self.config.data.seq_len,
+            "training": training.weight_settings(),
+            "ranks": self.ranks,
+            "data": data,
+            **more,
+            "seed": self.config.training_seed,
+        }
+
+
+def _schedule(
+    config: ExperimentConfig, lanes: list[str], classes: dict[str, str] | None
+) -> tuple[dict[str, list[str]], dict[str, str] | None, bool]:
+    """(schedule, classes, provisional): explicit, or from classes, or placeholders until the
+    seeds have ranked the domains."""
+    iterations = config.plan.iterations
     if isinstance(config.plan.schedule, dict):
         schedule = {lane: list(config.plan.schedule[lane]) for lane in lanes}
-        classes = classes or {d: lane for lane, ds in schedule.items() for d in ds}
-    elif classes is not None:
+        return schedule, classes or {d: lane for lane, ds in schedule.items() for d in ds}, False
+    if classes is not None:
         trainable = {d: c for d, c in classes.items() if d in config.trainable_domains}
-        schedule = auto_schedule(trainable, lanes, iterations, config.seed)
-    else:
-        schedule = placeholder_schedule(lanes, iterations)
-        provisional = True
-    trained = [d for lane in lanes for d in schedule[lane]]
-    held_out = [d for d in config.data.domain_names if d not in trained]
+        return auto_schedule(trainable, lanes, iterations, config.seed), classes, False
+    return placeholder_schedule(lanes, iterations), classes, True
 
-    # Seeds: one per size any configuration uses.
-    jobs: dict[str, PlannedJob] = {}
+
+def _plan_seeds(
+    config: ExperimentConfig, ids: _JobIdentity
+) -> tuple[dict[str, str], dict[str, PlannedJob], Budget]:
+    """One seed per size any configuration uses: (size -> job id, the jobs, their budget)."""
     seeds: dict[str, str] = {}
-    seed_training = config.seeds.training
-    seed_budget = Budget(proxy=0.0, flops=0.0)
-    _check_seed_sizes(config, shapes)
-    ranks = max(1, config.runner.gpus_per_job)  # DDP ranks: each adds a batch to a step
+    jobs: dict[str, PlannedJob] = {}
+    training = config.seeds.training
+    general = config.data.general.name
+    budget = Budget(proxy=0.0, flops=0.0)
     for size in seed_sizes(config):
-        identity = {
-            "kind": "seed",
-            "shape": asdict(shapes[size]),
-            "vocab": vocab_size,
-            "seq_len": seq_len,
-            "training": seed_training.weight_settings(),
-            "ranks": ranks,
-            "data": fingerprints[config.data.general.name],
-            "seed": config.training_seed,
-        }
-        job_id = _job_id("seed", size, config.data.general.name, identity)
+        identity = ids.of("seed", size, training, ids.fingerprints[general])
+        job_id = _job_id("seed", size, general, identity)
         seeds[size] = job_id
         jobs[job_id] = PlannedJob(
-            job_id=job_id,
-            kind="seed",
-            size=size,
-            steps=seed_training.steps,
-            domain=config.data.general.name,
+            job_id=job_id, kind="seed", size=size, steps=training.steps, domain=general
         )
-        seed_budget += job_budget(
-            shapes[size], seed_training.steps, flops_per_step(size, seed_training)
-        )
+        budget += job_budget(ids.shapes[size], training.steps, ids.flops_per_step(size, training))
+    return seeds, jobs, budget
 
-    # Budgets, equalised if asked, checked against the baseline.
+
+def _planned_configurations(
+    config: ExperimentConfig, lanes: list[str], ids: _JobIdentity
+) -> tuple[str, dict[str, PlannedConfiguration]]:
+    """(the budget measure, every configuration with its steps and budget), steps equalised
+    against the baseline's budget if plan.equalise asks."""
+    iterations, shapes = config.plan.iterations, ids.shapes
+    expert_flops = {size: ids.flops_per_step(size, config.experts.training) for size in shapes}
     measure = config.plan.budget_measure
     planned_steps = {c.name: dict(c.steps) for c in config.plan.configurations}
     by_name = {c.name: c for c in config.plan.configurations}
@@ -360,35 +403,22 @@ def build_plan(
             planned_steps[name] = equalise_steps(
                 {lane: planned_steps[name][lane] for lane in lanes}, cost, target
             )
-
-    configurations: dict[str, PlannedConfiguration] = {}
-    for name, c in by_name.items():
-        configurations[name] = PlannedConfiguration(
+    return measure, {
+        name: PlannedConfiguration(
             name=name,
             sizes={lane: c.sizes[lane] for lane in lanes},
             steps={lane: planned_steps[name][lane] for lane in lanes},
             budget=budget_of(name),
         )
+        for name, c in by_name.items()
+    }
 
-    plan = Plan(
-        lanes=lanes,
-        classes=classes,
-        schedule=schedule,
-        trained_domains=trained,
-        held_out_domains=held_out,
-        seeds=seeds,
-        jobs=jobs,
-        configurations=configurations,
-        seed_budget=seed_budget,
-        baseline=config.plan.baseline,
-        budget_measure=measure,
-        provisional=provisional,
-    )
 
+def _check_budgets(config: ExperimentConfig, plan: Plan, measure: str) -> None:
     tolerance = config.plan.budget_tolerance
     unequal = {
         name: plan.relative_budget_gap(name, measure)
-        for name in configurations
+        for name in plan.configurations
         if abs(plan.relative_budget_gap(name, measure)) > tolerance
     }
     if unequal and not config.plan.allow_unequal_budgets:
@@ -400,27 +430,20 @@ def build_plan(
             "plan.allow_unequal_budgets: true to run them anyway"
         )
 
-    # Experts: every lane of every configuration, iteration by iteration, branching from the
-    # lane's own previous expert (iteration 1: the seed of the lane's size). Identical jobs
-    # (same size, steps, domain and parent) get the same id and so run once.
+
+def _plan_experts(config: ExperimentConfig, plan: Plan, ids: _JobIdentity) -> None:
+    """Experts: every lane of every configuration, iteration by iteration, branching from the
+    lane's own previous expert (iteration 1: the seed of the lane's size). Identical jobs (same
+    size, steps, domain and parent) get the same id and so run once."""
     for c in plan.configurations.values():
-        previous: dict[str, str] = {lane: seeds[c.sizes[lane]] for lane in lanes}
-        for k in range(iterations):
+        previous: dict[str, str] = {lane: plan.seeds[c.sizes[lane]] for lane in plan.lanes}
+        for k in range(config.plan.iterations):
             ensemble: dict[str, str] = {}
-            for lane in lanes:
-                size, steps, domain = c.sizes[lane], c.steps[lane], schedule[lane][k]
-                training = expert_training.model_copy(update={"steps": steps})
-                identity = {
-                    "kind": "expert",
-                    "shape": asdict(shapes[size]),
-                    "vocab": vocab_size,
-                    "seq_len": seq_len,
-                    "training": training.weight_settings(),
-                    "ranks": ranks,
-                    "data": fingerprints.get(domain, domain),
-                    "init_from": previous[lane],
-                    "seed": config.training_seed,
-                }
+            for lane in plan.lanes:
+                size, steps, domain = c.sizes[lane], c.steps[lane], plan.schedule[lane][k]
+                training = config.experts.training.model_copy(update={"steps": steps})
+                data = ids.fingerprints.get(domain, domain)
+                identity = ids.of("expert", size, training, data, init_from=previous[lane])
                 job_id = _job_id("expert", size, f"{domain}-{steps}", identity)
                 plan.jobs.setdefault(
                     job_id,
@@ -437,4 +460,3 @@ def build_plan(
                 )
                 ensemble[lane] = previous[lane] = job_id
             c.ensembles.append(ensemble)
-    return plan
