@@ -81,13 +81,74 @@ def _existing_run(run_dir: str) -> RunLayout:
 
 
 def _run_config(
-    run_dir: str, extra: list[str] | None = None, command: str = "evaluate"
+    run_dir: str,
+    extra: list[str] | None = None,
+    command: str = "evaluate",
+    extra_overrides: dict[str, Any] | None = None,
 ) -> ExperimentConfig:
     """The resolved config a run directory holds (its run_dir pointed at where it is now).
     `extra` (--set) may change evaluation settings only."""
     path = _existing_run(run_dir).config
     changes = _overrides(extra, command, sections=("evaluation",))
-    return load_config(path, overrides={"run_dir": str(Path(run_dir).resolve()), **changes})
+    overrides = {"run_dir": str(Path(run_dir).resolve()), **changes, **(extra_overrides or {})}
+    return load_config(path, overrides=overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The ensemble flags: one set for evaluate, generate, export and tasks (hdee.ensemble_spec)
+
+ENSEMBLE_FLAGS = (
+    "members",
+    "iteration",
+    "exclude",
+    "prior",
+    "posterior",
+    "routing",
+    "experts",
+    "route_tokens",
+    "flop_budget",
+)
+
+
+def _ensemble_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The ensemble flags the user gave (unset flags keep the run's or the spec's defaults)."""
+    given = {key: getattr(args, key, None) for key in ENSEMBLE_FLAGS}
+    return {key: value for key, value in given.items() if value not in (None, [])}
+
+
+def _ensemble_spec(args: argparse.Namespace, layout: RunLayout) -> Any:
+    """The ensemble a single-ensemble command runs: the run's evaluation keys
+    (`spec_defaults`), then the flags. A spec that does not validate names the flag (exit 2)."""
+    from pydantic import ValidationError
+
+    from hdee.ensemble_spec import EnsembleSpec, spec_defaults
+
+    flags = _ensemble_flags(args)
+    experts = flags.get("experts")
+    if experts is not None:
+        if len(experts) != 1:
+            raise ConfigError(
+                f"--experts {','.join(map(str, experts))}: `hdee {args.command}` runs one "
+                "ensemble; give one K (hdee evaluate sweeps several)"
+            )
+        flags["experts"] = experts[0]
+    run_keys = _run_config(str(layout.root), command=args.command).evaluation
+    try:
+        return EnsembleSpec(**{**spec_defaults(run_keys), **flags})
+    except ValidationError as error:
+        raise ConfigError("; ".join(_flag_message(item) for item in error.errors())) from None
+
+
+def _flag_message(item: Any) -> str:
+    """A pydantic error on an ensemble key, worded with its flag (--route-tokens, ...)."""
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if item["loc"]:
+        flag = "--" + str(item["loc"][0]).replace("_", "-")
+        return f"{flag}: {message}"
+    key, sep, rest = message.partition(": ")
+    if sep and key in ENSEMBLE_FLAGS:
+        return f"--{key.replace('_', '-')}: {rest}"
+    return message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,17 +240,9 @@ def cmd_jobs(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     config = _config(args)
-    runner_updates: dict[str, Any] = {}
-    if args.runner:
-        runner_updates["kind"] = args.runner
-    if args.address:
-        runner_updates["address"] = args.address
-    if args.workers is not None:
-        runner_updates["workers"] = args.workers
-    if runner_updates:
-        config = config.model_copy(
-            update={"runner": config.runner.model_copy(update=runner_updates)}
-        )
+    runner = _runner_from_flags(config, args)
+    if runner is not None:
+        config = config.model_copy(update={"runner": runner})
     if args.repeats is not None:
         # `hdee run` runs every repeat: the config's own run.repeat does not apply.
         config = config.model_copy(update={"run": RunConfig(repeats=args.repeats)})
@@ -198,12 +251,40 @@ def cmd_run(args: argparse.Namespace) -> None:
     run_experiment(config, start=args.start, until=args.until, progress=not args.quiet)
 
 
+def _runner_from_flags(config: ExperimentConfig, args: argparse.Namespace) -> Any:
+    """The runner config after --runner / --address / --workers, or None when none is given.
+    Switching kind keeps what both kinds share (gpus_per_job)."""
+    from hdee.config import LocalRunnerConfig, RayRunnerConfig
+
+    if not (args.runner or args.address or args.workers is not None):
+        return None
+    kind = args.runner or config.runner.kind
+    shared = {"gpus_per_job": config.runner.gpus_per_job}
+    if kind == "ray":
+        if args.workers is not None:
+            raise ConfigError(
+                "--workers: the Ray runner schedules jobs by the cluster's resources; "
+                "--workers is for --runner local (runner.cpus_per_job sizes Ray's jobs)"
+            )
+        keep = config.runner.model_dump() if config.runner.kind == "ray" else shared
+        return RayRunnerConfig(
+            **{**keep, "kind": "ray", "address": args.address or keep.get("address")}
+        )
+    if args.address:
+        raise ConfigError("--address: a Ray cluster address, used with --runner ray only")
+    keep = config.runner.model_dump() if config.runner.kind == "local" else shared
+    workers = args.workers if args.workers is not None else keep.get("workers", 0)
+    return LocalRunnerConfig(**{**keep, "kind": "local", "workers": workers})
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from hdee.evaluate import evaluate_run
     from hdee.pipeline import repeat_views
     from hdee.rundir import run_lock
 
-    config = _run_config(args.run, args.set, "evaluate")
+    # The ensemble flags are evaluation keys: --prior X is --set evaluation.prior=X.
+    flags = {f"evaluation.{key}": value for key, value in _ensemble_flags(args).items()}
+    config = _run_config(args.run, args.set, "evaluate", extra_overrides=flags)
     layout = RunLayout.of(config.run_dir)
     with run_lock(layout, "hdee evaluate"):
         for repeat_config, repeat_layout in repeat_views(config, layout):
@@ -226,22 +307,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdee.console import print_table, stderr_console
     from hdee.generate import continue_from_run, expert_usage, weights_jsonl
 
+    layout = _existing_run(args.run)
     continuation = continue_from_run(
-        RunLayout.of(args.run),
+        layout,
         args.configuration,
         args.prompt,
-        iteration=args.iteration,
-        members=args.members,
+        spec=_ensemble_spec(args, layout),
         max_new_tokens=args.max_new_tokens,
         greedy=args.temperature == 0,
         temperature=args.temperature or 1.0,
         top_k=args.top_k,
         seed=args.seed,
-        posterior=args.posterior,
-        prior=args.prior,
-        prior_domain=args.prior_domain,
-        routed_experts=args.experts,
-        route_tokens=args.route_tokens,
     )
     print(args.prompt + continuation.text)  # the continuation reads best after its prompt
     # Which experts produced it, on stderr so stdout stays the text alone.
@@ -270,20 +346,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     from hdee.export import export_ensemble
     from hdee.rundir import run_lock
 
+    layout = _existing_run(args.run)
+    spec = _ensemble_spec(args, layout)
     inside_run = Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
-    lock = run_lock(_existing_run(args.run), "hdee export") if inside_run else nullcontext()
+    lock = run_lock(layout, "hdee export") if inside_run else nullcontext()
     with lock:
-        out = export_ensemble(
-            args.run,
-            args.configuration,
-            args.out,
-            iteration=args.iteration,
-            members=args.members,
-            prior=args.prior,
-            posterior=args.posterior,
-            experts=args.experts,
-            route_tokens=args.route_tokens,
-        )
+        out = export_ensemble(args.run, args.configuration, args.out, spec=spec)
     print(out)
 
 
@@ -291,10 +359,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     from hdee.rundir import run_lock
     from hdee.tasks import run_tasks
 
-    with run_lock(_existing_run(args.run), "hdee tasks"):
+    layout = _existing_run(args.run)
+    spec = _ensemble_spec(args, layout)
+    with run_lock(layout, "hdee tasks"):
         run_tasks(
             args.run,
             args.tasks,
+            spec=spec,
             limit=args.limit,
             num_fewshot=args.num_fewshot,
             batch_size=args.batch_size,
@@ -327,27 +398,106 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hdee {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
+    return parser
 
-    def add(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func)
-        return p
 
-    def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="experiment config (YAML); see docs/config.md")
-        p.add_argument(
-            "--set",
-            action="append",
-            metavar="KEY=VALUE",
-            help="override a config key, e.g. --set plan.iterations=2 (repeatable)",
-        )
+def _subcommand(sub: Any, name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    return p
 
-    p = add("prepare", "Tokenize, split and pack the general corpus and every domain.", cmd_prepare)
-    add_config(p)
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment config (YAML); see docs/config.md")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set plan.iterations=2 (repeatable)",
+    )
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
-    p = add("plan", "Print the jobs, lanes and compute budgets of an experiment.", cmd_plan)
-    add_config(p)
+
+def _add_ensemble_flags(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
+    """The ensemble spec's flags (hdee.ensemble_spec), the same for every inference command.
+    Unset, they keep the run's evaluation keys; see docs/evaluation.md."""
+    group = p.add_argument_group(
+        "ensemble",
+        "which ensemble runs (default: the run's evaluation keys; docs/evaluation.md)",
+    )
+    group.add_argument(
+        "--members",
+        choices=["latest", "all"],
+        help="latest: the newest expert of every lane; all: every expert of every lane and "
+        "iteration (BTM's growing forest)",
+    )
+    if not evaluate:
+        group.add_argument(
+            "--iteration",
+            type=_int_at_least(1),
+            help="the ensemble after this iteration (default: the last)",
+        )
+    group.add_argument(
+        "--exclude",
+        action="extend",
+        type=_names,
+        metavar="NAME[,NAME...]",
+        help="opt-out: withdraw members by name (lane, lane@k), job id or domain (every member "
+        "trained on it or descended from one that was); their weights are never loaded",
+    )
+    group.add_argument(
+        "--prior",
+        type=_prior,
+        metavar="uniform|cached|cached:DOMAIN|W,W,...",
+        help="P(j): uniform (default), each evaluated domain's cached prior (evaluate only), the "
+        "cached prior estimated on DOMAIN's validation text, or one weight per member",
+    )
+    group.add_argument("--posterior", choices=["prefix", "updating"])
+    group.add_argument(
+        "--routing",
+        choices=["none", "prefix", "prior", "budget"],
+        help="none (default), prefix (top K after --route-tokens), prior (top K of the prior), "
+        "budget (the most posterior mass within --flop-budget); --experts K alone means prefix",
+    )
+    group.add_argument(
+        "--experts",
+        type=_ks,
+        metavar="K[,K...]" if evaluate else "K",
+        help="k: experts each sequence keeps after routing"
+        + (" (several: the sweep)" if evaluate else ""),
+    )
+    group.add_argument(
+        "--route-tokens",
+        type=_int_at_least(1),
+        metavar="N",
+        help="tokens every expert reads before routing (default 32)",
+    )
+    group.add_argument(
+        "--flop-budget",
+        type=_finite_at_least(0.0),
+        metavar="F",
+        help="budget routing: forward FLOPs per token after routing",
+    )
+
+
+def _parser_prepare(sub: Any) -> None:
+    p = _subcommand(
+        sub, "prepare", "Tokenize, split and pack the general corpus and every domain.", cmd_prepare
+    )
+    _add_config(p)
+    _add_quiet(p)
+
+
+def _parser_plan(sub: Any) -> None:
+    p = _subcommand(
+        sub, "plan", "Print the jobs, lanes and compute budgets of an experiment.", cmd_plan
+    )
+    _add_config(p)
     p.add_argument("--json", action="store_true", help="also print the plan as JSON")
     p.add_argument(
         "--vocab-size",
@@ -356,7 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
         "configured size, or the pretrained tokenizer's)",
     )
 
-    p = add(
+
+def _parser_train(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "train",
         "Run one training job (seed or expert) from a spec file; works under "
         "torchrun for DDP; re-running resumes.",
@@ -364,20 +517,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("spec", help="TrainSpec JSON (a run writes one per job: RUN/jobs/ID/spec.json)")
 
-    p = add(
+
+def _parser_jobs(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "jobs",
         "Write the spec files of a training stage's jobs and list them, parents first, one per "
         "line: JOB_ID ITERATION PARENT_JOB_ID SPEC_PATH (for running jobs with an external "
         "scheduler such as SLURM; see docs/scaling.md).",
         cmd_jobs,
     )
-    add_config(p)
+    _add_config(p)
     p.add_argument(
         "stage", choices=["seeds", "experts"], help="seeds (after prepare) or experts (after plan)"
     )
 
-    p = add("run", "Run every stage into the run directory; running it again resumes.", cmd_run)
-    add_config(p)
+
+def _parser_run(sub: Any) -> None:
+    p = _subcommand(
+        sub, "run", "Run every stage into the run directory; running it again resumes.", cmd_run
+    )
+    _add_config(p)
     p.add_argument("--from", dest="start", choices=STAGES, help="first stage to run")
     p.add_argument("--until", choices=STAGES, help="last stage to run")
     p.add_argument("--runner", choices=["local", "ray"], help="where jobs run (default: config)")
@@ -389,9 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the experiment N times with training seeds seed..seed+N-1 on the same "
         "prepared data (default: the config's run.repeats)",
     )
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_quiet(p)
 
-    p = add(
+
+def _parser_evaluate(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "evaluate",
         "Test perplexity of every configuration, domain and ensembling method (of every repeat).",
         cmd_evaluate,
@@ -403,22 +566,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override an evaluation key, e.g. --set evaluation.posterior=updating",
     )
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+    _add_ensemble_flags(p, evaluate=True)
+    _add_quiet(p)
 
-    p = add("report", "Write the Markdown report, CSV and plots of a run.", cmd_report)
+
+def _parser_report(sub: Any) -> None:
+    p = _subcommand(sub, "report", "Write the Markdown report, CSV and plots of a run.", cmd_report)
     p.add_argument("run", help="run directory")
 
-    p = add("generate", "Generate text from a configuration's final ensemble.", cmd_generate)
+
+def _parser_generate(sub: Any) -> None:
+    p = _subcommand(sub, "generate", "Generate text from a configuration's ensemble.", cmd_generate)
     p.add_argument("run", help="run directory")
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
+    p.add_argument("--prompt", required=True)
     p.add_argument(
-        "--iteration",
+        "--max-new-tokens",
         type=_int_at_least(1),
         default=None,
-        help="the ensemble after this iteration (default: last)",
+        help="new tokens to generate (default: 50, or fewer where the experts' context of "
+        "data.seq_len positions ends first; more than the context allows is refused)",
     )
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=50)
     p.add_argument(
         "--temperature", type=_finite_at_least(0.0), default=0.0, help="0: greedy (default)"
     )
@@ -426,49 +594,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-k", type=_int_at_least(1), default=None, help="sample from the k likeliest tokens"
     )
     p.add_argument("--seed", type=_int_at_least(0), default=0)
-    p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
-    p.add_argument(
-        "--members",
-        choices=["latest", "all"],
-        default="latest",
-        help="latest: the newest expert of every lane; all: every expert of every lane and "
-        "iteration (BTM's growing forest)",
-    )
-    p.add_argument(
-        "--experts",
-        type=_int_at_least(1),
-        default=None,
-        metavar="K",
-        help="route: after --route-tokens tokens keep only the K experts with the highest "
-        "posterior (the others never run again); default: every expert",
-    )
-    p.add_argument(
-        "--route-tokens",
-        type=_int_at_least(1),
-        default=32,
-        metavar="N",
-        help="tokens (prompt first) every expert reads before routing to --experts (default 32)",
-    )
     p.add_argument(
         "--weights-jsonl",
         metavar="PATH",
-        help="write each new token's expert weights P(j | x_<t) as JSON lines to PATH",
+        help="write the ensemble's resolved spec, then each new token's expert weights "
+        "P(j | x_<t), as JSON lines to PATH",
     )
-    prior = p.add_mutually_exclusive_group()
-    prior.add_argument(
-        "--prior-domain",
-        metavar="DOMAIN",
-        help="weight the experts by the cached prior `hdee evaluate` estimated on this domain "
-        "(default: uniform)",
-    )
-    prior.add_argument(
-        "--prior",
-        type=_weights,
-        metavar="W,W,...",
-        help="explicit prior weights, one per expert in the plan's lane order",
-    )
+    _add_ensemble_flags(p)
 
-    p = add(
+
+def _parser_export(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "export",
         "Write a configuration's ensemble as a transformers model directory (loads with "
         "AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)); see docs/export.md.",
@@ -477,41 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("out", help="the model directory to write (replaced if it exists)")
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
-    p.add_argument(
-        "--iteration", type=int, default=None, help="after this iteration (default: last)"
-    )
-    p.add_argument(
-        "--members",
-        choices=["latest", "all"],
-        default="latest",
-        help="latest: the newest expert of every lane; all: every expert of every lane and "
-        "iteration up to --iteration (BTM's growing forest)",
-    )
-    p.add_argument(
-        "--prior",
-        default="uniform",
-        metavar="uniform|DOMAIN|W,W,...",
-        help="P(j): uniform (default), the cached prior `hdee evaluate` estimated on DOMAIN's "
-        "validation text, or one weight per member",
-    )
-    p.add_argument("--posterior", choices=["prefix", "updating"], default="prefix")
-    p.add_argument(
-        "--experts",
-        type=int,
-        default=None,
-        metavar="K",
-        help="route (the exported model does it itself): after --route-tokens tokens each "
-        "sequence keeps only the K experts with the highest posterior (default: all mix)",
-    )
-    p.add_argument(
-        "--route-tokens",
-        type=int,
-        default=32,
-        metavar="N",
-        help="tokens every expert reads before routing to --experts (default 32)",
-    )
+    _add_ensemble_flags(p)
 
-    p = add(
+
+def _parser_tasks(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "tasks",
         "Downstream tasks with lm-evaluation-harness on every configuration's ensemble and "
         "each single expert (needs hdee[tasks]); results in RUN/tasks/results.json.",
@@ -529,16 +637,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="continuations scored per forward")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_ensemble_flags(p)
 
-    p = add(
+
+def _parser_demo(sub: Any) -> None:
+    p = _subcommand(
+        sub,
         "demo",
         "The built-in experiment: real text from this machine, tiny models, a CPU.",
         cmd_demo,
     )
     p.add_argument("--quick", action="store_true", help="a smaller variant (about 2 minutes)")
     p.add_argument("--run-dir", help="where to put it (default: runs/demo or runs/demo-quick)")
-    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
-    return parser
+    _add_quiet(p)
+
+
+SUBCOMMANDS = (
+    _parser_prepare,
+    _parser_plan,
+    _parser_train,
+    _parser_jobs,
+    _parser_run,
+    _parser_evaluate,
+    _parser_report,
+    _parser_generate,
+    _parser_export,
+    _parser_tasks,
+    _parser_demo,
+)
 
 
 def _int_at_least(minimum: int) -> Any:
@@ -571,18 +697,46 @@ def _finite_at_least(minimum: float) -> Any:
     return parse
 
 
-def _weights(text: str) -> list[float]:
+def _prior(text: str) -> str:
+    """The prior's grammar (hdee.ensemble_spec.parse_prior), checked before anything loads."""
+    from hdee.ensemble_spec import parse_prior
+
     try:
-        weights = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
-    if not all(math.isfinite(w) for w in weights):
-        raise argparse.ArgumentTypeError(f"weights must be finite numbers: {text!r}")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise argparse.ArgumentTypeError(f"weights must be non-negative, not all 0: {text!r}")
-    return weights
+        return str(parse_prior(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected NAME[,NAME...], got {text!r}")
+    return names
+
+
+def _ks(text: str) -> list[int]:
+    """K or K,K,...: integers >= 1."""
+    parse = _int_at_least(1)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
+# Flags whose value may start with "-" (a negative weight): argparse would take "-1,1,1" for an
+# option and say "expected one argument"; joined as --prior=-1,1,1 the value reaches the check.
+VALUE_FLAGS = ("--prior", "--exclude")
+
+
+def _joined_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token in VALUE_FLAGS and index + 1 < len(argv) and argv[index + 1].startswith("-"):
+            joined.append(f"{token}={argv[index + 1]}")
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -590,7 +744,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_values(list(sys.argv[1:] if argv is None else argv)))
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C, so worker processes are stopped
     # rather than orphaned; what finished is kept and the same command resumes.
     previous = None
@@ -624,9 +778,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _is_config_error(error: BaseException) -> bool:
     # A plan that cannot be made is a config to change, as is a config that does not validate.
+    from hdee.ensemble_spec import SpecError
     from hdee.plan import PlanError
 
-    return isinstance(error, (ConfigError, PlanError))
+    return isinstance(error, (ConfigError, PlanError, SpecError))
 
 
 def _describe(error: BaseException, args: argparse.Namespace) -> str:
@@ -635,9 +790,14 @@ def _describe(error: BaseException, args: argparse.Namespace) -> str:
     config_path = getattr(args, "config", None)
     if config_path is None and getattr(args, "run", None):
         config_path = str(RunLayout.of(args.run).config)
+    from hdee.ensemble_spec import SpecError
+
     message = str(error)
-    if _is_config_error(error) and config_path and not message.startswith(str(config_path)):
-        message = f"{config_path}: {message}"
+    # A flag's or an ensemble spec's error is about the command line, not the config file.
+    about_arguments = isinstance(error, SpecError) or message.startswith("--")
+    if _is_config_error(error) and config_path and not about_arguments:
+        if not message.startswith(str(config_path)):
+            message = f"{config_path}: {message}"
     return message
 
 

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hdee.ensemble_spec import EnsembleKeys, EnsembleSpec
 
 DIFFICULTY_CLASSES = ("easy", "moderate", "difficult")
 STAGES = ("prepare", "seeds", "difficulty", "plan", "experts", "evaluate", "report")
@@ -362,21 +372,21 @@ class PlanConfig(_Strict):
         return self
 
 
-class EvaluationConfig(_Strict):
-    methods: list[Literal["simple_average", "uniform_prior", "cached_prior", "single_experts"]] = (
-        Field(
-            default_factory=lambda: [
-                "simple_average",
-                "uniform_prior",
-                "cached_prior",
-                "single_experts",
-            ]
-        )
-    )
-    posterior: Literal["prefix", "updating"] = Field(
-        "prefix",
-        description="'prefix': P(j|x<t) from the whole prefix (HDEE); 'updating': from the "
-        "previous token's likelihood only (BTM/DEMix code).",
+class EvaluationConfig(EnsembleKeys):
+    """`hdee evaluate`: the ensemble keys every inference command shares (members, exclude,
+    prior, posterior, routing, route_tokens, flop_budget; defaults in `EnsembleKeys`), plus the
+    methods to score, their windows and intervals, and the sweep of k for routed ensembles."""
+
+    methods: list[str] = Field(
+        default_factory=lambda: [
+            "simple_average",
+            "uniform_prior",
+            "cached_prior",
+            "best_single",
+        ],
+        description="Ensembling methods to score (hdee.ensemble.METHODS): simple_average, "
+        "uniform_prior, cached_prior, best_single (also spelt single_experts: every member "
+        "alone, and the best of them).",
     )
     cached_prior_sequences: int = Field(
         100, gt=0, description="Validation sequences for the prior."
@@ -403,34 +413,43 @@ class EvaluationConfig(_Strict):
         "(0: none; the report then cannot tell wins from noise).",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of those intervals.")
-
-    # Routed (sparse) ensembles and compute accounting (hdee.routing, docs/evaluation.md).
-    members: Literal["latest", "all"] = Field(
-        "latest",
-        description="'latest': the latest expert of every lane (the final ensemble); 'all': "
-        "every expert of every lane and iteration (BTM's growing forest).",
-    )
-    routing: Literal["none", "prefix", "prior", "budget"] = Field(
-        "none",
-        description="'none': dense only; 'prefix': every member on the first route_tokens "
-        "tokens, then the top-k of that posterior; 'prior': top-k of the domain's cached prior "
-        "(no routing prefix); 'budget': like prefix, keeping the most posterior mass that fits "
-        "flop_budget.",
-    )
-    route_tokens: int = Field(
-        32, gt=0, description="Routing prefix r: tokens every member runs on (prefix, budget)."
-    )
     experts: list[int] | None = Field(
         None,
-        description="The k values to route to (prefix, prior); default: every k from 1 to the "
-        "number of members - 1.",
+        description="The k values to route to (routing: prefix, prior); default: every k from 1 "
+        "to the number of members - 1.",
     )
-    flop_budget: float | None = Field(
-        None, gt=0, description="Forward FLOPs per token after routing (routing: budget)."
+    opt_out: list[str] = Field(
+        default_factory=list,
+        description="Opt-out study: withdraw each of these (a domain, member or job id, as in "
+        "exclude) from every configuration's final ensemble in turn, and report how each "
+        "domain's perplexity moves, with paired intervals.",
     )
 
+    @field_validator("methods")
+    @classmethod
+    def _methods_are_in_the_table(cls, methods: list[str]) -> list[str]:
+        from hdee.ensemble import METHOD_ALIASES, METHODS  # torch: only when a config is read
+
+        names = [METHOD_ALIASES.get(name, name) for name in methods]
+        unknown = [name for name in names if name not in METHODS]
+        if unknown:
+            raise ValueError(
+                f"unknown method(s) {unknown}; expected some of {sorted(METHODS)} "
+                f"(or single_experts, the old name of best_single)"
+            )
+        if not names:
+            raise ValueError("list at least one method")
+        return list(dict.fromkeys(names))
+
+    @field_validator("opt_out", mode="before")
+    @classmethod
+    def _opt_out_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
-    def _routing_keys_fit(self) -> EvaluationConfig:
+    def _sweep_fits(self) -> EvaluationConfig:
         if self.experts is not None:
             if not self.experts or any(k < 1 for k in self.experts):
                 raise ValueError(
@@ -439,28 +458,69 @@ class EvaluationConfig(_Strict):
                 )
             if len(set(self.experts)) != len(self.experts):
                 raise ValueError(f"evaluation.experts: {self.experts} lists a k twice")
-        if self.routing == "budget" and self.flop_budget is None:
-            raise ValueError("evaluation.flop_budget: required with routing: budget (FLOPs/token)")
-        if self.routing != "budget" and self.flop_budget is not None:
+        if self.opt_out and self.prior_choice.kind == "weights":
             raise ValueError(
-                f"evaluation.flop_budget is only used with routing: budget, not {self.routing!r}"
-            )
-        if self.routing == "prior" and "cached_prior" not in self.methods:
-            raise ValueError(
-                "evaluation.routing: 'prior' ranks experts by the cached prior; add cached_prior "
-                "to evaluation.methods"
+                "evaluation.opt_out: explicit prior weights name one weight per member, and "
+                "withdrawing a member changes the members; use prior uniform or cached"
             )
         return self
 
+    @property
+    def needs_validation(self) -> bool:
+        """Whether validation windows are scored: a method estimates something there, or the
+        spec's prior is the domain's cached prior (estimated on validation text)."""
+        from hdee.ensemble import METHODS
 
-class RunnerConfig(_Strict):
-    kind: Literal["local", "ray"] = "local"
+        return any(METHODS[m].needs_validation for m in self.methods) or (
+            self.prior_choice.kind == "cached"
+        )
+
+    def ensemble_spec(self, iteration: int | None = None) -> EnsembleSpec:
+        """The dense ensemble these keys describe (routing off: the sweep is separate)."""
+        keys = self.model_dump(include=set(EnsembleKeys.model_fields) - {"routing", "flop_budget"})
+        return EnsembleSpec(**keys, iteration=iteration)
+
+
+class LocalRunnerConfig(_Strict):
+    """Jobs on this machine (hdee.runners.local)."""
+
+    kind: Literal["local"] = "local"
     workers: int = Field(0, ge=0, description="Concurrent jobs (0: one per GPU, or by CPU cores).")
     gpus_per_job: int = Field(1, ge=0, description="GPUs per training job (>1 launches torchrun).")
+
+
+class RayRunnerConfig(_Strict):
+    """Jobs on a Ray cluster (hdee.runners.ray_runner): Ray schedules them by resources."""
+
+    kind: Literal["ray"]
+    gpus_per_job: int = Field(1, ge=0, description="GPUs per training job (>1 launches torchrun).")
     cpus_per_job: int | None = Field(
-        None, gt=0, description="CPU cores per job on Ray (default: derived from the cluster)."
+        None, gt=0, description="CPU cores per job (default: derived from the cluster)."
     )
-    address: str | None = Field(None, description="Ray cluster address (ray runner).")
+    address: str | None = Field(None, description="Ray cluster address (None: a local Ray).")
+
+
+# Keys hdee wrote for every kind before runners had their own configs: a run directory's saved
+# config.yaml holds them with these values, which mean "unset".
+_UNSET_OF_THE_OTHER_KIND = {"local": {"cpus_per_job": None, "address": None}, "ray": {"workers": 0}}
+
+
+def _local_by_default(value: Any) -> Any:
+    # `runner: {workers: 1}` (no kind) is the local runner, as it always was.
+    if not isinstance(value, dict):
+        return value
+    value = {"kind": "local", **value}
+    unset = _UNSET_OF_THE_OTHER_KIND.get(value["kind"], {})
+    return {k: v for k, v in value.items() if not (k in unset and v == unset[k])}
+
+
+# One config class per runner, told apart by `kind` (a Slurm runner: one more class here and
+# one line in hdee.runners.base.RUNNERS).
+RunnerConfig = Annotated[
+    LocalRunnerConfig | RayRunnerConfig,
+    BeforeValidator(_local_by_default),
+    Field(discriminator="kind"),
+]
 
 
 class RunConfig(_Strict):
@@ -504,7 +564,7 @@ class ExperimentConfig(_Strict):
     difficulty: DifficultyConfig = DifficultyConfig()
     plan: PlanConfig = PlanConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
-    runner: RunnerConfig = RunnerConfig()
+    runner: RunnerConfig = LocalRunnerConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
@@ -590,7 +650,11 @@ def _format_validation_error(path: Path, error: ValidationError) -> str:
     lines = [f"{path}: invalid experiment config"]
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"]
+        message = str(item["msg"]).removeprefix("Value error, ")
+        key, sep, rest = message.partition(": ")
+        # A check across keys names its key first ("flop_budget: required ..."): say where.
+        if sep and key.isidentifier() and item["loc"]:
+            location, message = f"{location}.{key}", rest
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see docs/config.md)"
         elif item["type"] == "missing":

@@ -19,13 +19,16 @@ All of it is computed in log space with log-sum-exp, so no product of probabilit
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-PosteriorMode = Literal["prefix", "updating"]
-POSTERIOR_MODES: tuple[str, ...] = ("prefix", "updating")
+from hdee.ensemble_spec import POSTERIOR_MODES, PosteriorMode
+
+__all__ = ["POSTERIOR_MODES", "PosteriorMode"]  # re-exported: spelt once, in ensemble_spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,3 +187,119 @@ def perplexity(log_probs: Tensor) -> float:
 def mean_posterior(log_weights: Tensor) -> Tensor:
     """The average weight of each expert over all positions, `[E]` (for the report's plot)."""
     return log_weights.to(torch.float64).exp().flatten(1).mean(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method table: every way `hdee evaluate` mixes an ensemble's label log-probs
+#
+# Config validation (`evaluation.methods`), `hdee evaluate`, the paired intervals
+# (hdee.uncertainty) and the report read this table and nothing else: a method registered here
+# is computed, compared and reported with no other change.
+
+
+@dataclass(frozen=True)
+class MixInputs:
+    """What a method may read: the members' label log-probs on a domain's test windows
+    `[E, N, T]` (and validation windows, for methods that estimate something there)."""
+
+    test: Tensor
+    validation: Tensor | None
+    posterior: PosteriorMode
+    cached_prior_decay: float
+    cached_prior_update: PriorUpdate
+
+    @classmethod
+    def of(cls, test: Tensor, validation: Tensor | None, settings: Any) -> MixInputs:
+        """With the posterior and cached-prior settings of an `EvaluationConfig`."""
+        return cls(
+            test,
+            validation,
+            settings.posterior,
+            settings.cached_prior_decay,
+            settings.cached_prior_update,
+        )
+
+
+@dataclass
+class Mixed:
+    """A method's output on one domain."""
+
+    log_probs: Tensor  # [N, T]: the method's log-probability of every test label
+    log_weights: Tensor | None = None  # [E, N, T]: P(j | x_<t), for methods with a posterior
+    prior: Tensor | None = None  # [E] probabilities, for methods that estimate a prior
+    member: int | None = None  # for methods that pick one member: its index
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # the key in evaluation.methods and results.json
+    label: str  # how the report names it
+    mix: Callable[[MixInputs], Mixed]
+    needs_validation: bool = False  # reads validation windows (the evaluator scores them)
+    uses_posterior: bool = False  # depends on evaluation.posterior (results.csv says which)
+
+
+def _simple_average(inputs: MixInputs) -> Mixed:
+    return Mixed(simple_average(inputs.test))
+
+
+def _posterior(inputs: MixInputs, log_prior: Tensor | None) -> Mixed:
+    weights = posterior_weights(inputs.test, log_prior, inputs.posterior)
+    return Mixed(mixture_log_probs(inputs.test, log_prior, inputs.posterior), log_weights=weights)
+
+
+def _uniform_prior(inputs: MixInputs) -> Mixed:
+    return _posterior(inputs, None)
+
+
+def _cached_prior(inputs: MixInputs) -> Mixed:
+    assert inputs.validation is not None
+    prior = cached_prior(inputs.validation, inputs.cached_prior_decay, inputs.cached_prior_update)
+    mixed = _posterior(inputs, prior.log())
+    mixed.prior = prior
+    return mixed
+
+
+def _best_single(inputs: MixInputs) -> Mixed:
+    perplexities = [perplexity(inputs.test[j]) for j in range(inputs.test.shape[0])]
+    best = min(range(len(perplexities)), key=lambda j: perplexities[j])
+    return Mixed(inputs.test[best], member=best)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a method to the table (its name must be new)."""
+    if method.name in METHODS:
+        raise ValueError(f"an ensembling method named {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+register_method(
+    Method("uniform_prior", "domain posterior, uniform prior", _uniform_prior, uses_posterior=True)
+)
+register_method(
+    Method(
+        "cached_prior",
+        "domain posterior, cached prior",
+        _cached_prior,
+        needs_validation=True,
+        uses_posterior=True,
+    )
+)
+register_method(Method("simple_average", "simple average of probabilities", _simple_average))
+register_method(Method("best_single", "best single expert", _best_single))
+
+
+def first_posterior_method(scored: Iterable[str]) -> str | None:
+    """The first method of the table among `scored` that weighs the experts by a posterior:
+    whose mean weights the report plots and assigns held-out domains to lanes by."""
+    present = set(scored)
+    return next((m.name for m in METHODS.values() if m.uses_posterior and m.name in present), None)
+
+
+# `single_experts` is how configs named best_single before the table: the method scores every
+# member alone and keeps the best (results.json has both, `single_experts` per member).
+METHOD_ALIASES = {"single_experts": "best_single"}

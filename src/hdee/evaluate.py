@@ -30,14 +30,14 @@ from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import (
-    PriorUpdate,
+    METHODS,
+    MixInputs,
     cached_prior,
     mean_posterior,
     mixture_log_probs,
     perplexity,
-    posterior_weights,
-    simple_average,
 )
+from hdee.ensemble_spec import SpecError, select_members
 from hdee.integrity import checked_weights_sha256
 from hdee.layout import RunLayout
 from hdee.records import (
@@ -50,14 +50,15 @@ from hdee.records import (
     EvaluationResults,
     IterationResults,
     Plan,
+    ResolvedEnsemble,
     RoutedScore,
     Score,
 )
-from hdee.routing import Members, ensemble_members, route, routed_flops_per_token, routed_mixture
+from hdee.routing import routed_flops_per_token, spec_mixture
 from hdee.scoring import load_expert, resolve_device, window_log_probs
 from hdee.shapes import forward_flops_per_token
 from hdee.statistics import window_documents
-from hdee.uncertainty import paired_uncertainty
+from hdee.uncertainty import opt_out_results, paired_uncertainty
 
 CACHE_FORMAT = "hdee-label-logprobs"
 CACHE_VERSION = "2"  # 2: keyed by the expert's weights sha256
@@ -80,18 +81,47 @@ CSV_COLUMNS = (
 
 
 def selected_ensembles(
-    plan: Plan, every_iteration: bool, members: Members = "latest"
-) -> list[tuple[str, int, dict[str, str]]]:
-    """(configuration, 1-based iteration, {member: job_id}) of every ensemble to evaluate;
-    members "latest" names them by lane, "all" (the growing forest) by lane@iteration."""
+    plan: Plan, settings: EvaluationConfig
+) -> list[tuple[str, int, dict[str, str], dict[str, str]]]:
+    """(configuration, 1-based iteration, {member: job_id}, {excluded member: job_id}) of every
+    ensemble to evaluate: the final one of each configuration (every one with
+    `every_iteration`), its members chosen by the ensemble keys (`members`, `exclude`)."""
     chosen = []
     for name, configuration in plan.configurations.items():
         if not configuration.ensembles:
             raise ValueError(f"plan.json: configuration {name!r} has no ensembles")
         last = len(configuration.ensembles)
-        for iteration in range(1 if every_iteration else last, last + 1):
-            chosen.append((name, *ensemble_members(plan, name, iteration, members)))
+        for iteration in range(1 if settings.every_iteration else last, last + 1):
+            chosen.append((name, *select_members(plan, name, settings, iteration)))
     return chosen
+
+
+def resolved_record(
+    settings: EvaluationConfig,
+    configuration: str,
+    iteration: int,
+    members: dict[str, str],
+    excluded: dict[str, str],
+) -> ResolvedEnsemble:
+    """The spec of one evaluated ensemble, as results.json records it."""
+    prior = settings.prior_choice
+    weights = None
+    if prior.kind == "weights" and prior.weights is not None:
+        total = sum(prior.weights)
+        weights = dict(zip(members, (w / total for w in prior.weights), strict=False))
+    return ResolvedEnsemble(
+        configuration=configuration,
+        iteration=iteration,
+        members=members,
+        excluded=excluded,
+        prior=settings.prior,
+        prior_weights=weights,
+        posterior=settings.posterior,
+        routing=settings.routing,
+        experts=settings.experts,
+        route_tokens=settings.route_tokens if settings.routing in ("prefix", "budget") else None,
+        flop_budget=settings.flop_budget,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +177,7 @@ def write_cached_log_probs(path: Path, log_probs: torch.Tensor, metadata: dict[s
         save_file({"log_probs": log_probs.float().contiguous()}, str(tmp), metadata=metadata)
 
 
-class _LogProbCache:
+class LogProbCache:
     """Label log-probs per (job, domain, split): from disk when present, else computed with
     each expert loaded once for all of its missing (domain, split) pairs."""
 
@@ -230,38 +260,34 @@ def _score(log_probs: torch.Tensor, **extra: str) -> Score:
 def evaluate_ensemble_on_domain(
     test_lp: torch.Tensor,
     validation_lp: torch.Tensor | None,
-    lanes: list[str],
+    members: list[str],
     job_ids: list[str],
     methods: list[str],
-    posterior: str,
-    decay: float,
-    prior_update: PriorUpdate = "window",
+    settings: EvaluationConfig,
 ) -> DomainScores:
-    """All methods for one ensemble on one domain, from label log-probs `[E, N, T]`."""
+    """Every method of `methods` (hdee.ensemble.METHODS) for one ensemble on one domain, from
+    label log-probs `[E, N, T]`."""
+    inputs = MixInputs.of(test_lp, validation_lp, settings)
     scores = DomainScores(methods={})
-    if "simple_average" in methods:
-        scores.methods["simple_average"] = _score(simple_average(test_lp))
-    if "uniform_prior" in methods:
-        scores.methods["uniform_prior"] = _score(mixture_log_probs(test_lp, None, posterior))
-        weights = mean_posterior(posterior_weights(test_lp, None, posterior))
-        scores.mean_posterior["uniform_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
-    if "cached_prior" in methods:
-        assert validation_lp is not None
-        prior = cached_prior(validation_lp, decay, prior_update)
-        log_prior = prior.log()
-        scores.methods["cached_prior"] = _score(mixture_log_probs(test_lp, log_prior, posterior))
-        weights = mean_posterior(posterior_weights(test_lp, log_prior, posterior))
-        scores.mean_posterior["cached_prior"] = dict(zip(lanes, weights.tolist(), strict=True))
-        scores.cached_prior = dict(zip(lanes, prior.tolist(), strict=True))
-        scores.cached_prior_sequences = int(validation_lp.shape[1])
-    if "single_experts" in methods:
-        singles = {
-            lane: _score(test_lp[j], job_id=job_id)
-            for j, (lane, job_id) in enumerate(zip(lanes, job_ids, strict=True))
-        }
-        scores.single_experts = singles
-        best_lane = min(singles, key=lambda lane: singles[lane].perplexity)
-        scores.methods["best_single"] = singles[best_lane].model_copy(update={"expert": best_lane})
+    for name in methods:
+        mixed = METHODS[name].mix(inputs)
+        score = _score(mixed.log_probs)
+        if mixed.log_weights is not None:
+            weights = mean_posterior(mixed.log_weights).tolist()
+            scores.mean_posterior[name] = dict(zip(members, weights, strict=True))
+        if mixed.prior is not None:
+            assert validation_lp is not None
+            scores.cached_prior = dict(zip(members, mixed.prior.tolist(), strict=True))
+            scores.cached_prior_sequences = int(validation_lp.shape[1])
+        if mixed.member is not None:
+            scores.single_experts = {
+                member: _score(test_lp[j], job_id=job_id)
+                for j, (member, job_id) in enumerate(zip(members, job_ids, strict=True))
+            }
+            score = scores.single_experts[members[mixed.member]].model_copy(
+                update={"expert": members[mixed.member]}
+            )
+        scores.methods[name] = score
     return scores
 
 
@@ -278,21 +304,19 @@ def evaluate_run(
     """
     plan = Plan.read(layout.plan)
     settings = config.evaluation
-    methods = list(dict.fromkeys(settings.methods))
     domains = plan.domain_kinds()
     if not domains:
         raise ValueError(f"{layout.plan} lists no trained or held-out domains to evaluate")
-    ensembles = selected_ensembles(plan, settings.every_iteration, settings.members)
-    splits = ["test"] + (["validation"] if "cached_prior" in methods else [])
+    ensembles = selected_ensembles(plan, settings)
+    splits = ["test"] + (["validation"] if settings.needs_validation else [])
     device = resolve_device()
-    cache = _LogProbCache(layout, config, device)
-
+    cache = LogProbCache(layout, config, device)
     # Every (job, domain, split) any selected ensemble needs, each once, in a stable order.
     needed = list(
         dict.fromkeys(
             (job_id, domain, split)
-            for _, _, ensemble in ensembles
-            for job_id in ensemble.values()
+            for _, _, members, _ in ensembles
+            for job_id in members.values()
             for domain in domains
             for split in splits
         )
@@ -301,7 +325,7 @@ def evaluate_run(
 
     results = EvaluationResults(
         posterior=settings.posterior,
-        methods=methods,
+        methods=list(settings.methods),
         seq_len=config.data.seq_len,
         cached_prior_decay=settings.cached_prior_decay,
         cached_prior_update=settings.cached_prior_update,
@@ -318,47 +342,54 @@ def evaluate_run(
         },
         configurations={},
     )
-    for name, iteration, ensemble in ensembles:
-        lanes, job_ids = list(ensemble), list(ensemble.values())
+    for name, iteration, members, excluded in ensembles:
         configuration = results.configurations.setdefault(
             name,
             ConfigurationResults(
                 final_iteration=len(plan.configurations[name].ensembles), iterations={}
             ),
         )
-        per_domain: dict[str, DomainScores] = {}
-        for domain in domains:
-            test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
-            validation_lp = (
-                torch.stack([cache.get(job, domain, "validation") for job in job_ids])
-                if "validation" in splits
-                else None
-            )
-            per_domain[domain] = evaluate_ensemble_on_domain(
-                test_lp,
-                validation_lp,
-                lanes,
-                job_ids,
-                methods,
-                settings.posterior,
-                settings.cached_prior_decay,
-                settings.cached_prior_update,
-            )
-        configuration.iterations[iteration] = IterationResults(experts=ensemble, domains=per_domain)
-
+        configuration.iterations[iteration] = IterationResults(
+            experts=members,
+            domains=score_ensemble(cache, members, list(domains), settings, "validation" in splits),
+            ensemble=resolved_record(settings, name, iteration, members, excluded),
+        )
     results.compute = compute_results(config, layout, plan, cache, list(domains))
+    documents = test_window_documents(layout, cache, list(domains))
     if settings.bootstrap_resamples:
         results.uncertainty = paired_uncertainty(
-            plan,
-            results,
-            cache.get,
-            test_window_documents(layout, cache, list(domains)),
-            settings,
-            config.seed,
+            plan, results, cache.get, documents, settings, config.seed
+        )
+    if settings.opt_out:
+        results.opt_out = opt_out_results(
+            plan, results, cache.get, documents, settings, config.seed
         )
     results.write(layout.results)
     write_text(layout.results_csv, results_csv(results))
     return results
+
+
+def score_ensemble(
+    cache: LogProbCache,
+    members: dict[str, str],
+    domains: list[str],
+    settings: EvaluationConfig,
+    with_validation: bool,
+) -> dict[str, DomainScores]:
+    """Every method's scores of one ensemble on every domain, from cached label log-probs."""
+    names, job_ids = list(members), list(members.values())
+    per_domain: dict[str, DomainScores] = {}
+    for domain in domains:
+        test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
+        validation_lp = (
+            torch.stack([cache.get(job, domain, "validation") for job in job_ids])
+            if with_validation
+            else None
+        )
+        per_domain[domain] = evaluate_ensemble_on_domain(
+            test_lp, validation_lp, names, job_ids, list(settings.methods), settings
+        )
+    return per_domain
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,15 +419,37 @@ def _compute_score(log_probs: torch.Tensor, flops_per_token: float, **extra: Any
     )
 
 
-def _section_log_prior(
-    cache: _LogProbCache, job_ids: list[str], domain: str, prior: str, settings: EvaluationConfig
+def spec_prior(
+    cache: LogProbCache, job_ids: list[str], domain: str, settings: EvaluationConfig
 ) -> torch.Tensor | None:
-    """The prior the compute section starts from: None (uniform) or the log cached prior of
-    these members on the domain's validation windows."""
-    if prior == "uniform":
+    """P(j) `[E]` of the ensemble keys' prior for these members scoring `domain`: None
+    (uniform), the cached prior of `domain` (prior: cached) or of a named domain
+    (cached:DOMAIN) on the members' validation windows, or the given weights normalised. The one
+    rule for every command: `hdee.inference` resolves generate's, export's and tasks' prior with
+    it too."""
+    prior = settings.prior_choice
+    if prior.kind == "uniform":
         return None
-    validation = torch.stack([cache.get(job, domain, "validation") for job in job_ids])
-    return cached_prior(validation, settings.cached_prior_decay, settings.cached_prior_update).log()
+    if prior.kind == "weights":
+        assert prior.weights is not None
+        if len(prior.weights) != len(job_ids):
+            raise SpecError(
+                f"prior {settings.prior}: {len(prior.weights)} weights for {len(job_ids)} "
+                "members (one per member, in member order)"
+            )
+        weights = torch.tensor(prior.weights, dtype=torch.float64)
+        return weights / weights.sum()
+    source = prior.domain or domain
+    validation = torch.stack([cache.get(job, source, "validation") for job in job_ids])
+    return cached_prior(validation, settings.cached_prior_decay, settings.cached_prior_update)
+
+
+def spec_log_prior(
+    cache: LogProbCache, job_ids: list[str], domain: str, settings: EvaluationConfig
+) -> torch.Tensor | None:
+    """log of `spec_prior` (None: uniform)."""
+    prior = spec_prior(cache, job_ids, domain, settings)
+    return None if prior is None else prior.log()
 
 
 def routed_scores(
@@ -418,7 +471,7 @@ def routed_scores(
         plans = [{"experts": k} for k in ks if k < count]  # k = E is the full ensemble
     scores = []
     for setting in plans:
-        kept, r = route(
+        mixture, kept, r = spec_mixture(
             test_lp,
             log_prior,
             settings.posterior,
@@ -427,7 +480,6 @@ def routed_scores(
             flops=flops,
             **setting,
         )
-        mixture = routed_mixture(test_lp, log_prior, settings.posterior, r, kept)
         share = kept.to(torch.float64).mean(dim=1).tolist()
         scores.append(
             _compute_score(
@@ -446,35 +498,37 @@ def compute_results(
     config: ExperimentConfig,
     layout: RunLayout,
     plan: Plan,
-    cache: _LogProbCache,
+    cache: LogProbCache,
     domains: list[str],
 ) -> ComputeResults:
     """Perplexity and forward FLOPs per scored token of every configuration's final ensemble:
     dense, best single member, each routing setting, and (members: all) the latest-per-lane
     ensemble the forest grew from. Every log-prob it reads is already in `cache`."""
     settings = config.evaluation
-    prior = "cached" if settings.routing == "prior" else "uniform"
     seq_len = config.data.seq_len
     flops_of: dict[str, float] = {}
     section = ComputeResults(
         members=settings.members,
         routing=settings.routing,
         route_tokens=settings.route_tokens if settings.routing in ("prefix", "budget") else 0,
-        prior=prior,
+        prior=settings.prior,
         configurations={},
     )
     for name in plan.configurations:
-        iteration, members = ensemble_members(plan, name, None, settings.members)
+        iteration, members, _ = select_members(plan, name, settings)
         names, job_ids = list(members), list(members.values())
         for job in job_ids:
             if job not in flops_of:
                 flops_of[job] = member_flops(layout, job, seq_len)
         flops = [flops_of[job] for job in job_ids]
-        latest = plan.ensemble(name, iteration)[1] if settings.members == "all" else None
+        latest = None
+        if settings.members == "all":
+            latest_keys = settings.model_copy(update={"members": "latest"})
+            latest = select_members(plan, name, latest_keys, iteration)[1]
         per_domain: dict[str, DomainCompute] = {}
         for domain in domains:
             test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
-            log_prior = _section_log_prior(cache, job_ids, domain, prior, settings)
+            log_prior = spec_log_prior(cache, job_ids, domain, settings)
             full = mixture_log_probs(test_lp.double(), log_prior, settings.posterior)
             singles = [perplexity(test_lp[j]) for j in range(len(job_ids))]
             best = min(range(len(job_ids)), key=lambda j: singles[j])
@@ -486,13 +540,8 @@ def compute_results(
                 routed=routed_scores(test_lp, log_prior, names, flops, settings),
             )
             if latest is not None:
-                latest_jobs = list(latest.values())
-                latest_lp = torch.stack([cache.get(job, domain, "test") for job in latest_jobs])
-                latest_prior = _section_log_prior(cache, latest_jobs, domain, prior, settings)
-                entry.latest = _compute_score(
-                    mixture_log_probs(latest_lp.double(), latest_prior, settings.posterior),
-                    sum(flops_of[job] for job in latest_jobs),
-                    experts=len(latest_jobs),
+                entry.latest = _latest_score(
+                    cache, list(latest.values()), domain, settings, flops_of
                 )
             per_domain[domain] = entry
         section.configurations[name] = ConfigurationCompute(
@@ -504,12 +553,29 @@ def compute_results(
     return section
 
 
+def _latest_score(
+    cache: LogProbCache,
+    job_ids: list[str],
+    domain: str,
+    settings: EvaluationConfig,
+    flops_of: dict[str, float],
+) -> RoutedScore:
+    """The dense latest-per-lane ensemble a forest grew from, on one domain."""
+    lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
+    log_prior = spec_log_prior(cache, job_ids, domain, settings)
+    return _compute_score(
+        mixture_log_probs(lp.double(), log_prior, settings.posterior),
+        sum(flops_of[job] for job in job_ids),
+        experts=len(job_ids),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Paired uncertainty (hdee.uncertainty): which document each test window comes from
 
 
 def test_window_documents(
-    layout: RunLayout, cache: _LogProbCache, domains: list[str]
+    layout: RunLayout, cache: LogProbCache, domains: list[str]
 ) -> dict[str, np.ndarray | None]:
     """Domain -> the document of each test window, from the EOS tokens of the prepared split
     (None where the manifest names no EOS token: the bootstrap then resamples windows)."""
@@ -540,7 +606,7 @@ def results_rows(results: EvaluationResults) -> Iterator[dict[str, Any]]:
                     "domain_kind": results.domains[domain].kind,
                 }
                 for method, score in scores.methods.items():
-                    uses_posterior = method in ("uniform_prior", "cached_prior")
+                    uses_posterior = method in METHODS and METHODS[method].uses_posterior
                     yield {
                         **base,
                         "method": method,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hdee.ensemble import first_posterior_method
 from hdee.records import EvaluationResults, Plan
 
 
@@ -73,10 +74,12 @@ def forgetting_rows(plan: Plan, results: EvaluationResults) -> list[ForgettingRo
 
 
 def held_out_assignment(
-    plan: Plan, results: EvaluationResults, method: str = "uniform_prior"
+    plan: Plan, results: EvaluationResults, method: str | None = None
 ) -> dict[str, dict[str, tuple[str, float]]]:
     """Held-out domain -> configuration -> (the lane whose expert the final ensemble's posterior
-    weighted most on average, that mean weight), from `mean_posterior[method]`."""
+    weighted most on average, that mean weight), from `mean_posterior[method]` (default: the
+    table's first posterior method the run scored)."""
+    method = method or first_posterior_method(results.methods)
     assignment: dict[str, dict[str, tuple[str, float]]] = {}
     for domain in plan.held_out_domains:
         for name, configuration in results.configurations.items():

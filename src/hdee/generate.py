@@ -1,11 +1,13 @@
-"""Text generation from an ensemble of experts, mixed with a domain posterior.
+"""`hdee generate`: text from an ensemble, with each new token's expert weights.
 
-At every step the next-token distribution is the posterior-weighted mixture of the experts'
-distributions, `p(x | x_<t) = sum_j p_j(x | x_<t) P(j | x_<t)`, and the posterior is updated
-with the token that was chosen (prompt tokens included), exactly as in evaluation
-(`hdee.ensemble`). Each expert keeps its own KV cache, so a step costs one token per expert.
-With routing (`experts=K`, `hdee.routing`), every expert reads the first `route_tokens` tokens,
-then only the K with the highest posterior keep running: a step costs one token per kept expert.
+The ensemble is the live model every inference command runs (`hdee.hf_ensemble`, built from an
+ensemble spec by `hdee.inference`): at every step the next-token distribution is the
+posterior-weighted mixture of the experts' distributions,
+`p(x | x_<t) = sum_j p_j(x | x_<t) P(j | x_<t)`, and the posterior is updated with the token
+that was chosen (prompt tokens included), exactly as in evaluation (`hdee.ensemble`). Each
+expert keeps its own KV cache, so a step costs one token per expert still running. With
+routing (prefix or budget), every expert reads the first `route_tokens` tokens, then only the
+kept ones run; with prior routing only the prior's top k ever run.
 """
 
 from __future__ import annotations
@@ -14,18 +16,20 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
+from hdee.config import load_config
+from hdee.ensemble_spec import EnsembleSpec, SpecError, spec_defaults
+from hdee.hf_ensemble import OUTPUT_CACHE_FIELD, HdeeEnsembleForCausalLM
+from hdee.inference import build_ensemble, resolve_ensemble
 from hdee.layout import RunLayout
-from hdee.records import EvaluationResults, Plan
-from hdee.routing import Members, ensemble_members, top_k_mask
-from hdee.scoring import device_of, inference_autocast, load_expert, resolve_device
+from hdee.records import ResolvedEnsemble
+
+DEFAULT_NEW_TOKENS = 50  # hdee generate's default length, when the experts' context allows it
 
 
 @dataclass
@@ -40,15 +44,6 @@ class Generation:
     tokens_run: list[int] = field(default_factory=list)  # per expert: tokens it ran forward on
     kept: list[int] = field(default_factory=list)  # the experts still running at the end
     routed_at: int | None = None  # r: tokens every expert ran before routing (None: never)
-
-
-def _normalised_log_prior(prior: Sequence[float] | Tensor | None, experts: int) -> Tensor:
-    if prior is None:
-        return torch.full((experts,), -math.log(experts), dtype=torch.float64)
-    probs = torch.as_tensor(prior, dtype=torch.float64).flatten()
-    if probs.shape[0] != experts or (probs < 0).any() or probs.sum() <= 0:
-        raise ValueError(f"prior must be {experts} non-negative weights, got {prior}")
-    return (probs / probs.sum()).log()
 
 
 def _choose(
@@ -69,178 +64,66 @@ def _choose(
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-class _Experts:
-    """The experts' decoding state: a KV cache, the next-token log-probs and the posterior
-    evidence of each expert still running. Routing (`hdee.routing`, the same rule as
-    evaluation) happens once every expert has read `route_tokens` tokens and the next token is
-    known: the top `experts` of the posterior keep running, the others never run again."""
+def routing_position(model: HdeeEnsembleForCausalLM) -> int | None:
+    """The position at which the ensemble routes (None: it never routes on the way; prior
+    routing happens before the first token, at 0)."""
+    routing = model.config.routing
+    if routing["mode"] in ("prefix", "budget"):
+        return int(routing["route_tokens"])
+    return 0 if routing["mode"] == "prior" else None
 
-    def __init__(
-        self,
-        models: Sequence[torch.nn.Module],
-        posterior: PosteriorMode,
-        log_prior: Tensor,
-        experts: int | None,
-        route_tokens: int,
-    ) -> None:
-        self.models = models
-        self.posterior = posterior
-        self.log_prior = log_prior
-        self.device = device_of(models[0])
-        count = len(models)
-        self.active = list(range(count))
-        self.caches: list[Any] = [None] * count
-        self.next_lp: list[Tensor | None] = [None] * count  # log p_j(. | sequence so far), [V]
-        self.evidence = torch.zeros(count, dtype=torch.float64)
-        self.tokens_run = [0] * count
-        self.read = 0  # tokens every running expert has read
-        self.experts = experts
-        self.route_tokens = route_tokens
-        self.pending = experts is not None and experts < count
-        self.routed_at: int | None = None
 
-    def credit(self, token: int) -> None:
-        """Evidence of a known token from the predictions made before it."""
-        for j in self.active:
-            lp = self.next_lp[j]
-            assert lp is not None
-            self.evidence[j] = (
-                self.evidence[j] + lp[token] if self.posterior == "prefix" else lp[token]
-            )
-
-    def _read(self, tokens: list[int], credit_first: bool) -> None:
-        if credit_first:
-            self.credit(tokens[0])
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        for j in self.active:
-            with inference_autocast(self.device):
-                out = self.models[j](input_ids=ids, cache=self.caches[j], use_cache=True)
-            # The model's own Cache object (a DynamicCache), passed back as is: transformers
-            # removes the `past_key_values` argument and legacy tuple caches (5.40).
-            self.caches[j] = out.cache
-            lp = torch.log_softmax(out.logits[0].double(), dim=-1).cpu()  # [L, V]
-            if len(tokens) > 1:
-                token_lp = lp[:-1].gather(1, ids[0, 1:, None].cpu()).squeeze(1)
-                self.evidence[j] = (
-                    self.evidence[j] + token_lp.sum()
-                    if self.posterior == "prefix"
-                    else token_lp[-1]
-                )
-            self.next_lp[j] = lp[-1]
-            self.tokens_run[j] += len(tokens)
-        self.read += len(tokens)
-
-    def _route(self) -> None:
-        assert self.experts is not None
-        kept = top_k_mask(self.log_prior + self.evidence, self.experts)
-        self.active = [j for j in self.active if kept[j]]
-        for j in range(len(self.models)):
-            if not kept[j]:  # routed away: its cache is freed and it never runs again
-                self.caches[j] = None
-                self.next_lp[j] = None
-        self.pending = False
-        self.routed_at = self.read
-
-    def advance(self, tokens: list[int], credit_first: bool) -> None:
-        """Read known tokens (the prompt, or a chosen token), routing on the way when due."""
-        if self.pending:
-            head = tokens[: max(0, self.route_tokens - self.read)]
-            if head:
-                self._read(head, credit_first)
-                credit_first, tokens = True, tokens[len(head) :]
-            if self.read >= self.route_tokens and tokens:
-                # Every expert has read r tokens and x_r is known: its evidence completes the
-                # routing posterior (as P(j | x_<r) in evaluation), then the kept ones read it.
-                self.credit(tokens[0])
-                self._route()
-                self._read(tokens, credit_first=False)
-                return
-        if tokens:
-            self._read(tokens, credit_first)
-
-    def log_weights(self) -> Tensor:
-        """log P(j | sequence so far) `[E]`, renormalised over the running experts."""
-        masked = torch.full_like(self.log_prior, -math.inf)
-        masked[self.active] = self.log_prior[self.active] + self.evidence[self.active]
-        return masked - torch.logsumexp(masked, dim=0)
+def _read(model: HdeeEnsembleForCausalLM, tokens: Sequence[int], cache: Any) -> tuple[Any, Any]:
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=model.device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{"cache": cache})
+    return out, getattr(out, OUTPUT_CACHE_FIELD)
 
 
 @torch.inference_mode()
 def generate_ids(
-    models: Sequence[torch.nn.Module],
+    model: HdeeEnsembleForCausalLM,
     input_ids: Sequence[int],
     max_new_tokens: int = 64,
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
-    posterior: PosteriorMode = "prefix",
-    prior: Sequence[float] | Tensor | None = None,
     eos_token_id: int | None = None,
-    experts: int | None = None,
-    route_tokens: int = 32,
 ) -> Generation:
-    """Continue `input_ids` with the posterior-weighted mixture of `models`.
-
-    `prior` is P(j) (None: uniform); `posterior` is "prefix" (P(j) times the likelihood of the
-    whole sequence so far) or "updating" (P(j) times the last token's likelihood only).
-    `experts` K < len(models) routes: every expert reads the first `route_tokens` tokens
-    (prompt first, then generated ones), then only the K with the highest posterior keep
-    running, from their KV caches, with the posterior renormalised over them (`hdee.routing`).
-    Stops after `max_new_tokens` or at `eos_token_id` (which is kept in the output).
+    """Continue `input_ids` with the ensemble `model` (its posterior, prior and routing are its
+    config's). Stops after `max_new_tokens` or at `eos_token_id` (which is kept in the output).
     """
-    if not models:
-        raise ValueError("need at least one expert")
     if not input_ids:
         raise ValueError("need at least one input token (e.g. the EOS that starts a document)")
-    if posterior not in POSTERIOR_MODES:
-        raise ValueError(f"unknown posterior mode {posterior!r}, expected one of {POSTERIOR_MODES}")
     if not greedy and temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if experts is not None and not 1 <= experts <= len(models):
-        raise ValueError(f"--experts must be in 1..{len(models)} (the members), got {experts}")
-    if route_tokens < 1:
-        raise ValueError(f"--route-tokens must be >= 1, got {route_tokens}")
-    log_prior = _normalised_log_prior(prior, len(models))
     generator = torch.Generator().manual_seed(seed)
-    state = _Experts(models, posterior, log_prior, experts, route_tokens)
-    # The prompt's own tokens (after the first, which nothing predicts) are evidence.
-    state.advance(list(input_ids), credit_first=False)
-
+    # Every expert reads the routing prefix as its own chunk: the live model then routes on the
+    # next chunk's first token from its cache, so routed-away experts never read the rest.
+    at = routing_position(model)
+    prompt = list(input_ids)
+    pieces = [prompt[:at], prompt[at:]] if at and len(prompt) > at else [prompt]
+    out, cache = None, None
+    for piece in pieces:
+        out, cache = _read(model, piece, cache)
+    assert out is not None and cache is not None
     generation = Generation(token_ids=[])
     for step in range(max_new_tokens):
-        log_weights = state.log_weights()
-        running = list(state.active)
-        next_lp = torch.stack([state.next_lp[j] for j in running])  # type: ignore[misc]
-        mixture = torch.logsumexp(next_lp + log_weights[running, None], dim=0)  # [V]
+        mixture = out.logits[0, -1]  # [V]: log of the ensemble's next-token distribution
         token = _choose(mixture, greedy, temperature, top_k, generator)
         generation.token_ids.append(token)
         generation.token_log_probs.append(float(mixture[token]))
-        generation.weights.append(log_weights.exp().tolist())
+        generation.weights.append(model.posterior_log_weights(cache)[0].exp().tolist())
         if token == eos_token_id or step == max_new_tokens - 1:
-            # The final posterior includes the last token; no expert needs to read it.
-            state.credit(token)
-            break
-        state.advance([token], credit_first=True)
-
-    generation.posterior = state.log_weights().exp().tolist()
-    generation.tokens_run = list(state.tokens_run)
-    generation.kept = list(state.active)
-    generation.routed_at = state.routed_at
+            break  # the final posterior credits the last token; no expert needs to read it
+        out, cache = _read(model, [token], cache)
+    last = torch.tensor([generation.token_ids[-1]])
+    generation.posterior = model.posterior_log_weights(cache, last)[0].exp().tolist()
+    generation.tokens_run = cache.tokens_run.tolist()
+    running = cache.kept[0] | ~cache.routed[0]
+    generation.kept = [j for j in range(len(model.experts)) if bool(running[j])]
+    generation.routed_at = at if bool(cache.routed[0]) else None
     return generation
-
-
-def load_models(
-    experts: Sequence[str | Path | PreTrainedModel], device: torch.device | None = None
-) -> list[torch.nn.Module]:
-    """Models from HF directories (safetensors only) or already-loaded models, on one device."""
-    device = device or resolve_device()
-    models = []
-    for expert in experts:
-        if isinstance(expert, (str, Path)):
-            expert = load_expert(Path(expert), device)
-        models.append(expert.to(device).eval())
-    return models
 
 
 @dataclass
@@ -251,83 +134,81 @@ class Continuation:
     generation: Generation
     members: list[str]  # the experts' names, in the order of `generation.weights`
     tokens: list[str]  # each new token as text
+    ensemble: ResolvedEnsemble | None = None  # the spec that produced it
 
 
-def generate_continuation(
-    experts: Sequence[str | Path | PreTrainedModel],
-    tokenizer: PreTrainedTokenizerFast,
+def prompt_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    """The prompt's token ids, preceded by the EOS token, which separates documents in hdee's
+    training data, so the experts read it as the start of a document."""
+    eos = tokenizer.eos_token_id
+    return ([eos] if eos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def check_generation(
+    model_context: int, prompt_tokens: int, max_new_tokens: int, spec: EnsembleSpec
+) -> None:
+    """Refuse a generation the ensemble cannot do as asked, before any model loads: one that
+    reads more positions than the experts were trained on, or that would route after more
+    tokens than it reads."""
+    read = prompt_tokens + max_new_tokens - 1  # the prompt and every new token but the last
+    if read > model_context:
+        raise SpecError(
+            f"--max-new-tokens {max_new_tokens}: the experts read the prompt's {prompt_tokens} "
+            f"tokens and every new one but the last, and were trained on {model_context} "
+            f"positions; expected --max-new-tokens <= {max(0, model_context - prompt_tokens + 1)}"
+        )
+    if spec.routing in ("prefix", "budget") and spec.route_tokens > read:
+        raise SpecError(
+            f"--route-tokens {spec.route_tokens}: the ensemble routes after reading that many "
+            f"tokens, and this generation reads only {read} (the prompt's {prompt_tokens} and "
+            f"the first {max_new_tokens - 1} new ones); expected --route-tokens <= {read}"
+        )
+
+
+def continue_from_run(
+    layout: RunLayout,
+    configuration: str,
     prompt: str,
-    max_new_tokens: int = 64,
+    spec: EnsembleSpec | None = None,
+    max_new_tokens: int | None = None,
     greedy: bool = True,
     temperature: float = 1.0,
     top_k: int | None = None,
     seed: int = 0,
-    posterior: PosteriorMode = "prefix",
-    prior: Sequence[float] | Tensor | None = None,
     stop_at_eos: bool = True,
-    routed_experts: int | None = None,
-    route_tokens: int = 32,
-    names: Sequence[str] | None = None,
 ) -> Continuation:
-    """The continuation of `prompt` by the ensemble of `experts` (`routed_experts` K: only the
-    top K after `route_tokens` tokens keep running), with its per-token expert weights.
-
-    The prompt is preceded by the EOS token, which separates documents in hdee's training data,
-    so the experts read it as the start of a document.
-    """
-    eos = tokenizer.eos_token_id
-    input_ids = ([eos] if eos is not None else []) + tokenizer.encode(
-        prompt, add_special_tokens=False
-    )
+    """The continuation of `prompt` by a configuration's ensemble as `spec` describes it
+    (default: the run's evaluation keys, `ensemble_spec.spec_defaults`), with its per-token
+    expert weights and the resolved spec. `max_new_tokens` None: DEFAULT_NEW_TOKENS, or fewer
+    where the experts' context ends first."""
+    config = load_config(layout.config, overrides={"run_dir": str(layout.root)})
+    if spec is None:
+        spec = EnsembleSpec(**spec_defaults(config.evaluation))
+    resolved = resolve_ensemble(spec, config, layout, configuration)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
+    input_ids = prompt_ids(tokenizer, prompt)
+    if max_new_tokens is None:
+        room = config.data.seq_len - len(input_ids) + 1
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
+    check_generation(config.data.seq_len, len(input_ids), max_new_tokens, spec)
+    model = build_ensemble(resolved, layout, config.data.seq_len)
+    eos = tokenizer.eos_token_id if stop_at_eos else None
     generation = generate_ids(
-        load_models(experts),
-        input_ids,
-        max_new_tokens,
-        greedy,
-        temperature,
-        top_k,
-        seed,
-        posterior,
-        prior,
-        eos if stop_at_eos else None,
-        experts=routed_experts,
-        route_tokens=route_tokens,
+        model, input_ids, max_new_tokens, greedy, temperature, top_k, seed, eos
     )
     return Continuation(
         text=tokenizer.decode(generation.token_ids, skip_special_tokens=True),
         generation=generation,
-        members=list(names) if names is not None else [str(j) for j in range(len(experts))],
+        members=list(resolved.members),
         tokens=[tokenizer.decode([token]) for token in generation.token_ids],
+        ensemble=resolved,
     )
 
 
-def generate(
-    experts: Sequence[str | Path | PreTrainedModel],
-    tokenizer: PreTrainedTokenizerFast,
-    prompt: str,
-    max_new_tokens: int = 64,
-    greedy: bool = True,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 0,
-    posterior: PosteriorMode = "prefix",
-    prior: Sequence[float] | Tensor | None = None,
-    stop_at_eos: bool = True,
-) -> str:
-    """The continuation (new text only) of `prompt` by the ensemble of `experts`."""
-    return generate_continuation(
-        experts,
-        tokenizer,
-        prompt,
-        max_new_tokens,
-        greedy,
-        temperature,
-        top_k,
-        seed,
-        posterior,
-        prior,
-        stop_at_eos,
-    ).text
+def generate_from_run(layout: RunLayout, configuration: str, prompt: str, **kwargs: Any) -> str:
+    """The continuation (new text only) of `prompt` by a configuration's ensemble
+    (`continue_from_run`'s arguments)."""
+    return continue_from_run(layout, configuration, prompt, **kwargs).text
 
 
 def expert_usage(continuation: Continuation) -> list[dict[str, Any]]:
@@ -347,9 +228,13 @@ def expert_usage(continuation: Continuation) -> list[dict[str, Any]]:
 
 
 def weights_jsonl(continuation: Continuation) -> str:
-    """One JSON line per new token: its step, id, text, mixture log-prob and each expert's
-    weight P(j | x_<t) when it was chosen (for attribution)."""
+    """A first line `{"ensemble": ...}` (the resolved spec that generated), then one JSON line
+    per new token: its step, id, text, mixture log-prob and each expert's weight P(j | x_<t)
+    when it was chosen (for attribution)."""
     lines = []
+    if continuation.ensemble is not None:
+        spec = continuation.ensemble.model_dump(mode="json", exclude_none=True)
+        lines.append(json.dumps({"ensemble": spec}, ensure_ascii=False))
     generation = continuation.generation
     for step, (token, text, log_prob, weights) in enumerate(
         zip(
@@ -369,80 +254,3 @@ def weights_jsonl(continuation: Continuation) -> str:
         }
         lines.append(json.dumps(record, ensure_ascii=False))
     return "".join(line + "\n" for line in lines)
-
-
-def ensemble_dirs(layout: RunLayout, ensemble: dict[str, str]) -> list[Path]:
-    """Model directories of an ensemble ({lane: job id}), in its lane order."""
-    dirs = [layout.job(job_id).final for job_id in ensemble.values()]
-    for model_dir in dirs:
-        if not (model_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{model_dir}: expert not trained yet")
-    return dirs
-
-
-def cached_prior_from_run(
-    layout: RunLayout, configuration: str, iteration: int, ensemble: dict[str, str], domain: str
-) -> list[float]:
-    """The cached prior `hdee evaluate` estimated for this ensemble on `domain`'s validation
-    text, in the ensemble's lane order: generation weighted as if the text were from `domain`."""
-    path = layout.results
-    results = EvaluationResults.read(path)
-    entry = results.configurations.get(configuration)
-    evaluated = entry.iterations.get(iteration) if entry else None
-    domains = evaluated.domains if evaluated else {}
-    if domain not in domains:
-        raise ValueError(
-            f"{path}: no results for {configuration!r} iteration {iteration} on domain "
-            f"{domain!r}; domains evaluated: {sorted(domains) or 'none'}"
-        )
-    prior = domains[domain].cached_prior
-    if prior is not None and set(prior) != set(ensemble):
-        raise ValueError(
-            f"{path}: the cached prior of {configuration!r} on {domain!r} weighs the experts "
-            f"{sorted(prior)}, not these members {sorted(ensemble)}: run `hdee evaluate` with "
-            "the same evaluation.members (latest | all) as --members"
-        )
-    if prior is None:
-        raise ValueError(
-            f"{path}: no cached prior for {configuration!r} on {domain!r} (add cached_prior to "
-            "evaluation.methods and run `hdee evaluate` again)"
-        )
-    return [float(prior[lane]) for lane in ensemble]
-
-
-def generate_from_run(
-    layout: RunLayout,
-    configuration: str,
-    prompt: str,
-    iteration: int | None = None,
-    prior_domain: str | None = None,
-    **kwargs: Any,
-) -> str:
-    """`generate` with a run's tokenizer and a configuration's ensemble (default: after its
-    last iteration); with `prior_domain`, the experts are weighted by the cached prior of that
-    domain (else by `prior=` or uniformly)."""
-    return continue_from_run(layout, configuration, prompt, iteration, prior_domain, **kwargs).text
-
-
-def continue_from_run(
-    layout: RunLayout,
-    configuration: str,
-    prompt: str,
-    iteration: int | None = None,
-    prior_domain: str | None = None,
-    members: Members = "latest",
-    **kwargs: Any,
-) -> Continuation:
-    """`generate_from_run` with its per-token weights; `members` "all" generates from the
-    growing forest (every expert of every lane and iteration), `routed_experts` K routes."""
-    plan = Plan.read(layout.plan)
-    iteration, ensemble = ensemble_members(plan, configuration, iteration, members)
-    dirs = ensemble_dirs(layout, ensemble)
-    if prior_domain is not None:
-        if kwargs.get("prior") is not None:
-            raise ValueError("give a prior or a prior domain, not both")
-        kwargs["prior"] = cached_prior_from_run(
-            layout, configuration, iteration, ensemble, prior_domain
-        )
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
-    return generate_continuation(dirs, tokenizer, prompt, names=list(ensemble), **kwargs)

@@ -36,6 +36,9 @@ class Record(BaseModel):
     # Each record declares `format: Literal["hdee-..."]` and `version: Literal[N]` with those
     # values as defaults, so a record made in code always carries its own.
     MADE_BY: ClassVar[str]  # the command that writes it, for error messages
+    # Older versions this hdee still reads (their files parse as this model: what changed since
+    # only added optional keys). A version not here is refused with the command that rewrites it.
+    ALSO_READS: ClassVar[tuple[int, ...]] = ()
 
     @classmethod
     def expected(cls) -> tuple[str, int]:
@@ -58,7 +61,7 @@ class Record(BaseModel):
         if not isinstance(data, dict) or data.get("format") != form:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise RecordError(f"{path}: not an {form} file (format {found!r})")
-        if data.get("version") != version:
+        if data.get("version") != version and data.get("version") not in cls.ALSO_READS:
             raise RecordError(
                 f"{path}: {form} version {data.get('version')!r}, this hdee reads version "
                 f"{version}; run {cls.MADE_BY} again to rewrite it"
@@ -233,6 +236,28 @@ class DifficultyRecord(Record):
 
 
 # ----------------------------------------------------------------------------------------------
+# Which ensemble produced an output (hdee.ensemble_spec, resolved by hdee.inference)
+
+
+class ResolvedEnsemble(_Part):
+    """An ensemble spec resolved against a run: exactly the experts, prior and routing that
+    produced an output. Written into results.json, tasks/results.json, an export's config and
+    the generate JSON lines."""
+
+    configuration: str
+    iteration: int
+    members: dict[str, str]  # member name -> job id, in mixing order
+    excluded: dict[str, str] = {}  # opt-out: withdrawn member name -> job id
+    prior: str  # the spec's grammar: uniform | cached | cached:DOMAIN | W,W,...
+    prior_weights: dict[str, float] | None = None  # P(j) when one prior weighs all text
+    posterior: Literal["prefix", "updating"]
+    routing: Literal["none", "prefix", "prior", "budget"]
+    experts: int | list[int] | None = None  # k kept (evaluate: the sweep of k)
+    route_tokens: int | None = None  # r (prefix, budget)
+    flop_budget: float | None = None  # budget routing: forward FLOPs per token after routing
+
+
+# ----------------------------------------------------------------------------------------------
 # evaluation/results.json (documented in docs/evaluation.md)
 
 
@@ -252,8 +277,9 @@ class DomainScores(_Part):
 
 
 class IterationResults(_Part):
-    experts: dict[str, str]  # lane -> job id
+    experts: dict[str, str]  # member (lane, or lane@k) -> job id
     domains: dict[str, DomainScores]
+    ensemble: ResolvedEnsemble | None = None  # version 4: the spec that chose the experts
 
 
 class ConfigurationResults(_Part):
@@ -307,7 +333,7 @@ class ComputeResults(_Part):
     members: Literal["latest", "all"]
     routing: Literal["none", "prefix", "prior", "budget"]
     route_tokens: int  # r (0 for prior and none)
-    prior: Literal["uniform", "cached"]  # the prior every system of this section starts from
+    prior: str  # the prior every system of this section starts from (the spec's grammar)
     configurations: dict[str, ConfigurationCompute]
 
 
@@ -344,10 +370,32 @@ class Uncertainty(_Part):
     methods: list[PairedDifference]  # every pair of methods, per configuration
 
 
+class OptOutDomain(_Part):
+    """One domain's perplexity with and without the withdrawn members, and the paired interval
+    of delta = log ppl(without) - log ppl(with) (positive: withdrawing them hurts here)."""
+
+    with_members: float
+    without_members: float
+    delta: float
+    low: float
+    high: float
+
+
+class OptOut(_Part):
+    """The opt-out study of one withdrawn name (evaluation.opt_out) in one configuration's final
+    ensemble: the dense posterior with the ensemble keys' prior, with and without them."""
+
+    withdrawn: str  # the opt_out entry: a domain, a member or a job id
+    configuration: str
+    excluded: dict[str, str]  # the members it withdrew (name -> job id)
+    domains: dict[str, OptOutDomain]
+
+
 class EvaluationResults(Record):
     format: Literal["hdee-evaluation"] = "hdee-evaluation"
-    version: Literal[3] = 3
+    version: Literal[3, 4] = 4
     MADE_BY: ClassVar[str] = "`hdee evaluate RUN`"
+    ALSO_READS: ClassVar[tuple[int, ...]] = (3,)  # 4 added the ensembles' specs
 
     posterior: Literal["prefix", "updating"]
     methods: list[str]
@@ -360,6 +408,7 @@ class EvaluationResults(Record):
     compute: ComputeResults | None = None  # quality vs compute (version 3); its `members` says
     # which experts every ensemble above holds
     uncertainty: Uncertainty | None = None  # None when evaluation.bootstrap_resamples is 0
+    opt_out: list[OptOut] | None = None  # evaluation.opt_out (version 4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,7 +421,8 @@ class SystemResult(_Part):
     kind: Literal["ensemble", "single_expert"]
     configuration: str | None = None  # the ensemble's configuration
     job_id: str | None = None  # the single expert's job
-    members: list[str] = []  # lane@iteration of each member
+    members: list[str] = []  # the ensemble's members (a single expert: the names it has)
+    ensemble: ResolvedEnsemble | None = None  # version 2: the ensemble's resolved spec
     metrics: dict[str, dict[str, float]]  # task -> "metric,filter" -> value
     requests: int  # harness requests (loglikelihood + generation) it answered
     seconds: float
@@ -385,7 +435,8 @@ class BestSingle(_Part):
 
 class TasksResults(Record):
     format: Literal["hdee-tasks"] = "hdee-tasks"
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 2
+    ALSO_READS: ClassVar[tuple[int, ...]] = (1,)  # 2 added each ensemble's resolved spec
     MADE_BY: ClassVar[str] = "`hdee tasks RUN --tasks ...`"
 
     tasks: list[str]

@@ -13,6 +13,7 @@ from typing import Any
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.ensemble import METHODS, first_posterior_method
 from hdee.forgetting import forgetting_markdown, forgetting_matrix
 from hdee.formatting import si
 from hdee.layout import RunLayout
@@ -33,14 +34,17 @@ from hdee.significance import (
     tally,
 )
 
-# The method the headline table uses: the paper ensembles with a domain posterior, uniform prior.
-HEADLINE_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
-METHOD_TITLES = {
-    "uniform_prior": "domain posterior, uniform prior",
-    "cached_prior": "domain posterior, cached prior",
-    "simple_average": "simple average of probabilities",
-    "best_single": "best single expert",
-}
+
+# The method the headline table uses: the first of the table a run scored (the paper ensembles
+# with a domain posterior, uniform prior: the table puts it first).
+def headline_methods() -> list[str]:
+    """Every method of the table (hdee.ensemble.METHODS), in its order: the first one a run
+    scored heads the report."""
+    return list(METHODS)
+
+
+def method_title(name: str) -> str:
+    return METHODS[name].label if name in METHODS else name
 
 
 def _fmt(value: float | None) -> str:
@@ -178,18 +182,9 @@ def render_markdown(
     plots: dict[str, str],
     repeats_lines: list[str] | None = None,
 ) -> str:
-    classes = dict(plan.classes or {})
-    if difficulty:
-        classes.update({d: f"held-out ({c})" for d, c in difficulty.held_out_classes.items()})
-    for d in plan.held_out_domains:
-        # A trainable domain the schedule did not reach is evaluated like a held-out one.
-        classes[d] = (
-            f"not scheduled ({classes[d]})"
-            if d in (plan.classes or {})
-            else classes.get(d, "held-out")
-        )
+    classes = domain_classes(plan, difficulty)
     baseline = plan.baseline
-    methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
+    methods = [m for m in headline_methods() if any(final_perplexities(results, m).values())]
     headline = methods[0]
     table = final_perplexities(results, headline)
     wins, total = heterogeneous_wins(table, baseline)
@@ -214,7 +209,7 @@ def render_markdown(
             f"**A heterogeneous configuration has the lowest perplexity in {wins} of {total} "
             f"domains** ({trained_wins} of {trained_total} trained, {wins - trained_wins} of "
             f"{total - trained_total} held out; baseline {baseline}, method: "
-            f"{METHOD_TITLES[headline]}). Lowest perplexity per row in bold; within 0.01% of the "
+            f"{method_title(headline)}). Lowest perplexity per row in bold; within 0.01% of the "
             "baseline counts as the baseline's. No confidence intervals were computed "
             "(evaluation.bootstrap_resamples is 0): differences this small may be noise.",
         ]
@@ -245,20 +240,10 @@ def render_markdown(
         *_perplexity_table(table, plan.held_out_domains, classes, baseline, winners),
         "",
         *uncertainty_section(plan, results, headline),
-        "## Every method (geometric mean of perplexity over domains)",
-        "",
-        "| method | " + " | ".join(table) + " |",
-        "| --- | " + " | ".join("---:" for _ in table) + " |",
+        *_methods_lines(results, methods, list(table)),
+        *opt_out_lines(results, classes),
+        *forgetting_markdown(plan, results),
     ]
-    for method in methods:
-        per = final_perplexities(results, method)
-        cells = []
-        for name in table:
-            values = list(per[name].values())
-            mean = math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
-            cells.append(_fmt(mean))
-        out.append(f"| {METHOD_TITLES[method]} | " + " | ".join(cells) + " |")
-    out += ["", *forgetting_markdown(plan, results)]
     out += [
         "",
         "The geometric mean summarises; per domain the methods are compared in the section on "
@@ -288,6 +273,79 @@ def render_markdown(
     return "\n".join(out) + "\n"
 
 
+def domain_classes(plan: Plan, difficulty: DifficultyRecord | None) -> dict[str, str]:
+    """Each domain's class as the tables show it (held-out domains: the class they fall in)."""
+    classes = dict(plan.classes or {})
+    if difficulty:
+        classes.update({d: f"held-out ({c})" for d, c in difficulty.held_out_classes.items()})
+    for d in plan.held_out_domains:
+        # A trainable domain the schedule did not reach is evaluated like a held-out one.
+        classes[d] = (
+            f"not scheduled ({classes[d]})"
+            if d in (plan.classes or {})
+            else classes.get(d, "held-out")
+        )
+    return classes
+
+
+def _methods_lines(results: EvaluationResults, methods: list[str], names: list[str]) -> list[str]:
+    """Every method of the table a run scored, geometric mean of perplexity over domains."""
+    out = [
+        "## Every method (geometric mean of perplexity over domains)",
+        "",
+        "| method | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for method in methods:
+        per = final_perplexities(results, method)
+        cells = []
+        for name in names:
+            values = list(per[name].values())
+            mean = math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+            cells.append(_fmt(mean))
+        out.append(f"| {method_title(method)} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
+def opt_out_lines(results: EvaluationResults, classes: dict[str, str]) -> list[str]:
+    """The opt-out study (evaluation.opt_out): every domain's perplexity with and without the
+    withdrawn members, and the paired interval of the change."""
+    if not results.opt_out:
+        return []
+    level = f"{results.uncertainty.level:.0%}" if results.uncertainty else "95%"
+    out = [
+        "## Opt-out: withdrawing experts at inference",
+        "",
+        "Each entry of `evaluation.opt_out` withdrawn from every configuration's final ensemble "
+        "(with every member trained on it or descended from one that was), scored with the dense "
+        f"posterior ({results.posterior}); change in perplexity with its {level} paired-bootstrap "
+        "interval. Bold: the interval excludes zero.",
+        "",
+    ]
+    for study in results.opt_out:
+        withdrawn = ", ".join(study.excluded) or "nothing"
+        out += [
+            f"### {study.withdrawn} withdrawn from {study.configuration} (members: {withdrawn})",
+            "",
+            "| domain | class | with | without | change |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for domain, entry in study.domains.items():
+            change = (
+                f"{math.expm1(entry.delta):+.1%} [{math.expm1(entry.low):+.1%}, "
+                f"{math.expm1(entry.high):+.1%}]"
+            )
+            if entry.low > 0 or entry.high < 0:
+                change = f"**{change}**"
+            name = f"**{domain}**" if domain == study.withdrawn else domain
+            out.append(
+                f"| {name} | {classes.get(domain, '')} | {entry.with_members:.2f} | "
+                f"{entry.without_members:.2f} | {change} |"
+            )
+        out.append("")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Confidence intervals (hdee.significance reads results.json's `uncertainty`)
 
@@ -313,9 +371,9 @@ def significance_headline(
         f"**A heterogeneous configuration is best in {hetero} of {total} domains "
         f"(significant), {ties} ties** ({hetero_trained} of {len(trained)} trained domains; "
         f"baseline {baseline} best in {sum(w == baseline for w in winners.values())}; method: "
-        f"{METHOD_TITLES[method]}).",
+        f"{method_title(method)}).",
         "",
-        f"Configurations ({METHOD_TITLES[method]}): {tally(winners, names)}.",
+        f"Configurations ({method_title(method)}): {tally(winners, names)}.",
         "",
     ]
     domains = plan.trained_domains + plan.held_out_domains
@@ -349,7 +407,7 @@ def uncertainty_section(plan: Plan, results: EvaluationResults, method: str) -> 
         "intervals are too narrow."
     )
     return [
-        f"## Confidence intervals ({METHOD_TITLES[method]})",
+        f"## Confidence intervals ({method_title(method)})",
         "",
         f"Perplexity of each configuration relative to the baseline {plan.baseline}, with its "
         f"{results.uncertainty.level:.0%} paired-bootstrap interval; bold where the interval "
@@ -414,7 +472,8 @@ def plot_posteriors(results: EvaluationResults, domains: list[str], path: Path) 
         rows = []
         for d in domains:
             scores = final.domains.get(d)
-            weights = scores.mean_posterior.get("uniform_prior") if scores else None
+            method = first_posterior_method(scores.mean_posterior) if scores else None
+            weights = scores.mean_posterior[method] if scores and method else None
             if weights is None:
                 return False
             rows.append([weights[lane] for lane in lanes])
@@ -742,11 +801,29 @@ def plot_pareto(compute: ComputeResults, path: Path) -> bool:
 # The report
 
 
+def tasks_markdown(results: TasksResults) -> str:
+    """Markdown: one row per task and metric, one column per ensemble, then the best expert."""
+    ensembles = [n for n, s in results.systems.items() if s.kind == "ensemble"]
+    lines = [
+        "| task | metric | " + " | ".join(ensembles) + " | best single expert |",
+        "| --- | --- | " + " | ".join("---:" for _ in ensembles) + " | ---: |",
+    ]
+    for task in results.tasks:
+        keys = sorted({k for n in ensembles for k in results.systems[n].metrics.get(task, {})})
+        for key in keys:
+            cells = [
+                f"{results.systems[n].metrics.get(task, {}).get(key, float('nan')):.4f}"
+                for n in ensembles
+            ]
+            best = results.best_single.get(task, {}).get(key)
+            best_cell = f"{best.value:.4f} ({best.system})" if best else "–"
+            lines.append(f"| {task} | {key} | " + " | ".join(cells) + f" | {best_cell} |")
+    return "\n".join(lines)
+
+
 def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
     """The report with a "Downstream tasks" section (from RUN/tasks/results.json, written by
     `hdee tasks`) before its footer; unchanged when there are no task results."""
-    from hdee.tasks import tasks_table
-
     if not layout.tasks_results.is_file():
         return markdown
     results = TasksResults.read(layout.tasks_results)
@@ -757,7 +834,7 @@ def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
         + (f", at most {results.limit} documents per task" if results.limit else "")
         + f"; each configuration's final ensemble ({results.prior} prior, {results.posterior} "
         "posterior) against the best of its single experts, per task and metric. "
-        "Every system's scores: `tasks/results.json`.\n\n" + tasks_table(results) + "\n\n"
+        "Every system's scores: `tasks/results.json`.\n\n" + tasks_markdown(results) + "\n\n"
     )
     head, footer_mark, footer = markdown.rpartition("---\nMade by")
     return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
@@ -779,7 +856,7 @@ def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) ->
     tables = [final_perplexities(r.results, method) for r in found]
     domains = list(found[0].results.domains) if found else []
     return repeats_markdown(
-        found, tables, METHOD_TITLES[method], method, domains, config.plan.baseline, missing
+        found, tables, method_title(method), method, domains, config.plan.baseline, missing
     )
 
 
@@ -792,7 +869,7 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     layout.report.mkdir(parents=True, exist_ok=True)
 
     domains = plan.trained_domains + plan.held_out_domains
-    methods = [m for m in HEADLINE_METHODS if any(final_perplexities(results, m).values())]
+    methods = [m for m in headline_methods() if any(final_perplexities(results, m).values())]
     plots: dict[str, str] = {}  # title -> file, relative to the report
 
     def plot_path(name: str, title: str) -> Path:
@@ -804,9 +881,12 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
         final_perplexities(results, methods[0]),
         domains,
         plot_path("perplexity", "Test perplexity by domain and configuration"),
-        f"Test perplexity ({METHOD_TITLES[methods[0]]})",
+        f"Test perplexity ({method_title(methods[0])})",
     )
-    title = "Mean posterior weight of each expert per domain (uniform prior)"
+    weighed = first_posterior_method(results.methods)
+    title = "Mean posterior weight of each expert per domain" + (
+        f" ({method_title(weighed)})" if weighed else ""
+    )
     if not plot_posteriors(results, domains, plot_path("posterior", title)):
         del plots[title]
     title = "Forgetting: each lane's experts on that lane's domains, iteration by iteration"

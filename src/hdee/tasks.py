@@ -1,7 +1,9 @@
 """`hdee tasks`: downstream tasks with lm-evaluation-harness on every ensemble and every expert.
 
-Each configuration's final ensemble (an `HdeeEnsembleForCausalLM`, uniform prior, the run's
-posterior mode) and, as baselines, each of their single experts are scored by
+Each configuration's ensemble (the live `HdeeEnsembleForCausalLM`, as an ensemble spec
+describes it: by default the run's evaluation keys with a uniform prior, no routing; any spec
+`hdee generate` takes, routing included) and, as baselines, each of its members alone are scored
+by
 `lm_eval.simple_evaluate` through one adapter, `HdeeLM` (registered with the harness as
 "hdee"). Results: `RUN/tasks/results.json` (`TasksResults`), and a table in the report.
 
@@ -30,9 +32,11 @@ from transformers import PreTrainedTokenizerFast
 
 from hdee.atomic import write_text
 from hdee.data.tokens import load_tokens
+from hdee.ensemble_spec import EnsembleSpec, spec_defaults
 from hdee.hf_ensemble import CACHE_ARGUMENT, OUTPUT_CACHE_FIELD
 from hdee.layout import RunLayout
 from hdee.records import BestSingle, Plan, SystemResult, TasksResults
+from hdee.report import tasks_markdown
 
 BUILTIN_TASKS = ("hdee_next_chunk", "hdee_cloze")
 MISSING_HARNESS = (
@@ -404,95 +408,94 @@ def evaluate_system(
 def run_tasks(
     run_dir: str | Path,
     tasks: str,
+    spec: EnsembleSpec | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> TasksResults:
-    """Score every configuration's final ensemble and each of their experts on `tasks`;
-    writes RUN/tasks/results.json (atomically) and returns it."""
+    """Score every configuration's ensemble (as `spec` describes it; default: the run's
+    evaluation keys) and each of its members alone on `tasks`; writes RUN/tasks/results.json
+    (atomically) and returns it."""
     lm_eval = require_harness()
     from hdee.config import load_config
-    from hdee.export import build_ensemble, plan_ensembles, select_members
+    from hdee.inference import build_ensemble, resolve_ensemble
     from hdee.scoring import load_expert
 
     layout = RunLayout.of(run_dir)
+    config = load_config(layout.config, overrides={"run_dir": str(layout.root)})
+    if spec is None:
+        spec = EnsembleSpec(**spec_defaults(config.evaluation))
+    plan = Plan.read(layout.plan)
+    resolved = {name: resolve_ensemble(spec, config, layout, name) for name in plan.configurations}
     names, include = resolve_tasks(run_dir, tasks)
     manager = task_manager(names, include)
-    posterior = load_config(layout.config).evaluation.posterior
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = _Scorer(tokenizer, names, manager, limit, num_fewshot, batch_size)
     systems: dict[str, SystemResult] = {}
-    higher_is_better: dict[str, dict[str, bool]] = {}
     singles: dict[str, list[str]] = {}  # job id -> member names
-    for configuration in plan_ensembles(run_dir):
-        _, members = select_members(run_dir, configuration)
-        for member in members:
-            singles.setdefault(member.job_id, []).append(member.name)
-        model = build_ensemble(run_dir, configuration, posterior=posterior, device=device)
-        systems[configuration] = _score(
+    for configuration, ensemble in resolved.items():
+        for member, job_id in ensemble.members.items():
+            singles.setdefault(job_id, []).append(member)
+        model = build_ensemble(ensemble, layout, config.data.seq_len, device)
+        systems[configuration] = scorer.score(
             model,
-            tokenizer,
-            names,
-            manager,
-            limit,
-            num_fewshot,
-            batch_size,
-            higher_is_better,
             kind="ensemble",
             configuration=configuration,
-            members=[m.name for m in members],
+            members=list(ensemble.members),
+            ensemble=ensemble,
         )
         del model
     for job_id, member_names in singles.items():
         model = load_expert(layout.job(job_id).final, torch.device(device))
-        systems[job_id] = _score(
-            model,
-            tokenizer,
-            names,
-            manager,
-            limit,
-            num_fewshot,
-            batch_size,
-            higher_is_better,
-            kind="single_expert",
-            job_id=job_id,
-            members=sorted(set(member_names)),
+        systems[job_id] = scorer.score(
+            model, kind="single_expert", job_id=job_id, members=sorted(set(member_names))
         )
         del model
     results = TasksResults(
         tasks=names,
         limit=limit,
         num_fewshot=num_fewshot,
-        posterior=posterior,
+        posterior=spec.posterior,
+        prior=spec.prior,
         harness_version=str(getattr(lm_eval, "__version__", "unknown")),
-        higher_is_better=higher_is_better,
+        higher_is_better=scorer.higher_is_better,
         systems=systems,
-        best_single=best_single(systems, higher_is_better),
+        best_single=best_single(systems, scorer.higher_is_better),
     )
     results.write(layout.tasks_results)
     if progress:
-        print(tasks_table(results))
+        print(tasks_markdown(results))
     return results
 
 
-def _score(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerFast,
-    names: list[str],
-    manager: Any,
-    limit: int | None,
-    num_fewshot: int | None,
-    batch_size: int,
-    higher_is_better: dict[str, dict[str, bool]],
-    **identity: Any,
-) -> SystemResult:
-    lm = hdee_lm(model, copy.deepcopy(tokenizer), batch_size)
-    start = time.perf_counter()
-    metrics, higher = evaluate_system(lm, names, manager, limit, num_fewshot)
-    seconds = time.perf_counter() - start
-    higher_is_better.update(higher)
-    return SystemResult(metrics=metrics, requests=lm.requests, seconds=seconds, **identity)
+class _Scorer:
+    """One harness run per system, with the settings every system shares."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        names: list[str],
+        manager: Any,
+        limit: int | None,
+        num_fewshot: int | None,
+        batch_size: int,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.names, self.manager = names, manager
+        self.limit, self.num_fewshot, self.batch_size = limit, num_fewshot, batch_size
+        self.higher_is_better: dict[str, dict[str, bool]] = {}
+
+    def score(self, model: torch.nn.Module, **identity: Any) -> SystemResult:
+        lm = hdee_lm(model, copy.deepcopy(self.tokenizer), self.batch_size)
+        start = time.perf_counter()
+        metrics, higher = evaluate_system(
+            lm, self.names, self.manager, self.limit, self.num_fewshot
+        )
+        seconds = time.perf_counter() - start
+        self.higher_is_better.update(higher)
+        return SystemResult(metrics=metrics, requests=lm.requests, seconds=seconds, **identity)
 
 
 def best_single(
@@ -510,23 +513,3 @@ def best_single(
                 if current is None or (value > current.value if higher else value < current.value):
                     best[task][key] = BestSingle(system=name, value=value)
     return best
-
-
-def tasks_table(results: TasksResults) -> str:
-    """Markdown: one row per task and metric, one column per ensemble, then the best expert."""
-    ensembles = [n for n, s in results.systems.items() if s.kind == "ensemble"]
-    lines = [
-        "| task | metric | " + " | ".join(ensembles) + " | best single expert |",
-        "| --- | --- | " + " | ".join("---:" for _ in ensembles) + " | ---: |",
-    ]
-    for task in results.tasks:
-        keys = sorted({k for n in ensembles for k in results.systems[n].metrics.get(task, {})})
-        for key in keys:
-            cells = [
-                f"{results.systems[n].metrics.get(task, {}).get(key, float('nan')):.4f}"
-                for n in ensembles
-            ]
-            best = results.best_single.get(task, {}).get(key)
-            best_cell = f"{best.value:.4f} ({best.system})" if best else "–"
-            lines.append(f"| {task} | {key} | " + " | ".join(cells) + f" | {best_cell} |")
-    return "\n".join(lines)

@@ -9,7 +9,7 @@ runs). One resampling plan per domain is shared by all of that domain's pairs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import combinations
 
 import numpy as np
@@ -17,50 +17,43 @@ import torch
 from torch import Tensor
 
 from hdee.config import EvaluationConfig
-from hdee.ensemble import cached_prior, mixture_log_probs, simple_average
+from hdee.ensemble import METHODS, MixInputs, cached_prior, mixture_log_probs
+from hdee.ensemble_spec import select_members
 from hdee.records import (
     DomainResampling,
     EvaluationResults,
+    OptOut,
+    OptOutDomain,
     PairedDifference,
     Plan,
     Uncertainty,
 )
 from hdee.statistics import bootstrap_weights, paired_interval, resampling_units
 
-# Compared in this order: the earlier of a pair is the reference.
-COMPARED_METHODS = ("uniform_prior", "cached_prior", "simple_average", "best_single")
-
 LogProbs = Callable[[str, str, str], Tensor]  # (job id, domain, split) -> [windows, seq_len]
+
+
+def compared_methods(scored: Iterable[str]) -> list[str]:
+    """The methods of `scored` in the method table's order: the earlier of a pair is the
+    reference of its interval."""
+    present = set(scored)
+    return [name for name in METHODS if name in present]
 
 
 def method_window_sums(
     test_lp: Tensor,
     validation_lp: Tensor | None,
     methods: list[str],
-    best_lane: int | None,
     settings: EvaluationConfig,
 ) -> dict[str, np.ndarray]:
     """Summed label log-prob of each test window `[N]` under each method in `methods`, from
-    the members' label log-probs `[E, N, T]` (best_single: the member `best_lane`)."""
-    sums: dict[str, Tensor] = {}
-    for method in methods:
-        if method == "simple_average":
-            mixed = simple_average(test_lp)
-        elif method == "uniform_prior":
-            mixed = mixture_log_probs(test_lp, None, settings.posterior)
-        elif method == "cached_prior":
-            assert validation_lp is not None
-            prior = cached_prior(
-                validation_lp, settings.cached_prior_decay, settings.cached_prior_update
-            )
-            mixed = mixture_log_probs(test_lp, prior.log(), settings.posterior)
-        elif method == "best_single":
-            assert best_lane is not None
-            mixed = test_lp[best_lane]
-        else:
-            raise ValueError(f"no window sums for method {method!r}")
-        sums[method] = mixed.to(torch.float64).sum(dim=1)
-    return {method: value.numpy() for method, value in sums.items()}
+    the members' label log-probs `[E, N, T]`, mixed by the method table exactly as
+    `hdee evaluate` scores them."""
+    inputs = MixInputs.of(test_lp, validation_lp, settings)
+    return {
+        method: METHODS[method].mix(inputs).log_probs.to(torch.float64).sum(dim=1).numpy()
+        for method in methods
+    }
 
 
 def paired_uncertainty(
@@ -99,17 +92,15 @@ def paired_uncertainty(
         for name in names:
             final = results.configurations[name].final
             scores = final.domains[domain]
-            methods = [m for m in COMPARED_METHODS if m in scores.methods]
-            lanes, job_ids = list(final.experts), list(final.experts.values())
+            methods = compared_methods(scores.methods)
+            job_ids = list(final.experts.values())
             test_lp = torch.stack([log_probs(job, domain, "test") for job in job_ids])
             validation_lp = (
                 torch.stack([log_probs(job, domain, "validation") for job in job_ids])
-                if "cached_prior" in methods
+                if any(METHODS[m].needs_validation for m in methods)
                 else None
             )
-            best = scores.methods.get("best_single")
-            best_lane = lanes.index(best.expert) if best and best.expert else None
-            sums = method_window_sums(test_lp, validation_lp, methods, best_lane, settings)
+            sums = method_window_sums(test_lp, validation_lp, methods, settings)
             per_configuration[name] = sums
             for reference, candidate in combinations(methods, 2):
                 uncertainty.methods.append(
@@ -125,7 +116,7 @@ def paired_uncertainty(
                         configuration=name,
                     )
                 )
-        for method in COMPARED_METHODS:
+        for method in compared_methods(m for n in names for m in per_configuration[n]):
             having = [n for n in names if method in per_configuration[n]]
             for reference, candidate in combinations(having, 2):
                 uncertainty.configurations.append(
@@ -156,3 +147,68 @@ def _paired_difference(
     configuration or method the pair shares)."""
     interval = paired_interval(reference_sums, candidate_sums, labels, weights, confidence)
     return PairedDifference(**names, delta=interval.delta, low=interval.low, high=interval.high)
+
+
+def opt_out_results(
+    plan: Plan,
+    results: EvaluationResults,
+    log_probs: LogProbs,
+    documents: dict[str, np.ndarray | None],
+    settings: EvaluationConfig,
+    seed: int,
+) -> list[OptOut]:
+    """For every name of `settings.opt_out` and every configuration's final ensemble: each
+    domain's perplexity with and without the members that name withdraws (the dense posterior
+    with the ensemble keys' prior), and the paired interval of the change."""
+    studies = []
+    for withdrawn in settings.opt_out:
+        without_keys = settings.model_copy(update={"exclude": [*settings.exclude, withdrawn]})
+        for name, configuration in results.configurations.items():
+            members = configuration.final.experts
+            _, kept, _ = select_members(plan, name, without_keys, configuration.final_iteration)
+            excluded = {m: job for m, job in members.items() if m not in kept}
+            study = OptOut(withdrawn=withdrawn, configuration=name, excluded=excluded, domains={})
+            for index, domain in enumerate(results.domains):
+                sums = [
+                    _dense_window_sums(log_probs, list(jobs.values()), domain, settings)
+                    for jobs in (members, kept)
+                ]
+                windows = results.domains[domain].test_windows
+                _, clusters = resampling_units(documents.get(domain), windows)
+                weights = bootstrap_weights(
+                    clusters, settings.bootstrap_resamples or 1000, (seed % 2**32) * 1009 + index
+                )
+                labels = np.full(windows, results.seq_len, dtype=np.float64)
+                interval = paired_interval(sums[0], sums[1], labels, weights, settings.confidence)
+                tokens = labels.sum()
+                study.domains[domain] = OptOutDomain(
+                    with_members=float(np.exp(-sums[0].sum() / tokens)),
+                    without_members=float(np.exp(-sums[1].sum() / tokens)),
+                    delta=interval.delta,
+                    low=interval.low,
+                    high=interval.high,
+                )
+            studies.append(study)
+    return studies
+
+
+def _dense_window_sums(
+    log_probs: LogProbs, job_ids: list[str], domain: str, settings: EvaluationConfig
+) -> np.ndarray:
+    """Summed label log-prob of each test window under the dense posterior of these members,
+    with the ensemble keys' prior (uniform, or a domain's cached prior; explicit weights are
+    refused for opt-out by the config)."""
+    test_lp = torch.stack([log_probs(job, domain, "test") for job in job_ids])
+    prior = settings.prior_choice
+    log_prior = None
+    if prior.kind == "cached":
+        validation = torch.stack(
+            [log_probs(job, prior.domain or domain, "validation") for job in job_ids]
+        )
+        log_prior = cached_prior(
+            validation, settings.cached_prior_decay, settings.cached_prior_update
+        ).log()
+    # As the posterior methods mix (in the cached log-probs' float32), so "with" is the very
+    # perplexity the report's tables give the ensemble.
+    mixed = mixture_log_probs(test_lp, log_prior, settings.posterior)
+    return mixed.to(torch.float64).sum(dim=1).numpy()
