@@ -8,8 +8,9 @@ expert knows its last domain best and has partly forgotten the earlier ones. The
 windows of the 3 domains in turn (a mixed, held-out-like text): the best single expert is the
 best one on all of it, while routing picks per window.
 
-Every system is scored by `hdee.routing.routed_label_log_probs`, the routed *execution*:
-routed-away experts really skip their forward passes after the routing prefix. Printed:
+Every system is scored by the live ensemble every hdee command runs (`hdee.hf_ensemble`,
+through `hdee.inference.ensemble_label_log_probs`): routed-away experts really skip their
+forward passes after the routing prefix. Printed:
 scored tokens/s, perplexity, forward FLOPs per token, and the share of the full ensemble's
 perplexity gain over the best single expert each system keeps.
 
@@ -27,8 +28,10 @@ from transformers import LlamaForCausalLM
 
 from hdee.config import ModelConfig
 from hdee.ensemble import perplexity
+from hdee.hf_ensemble import HdeeEnsembleForCausalLM
+from hdee.inference import ensemble_label_log_probs
 from hdee.model import llama_config
-from hdee.routing import routed_flops_per_token, routed_label_log_probs
+from hdee.routing import routed_flops_per_token
 from hdee.scoring import label_log_probs
 from hdee.shapes import forward_flops_per_token, model_shapes
 from machine import print_machine
@@ -128,16 +131,21 @@ def main() -> None:
     best = int(np.argmin(singles))
     print(f"best single expert on the whole text: {names[best]}, perplexity {singles[best]:.3f}")
 
-    systems = {"full (9 experts)": ("none", None), "top-2": ("prefix", 2), "top-1": ("prefix", 1)}
+    systems = {
+        label: HdeeEnsembleForCausalLM.from_experts(models, routing=routing).eval()
+        for label, routing in [
+            ("full (9 experts)", {"mode": "none"}),
+            ("top-2", {"mode": "prefix", "top_k": 2, "route_tokens": ROUTE_TOKENS}),
+            ("top-1", {"mode": "prefix", "top_k": 1, "route_tokens": ROUTE_TOKENS}),
+        ]
+    }
     seconds = dict.fromkeys(systems, float("inf"))
     scores = {}
     # Round robin, best time of each: a busy machine slows whichever system it happens to hit.
     for _ in range(args.repeats):
-        for label, (routing, k) in systems.items():
+        for label, ensemble in systems.items():
             start = time.perf_counter()
-            scores[label] = routed_label_log_probs(
-                models, batch, routing, route_tokens=ROUTE_TOKENS, experts=k, flops=flops
-            )
+            scores[label] = ensemble_label_log_probs(ensemble, batch)
             seconds[label] = min(seconds[label], time.perf_counter() - start)
     rows = {}
     for label, result in scores.items():

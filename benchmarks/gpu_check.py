@@ -15,7 +15,7 @@ Evaluation is what `hdee evaluate` does per domain and split: each expert of a t
 ensemble (FFN 2304 / 3072 / 3840, as the paper's S / M / L) scores the same windows once
 (`hdee.scoring.window_log_probs`, bf16 autocast, float32 log-softmax); ensemble tokens/s is
 window tokens over the time all members took. Routed evaluation (`measure_routed_eval`) runs
-`hdee.routing.routed_label_log_probs` with prefix routing (every member reads the first 32
+the live ensemble (`hdee.hf_ensemble`, scored by `hdee.inference.ensemble_label_log_probs`) with prefix routing (every member reads the first 32
 tokens, then each window keeps its top-1 member) against the same scorer running every member,
 batch by batch interleaved.
 
@@ -46,10 +46,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hdee.config import TrainingConfig
 from hdee.data.loaders import eval_batches
 from hdee.data.tokens import load_tokens, write_tokens
+from hdee.hf_ensemble import HdeeEnsembleForCausalLM
+from hdee.inference import ensemble_label_log_probs
 from hdee.loss import auto_chunk_tokens
 from hdee.model import llama_config
-from hdee.routing import routed_label_log_probs
-from hdee.scoring import resolve_precision, window_log_probs
+from hdee.scoring import inference_autocast, resolve_precision, window_log_probs
 from hdee.shapes import ModelShape, training_flops_per_token
 from hdee.train import TrainSpec, run_training
 from machine import machine_line, matmul_peak_gflops
@@ -286,8 +287,8 @@ def measure_full_ensemble_eval(
 def measure_routed_eval(
     args: argparse.Namespace, device: torch.device, work: Path
 ) -> dict[str, Any]:
-    """Routed evaluation (`hdee.routing.routed_label_log_probs`, what `hdee evaluate` and
-    `hdee generate` execute with `routing: prefix`): every member reads the first
+    """Routed evaluation (the live ensemble `hdee generate`, `tasks` and `export` run, with
+    `routing: prefix`): every member reads the first
     `--route-tokens` of a window, then each window continues with its top `--route-experts`
     members only. Timed against the same scorer running every member on everything
     (`routing: none`), batch by batch interleaved, on the windows and experts of
@@ -296,24 +297,20 @@ def measure_routed_eval(
     tokens = load_tokens(work / "eval.bin")
     models = [ensemble_member(shape, index, device) for index in range(len(shape.ensemble_ffn))]
     batches = list(eval_batches(tokens, shape.seq_len, args.eval_batch_size, args.eval_windows))
+    routed = {"mode": "prefix", "top_k": args.route_experts, "route_tokens": args.route_tokens}
     systems = {
-        "routed": {"routing": "prefix", "experts": args.route_experts},
-        "full": {"routing": "none", "experts": None},
+        name: HdeeEnsembleForCausalLM.from_experts(models, routing=routing).eval()
+        for name, routing in [("routed", routed), ("full", {"mode": "none"})]
     }
     seconds = dict.fromkeys(systems, 0.0)
     kept_per_window: list[float] = []
     for batch_index, batch in enumerate([batches[0], *batches]):  # the first: warm-up
-        for name, setting in systems.items():
+        for name, ensemble in systems.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-            scores = routed_label_log_probs(
-                models,
-                batch,
-                setting["routing"],  # type: ignore[arg-type]
-                route_tokens=args.route_tokens,
-                experts=setting["experts"],
-            )
+            with inference_autocast(device):
+                scores = ensemble_label_log_probs(ensemble, batch)
             elapsed = time.perf_counter() - started  # log-probs end on the CPU: synced
             if batch_index:
                 seconds[name] += elapsed

@@ -120,3 +120,98 @@ def test_only_layout_names_files_of_a_run_directory() -> None:
         for line, name in path_literals(path.read_text())
     ]
     assert offenders == []
+
+
+# Modules that load or run a model; the presentation layer (report.py) reaches none of them.
+MODEL_LOADERS = {
+    "hdee.model",
+    "hdee.scoring",
+    "hdee.train",
+    "hdee.evaluate",
+    "hdee.inference",
+    "hdee.hf_ensemble",
+    "hdee.generate",
+    "hdee.export",
+    "hdee.tasks",
+}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for child in graph.get(stack.pop(), ()):
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return seen
+
+
+def test_the_report_imports_nothing_that_loads_a_model() -> None:
+    graph = import_graph()
+    assert "hdee.records" in reachable(graph, "hdee.report"), "the graph was not read"
+    assert reachable(graph, "hdee.report") & MODEL_LOADERS == set()
+
+
+def test_runners_share_only_the_base_runner_module() -> None:
+    """A runner module imports hdee.runners.base, never another runner (so a new runner is one
+    new file), and no module imports a private name of a runner module."""
+    runners = {
+        m for m in import_graph() if m.startswith("hdee.runners.") and m != "hdee.runners.base"
+    }
+    graph = import_graph()
+    for runner in runners:
+        assert graph[runner] & runners == set(), runner
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hdee.runners."):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert private == [], f"{path.name} imports {private} from {node.module}"
+
+
+MAX_FUNCTION_LINES = 100
+
+
+def function_lengths() -> list[tuple[int, str]]:
+    lengths = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                lengths.append((size, f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}"))
+    return sorted(lengths, reverse=True)
+
+
+def test_no_function_is_longer_than_a_screenful_or_two() -> None:
+    lengths = function_lengths()
+    assert len(lengths) > 100, "the functions were not read"
+    too_long = [f"{where} ({size} lines)" for size, where in lengths if size > MAX_FUNCTION_LINES]
+    assert too_long == []
+
+
+def longest_import_chain(graph: dict[str, set[str]]) -> list[str]:
+    """The longest path of the (acyclic) import graph, for the architecture notes."""
+    best: dict[str, list[str]] = {}
+
+    def chain(node: str) -> list[str]:
+        if node not in best:
+            tails = [chain(child) for child in graph.get(node, ())]
+            best[node] = [node, *max(tails, key=len, default=[])]
+        return best[node]
+
+    return max((chain(node) for node in graph), key=len)
+
+
+def test_method_names_are_spelt_in_the_method_table_only() -> None:
+    """Only ensemble.py (the table), config.py (its documentation) and records' comments may
+    name the ensembling methods: everything else reads hdee.ensemble.METHODS."""
+    names = {"uniform_prior", "cached_prior", "simple_average"}
+    allowed = {"ensemble.py", "config.py"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in names:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert offenders == []

@@ -7,7 +7,6 @@ in-process with `hdee.cli.main`, as a shell would run them.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from hdee.atomic import read_json
-from hdee.cli import _overrides, _weights, main
+from hdee.cli import _overrides, main
 from hdee.config import ConfigError, load_config
 from hdee.layout import RunLayout
 
@@ -84,30 +83,30 @@ def test_run_evaluate_and_report_outputs(tiny_cli_run):
     assert (layout.report_markdown).read_text().startswith("# HDEE report")
 
 
-def test_generate_with_explicit_prior_and_prior_domain(tiny_cli_run):
+def test_generate_with_explicit_prior_and_a_domains_cached_prior(tiny_cli_run):
     run = str(tiny_cli_run["run_dir"])
     base = ["generate", run, "--configuration", "MHe-IHo", "--prompt", "the one"]
     base += ["--max-new-tokens", "8"]
     code, text, err = hdee(*base)
     assert code == 0, err
     assert text.startswith("the one") and len(text.strip()) > len("the one")
-    # --prior-domain is the cached prior `hdee evaluate` stored, in the plan's lane order.
+    # --prior cached:DOMAIN is the cached prior `hdee evaluate` stored, in member order.
     results = read_json(Path(run) / "evaluation" / "results.json")
     final = results["configurations"]["MHe-IHo"]["iterations"]["1"]
     prior = [final["domains"]["d1"]["cached_prior"][lane] for lane in final["experts"]]
-    by_domain = hdee(*base, "--prior-domain", "d1")
+    by_domain = hdee(*base, "--prior", "cached:d1")
     by_weights = hdee(*base, "--prior", ",".join(repr(w) for w in prior))
     assert by_domain[0] == by_weights[0] == 0
     assert by_domain[1] == by_weights[1]
     for argv, expected in [
-        (["--prior", "1,2"], "prior must be 3 non-negative weights"),
-        (["--prior-domain", "nowhere"], "domain 'nowhere'"),
+        (["--prior", "1,2"], "prior 1,2: 2 weights for 3 members"),
+        (["--prior", "cached:nowhere"], "'nowhere' is not an evaluation domain"),
+        (["--prior", "d1"], "write cached:d1"),
         (["--iteration", "5"], "iterations 1..1, not 5"),
+        (["--max-new-tokens", "100000000"], "expected --max-new-tokens <= "),
     ]:
         code, _, err = hdee(*base, *argv)
-        assert code == 1 and expected in err, (argv, err)
-    code, _, err = hdee(*base, "--prior", "1,2,3", "--prior-domain", "d1")
-    assert code == 2 and "not allowed with argument" in err
+        assert code == 2 and expected in err, (argv, err)
 
 
 def test_evaluate_and_report_refuse_a_directory_that_is_not_a_run(tmp_path: Path):
@@ -180,30 +179,17 @@ def test_set_errors_through_the_cli(tiny_cli_run):
 
 
 # ----------------------------------------------------------------------------------------------
-# --prior W,W,...
+# --prior W,W,... (the grammar itself: tests/test_inference.py)
 
 
-def test_prior_weights_parser():
-    assert _weights("0.2,0.8") == [0.2, 0.8]
-    assert _weights("1, 0, 3") == [1.0, 0.0, 3.0]
-    assert _weights("2") == [2.0]
-    for text, message in [
-        ("1,-1", "non-negative"),
-        ("0,0,0", "not all 0"),
-        ("a,b", "expected comma-separated numbers"),
-        ("1,,2", "expected comma-separated numbers"),
-        ("", "expected comma-separated numbers"),
-    ]:
-        with pytest.raises(argparse.ArgumentTypeError, match=message):
-            _weights(text)
-
-
-def test_bad_prior_is_an_argument_error(tmp_path: Path):
-    code, _, err = hdee(
-        "generate", str(tmp_path), "--configuration", "x", "--prompt", "p", "--prior", "1,-2"
-    )
-    assert code == 2
-    assert "argument --prior" in err and "non-negative" in err
+def test_bad_prior_is_an_argument_error(tiny_cli_run):
+    run = str(tiny_cli_run["run_dir"])
+    for weights in ("1,-2,1", "-1,1,1"):  # a leading "-" is a value, not an option
+        code, _, err = hdee(
+            "generate", run, "--configuration", "MHe-IHo", "--prompt", "p", "--prior", weights
+        )
+        assert code == 2
+        assert "--prior" in err and "non-negative" in err and "expected one argument" not in err
 
 
 def test_generate_routed_prints_expert_usage_and_writes_weights(tiny_cli_run, tmp_path):
@@ -221,11 +207,14 @@ def test_generate_routed_prints_expert_usage_and_writes_weights(tiny_cli_run, tm
     assert sorted(row[-1] for row in usage) == ["no", "no", "yes"]
     for row in usage:  # routed-away experts read the 2 routing tokens only
         assert (int(row[-2]) == 2) == (row[-1] == "no")
-    lines = [json.loads(line) for line in weights.read_text().splitlines()]
+    header, *lines = [json.loads(line) for line in weights.read_text().splitlines()]
+    assert header["ensemble"]["routing"] == "prefix" and header["ensemble"]["experts"] == 1
     assert 1 <= len(lines) <= 6 and lines[0]["step"] == 0
     kept = next(row[0] for row in usage if row[-1] == "yes")
     for line in lines:  # the prompt is longer than 2 tokens: routed before the first new one
         assert set(line["weights"]) == {row[0] for row in usage}
         assert line["weights"][kept] == pytest.approx(1.0)
     code, _, err = hdee(*base, "--experts", "4")
-    assert code == 1 and "--experts must be in 1..3" in err
+    assert code == 2 and "experts: k must be in 1..3" in err
+    code, _, err = hdee(*base, "--experts", "1", "--route-tokens", "20")
+    assert code == 2 and "--route-tokens 20: the ensemble routes after reading" in err

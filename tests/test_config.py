@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,23 @@ def test_overrides_reach_list_items_by_index(config_dict):
 def test_bad_list_overrides_say_what_is_wrong(config_dict, dotted, expected):
     with pytest.raises(ConfigError, match=expected):
         parse_config(config_dict, overrides={dotted: 3})
+
+
+def test_each_runner_kind_has_its_own_keys(config_dict):
+    from hdee.config import LocalRunnerConfig, RayRunnerConfig
+
+    assert isinstance(parse_config(config_dict).runner, LocalRunnerConfig)  # no runner: local
+    ray = parse_config({**config_dict, "runner": {"kind": "ray", "cpus_per_job": 2}}).runner
+    assert isinstance(ray, RayRunnerConfig) and ray.cpus_per_job == 2 and ray.address is None
+    # A run directory's config.yaml from before runner kinds wrote every key, unset ones too.
+    old = {"kind": "local", "workers": 1, "gpus_per_job": 1, "cpus_per_job": None, "address": None}
+    assert parse_config({**config_dict, "runner": old}).runner == LocalRunnerConfig(workers=1)
+    old_ray = {"kind": "ray", "workers": 0, "gpus_per_job": 1, "cpus_per_job": None, "address": "a"}
+    assert parse_config({**config_dict, "runner": old_ray}).runner.address == "a"
+    for runner, key in [
+        ({"kind": "ray", "workers": 4}, "runner.ray.workers"),
+        ({"kind": "local", "address": "10.0.0.1:6379"}, "runner.local.address"),
+        ({"kind": "slurm"}, "runner"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            parse_config({**config_dict, "runner": runner})

@@ -259,7 +259,7 @@ def test_prefix_routing_in_evaluate_is_the_routed_mixture_of_the_cache(run_dir: 
     entry = results["compute"]["configurations"]["homo"]
     jobs = list(entry["members"].values())
     flops = list(entry["flops_per_token"].values())
-    cached = evaluate_module._LogProbCache(layout, config, torch.device("cpu"))
+    cached = evaluate_module.LogProbCache(layout, config, torch.device("cpu"))
     for domain in TRAINED + HELD_OUT:
         lp = torch.stack([cached.get(job, domain, "test") for job in jobs])
         routed = entry["domains"][domain]["routed"]
@@ -310,7 +310,7 @@ def test_members_all_evaluates_the_forest_and_the_latest_ensemble(run_dir: Path)
     [
         ({"routing": "budget"}, "evaluation.flop_budget: required with routing: budget"),
         ({"flop_budget": 5.0}, "only used with routing: budget"),
-        ({"routing": "prior", "methods": ["uniform_prior"]}, "add cached_prior"),
+        ({"routing": "prior", "methods": ["uniform_prior"]}, "a uniform prior ranks no expert"),
         ({"experts": [0]}, "evaluation.experts: expected a non-empty list"),
         ({"experts": [1, 1]}, "lists a k twice"),
         (

@@ -16,15 +16,24 @@ from hdee.config import load_config
 from hdee.data.loaders import eval_batches
 from hdee.data.tokens import load_tokens
 from hdee.ensemble import mixture_log_probs
+from hdee.ensemble_spec import EnsembleSpec, plan_members
 from hdee.evaluate import read_cached_log_probs
-from hdee.export import build_ensemble, select_members
 from hdee.generate import continue_from_run, generate_from_run
-from hdee.hf_ensemble import HdeeEnsembleConfig
+from hdee.hf_ensemble import HdeeEnsembleConfig, HdeeEnsembleForCausalLM
+from hdee.inference import build_ensemble, resolve_ensemble
 from hdee.layout import RunLayout
 from hdee.records import Plan
 from hdee.routing import route, routed_mixture
 
 CONFIGURATION = "MHe-IHo"  # S / M / L experts: heterogeneous widths are the normal case
+
+
+def live(run_dir: Path, **keys: object) -> HdeeEnsembleForCausalLM:
+    """The live ensemble an ensemble spec describes (what generate, tasks and export run)."""
+    layout = RunLayout.of(run_dir)
+    config = load_config(layout.config)
+    resolved = resolve_ensemble(EnsembleSpec(**keys), config, layout, CONFIGURATION)
+    return build_ensemble(resolved, layout, config.data.seq_len, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +67,12 @@ def test_export_directory_is_self_describing_safetensors(exported: Path) -> None
 
 @pytest.mark.parametrize(
     ("prior", "posterior"),
-    [("uniform", "prefix"), ("d0", "prefix"), ("uniform", "updating"), ("d6", "updating")],
+    [
+        ("uniform", "prefix"),
+        ("cached:d0", "prefix"),
+        ("uniform", "updating"),
+        ("cached:d6", "updating"),
+    ],
 )
 def test_label_log_probs_equal_hdee_evaluate(
     tiny_finished_run: Path, prior: str, posterior: str
@@ -67,7 +81,7 @@ def test_label_log_probs_equal_hdee_evaluate(
     cached per-expert log-probs (same windows, same prior), to 1e-5."""
     layout = RunLayout.of(tiny_finished_run)
     config = load_config(layout.config)
-    model = build_ensemble(tiny_finished_run, CONFIGURATION, prior=prior, posterior=posterior)
+    model = live(tiny_finished_run, prior=prior, posterior=posterior)
     _, jobs = Plan.read(layout.plan).ensemble(CONFIGURATION)
     results = read_json(layout.results)
     final = results["configurations"][CONFIGURATION]["iterations"]["2"]["domains"]
@@ -84,12 +98,13 @@ def test_label_log_probs_equal_hdee_evaluate(
             cached.append(read_cached_log_probs(path, metadata))
         log_prior = None
         if prior != "uniform":
-            log_prior = torch.tensor([final[prior]["cached_prior"][lane] for lane in jobs]).log()
+            source = prior.split(":")[1]
+            log_prior = torch.tensor([final[source]["cached_prior"][lane] for lane in jobs]).log()
         theirs = mixture_log_probs(torch.stack(cached), log_prior, posterior)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
         if posterior == results["posterior"]:  # results.json holds the configured mode
             method = "uniform_prior" if prior == "uniform" else "cached_prior"
-            if prior in ("uniform", domain):
+            if prior in ("uniform", f"cached:{domain}"):
                 expected = final[domain]["methods"][method]["perplexity"]
                 assert torch.exp(-ours.double().mean()).item() == pytest.approx(expected, rel=1e-5)
 
@@ -146,30 +161,45 @@ def test_sampling_pipeline_and_save_pretrained_round_trip(exported: Path, tmp_pa
 
 
 def test_members_all_is_the_growing_forest(tiny_finished_run: Path, tmp_path: Path) -> None:
-    iteration, members = select_members(tiny_finished_run, CONFIGURATION, members="all")
+    plan = Plan.read(RunLayout.of(tiny_finished_run).plan)
+    iteration, members = plan_members(plan, CONFIGURATION, members="all")
     assert iteration == 2 and len(members) == 6
-    assert [m.name for m in members[:3]] == ["easy@1", "moderate@1", "difficult@1"]
+    assert list(members)[:3] == ["easy@1", "moderate@1", "difficult@1"]
     out = tmp_path / "forest"
     argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]
     assert main([*argv, "--members", "all", "--prior", "1,1,1,1,1,3"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert len(config["experts"]) == 6 and config["prior"][-1] == pytest.approx(3 / 8)
-    _, first = select_members(tiny_finished_run, CONFIGURATION, iteration=1)
-    assert [m.job_id for m in first] == [m.job_id for m in members[:3]]
+    _, first = plan_members(plan, CONFIGURATION, iteration=1)
+    assert list(first.values()) == list(members.values())[:3]
+    assert [e["name"] for e in config["experts"]] == list(members)
 
 
 def test_bad_export_arguments_are_named(tiny_finished_run: Path, tmp_path: Path, capsys) -> None:
+    """Every bad ensemble flag is refused before a model loads, exit 2, naming the flag."""
     argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(tmp_path / "x")]
-    assert main([*argv, "--prior", "1,2"]) == 1
-    assert "expected 3 non-negative weights" in capsys.readouterr().err
-    assert main([*argv, "--experts", "4"]) == 1
-    assert "--experts must be in 1..3" in capsys.readouterr().err
-    assert main([*argv, "--experts", "2", "--route-tokens", "0"]) == 1
-    assert "--route-tokens must be >= 1" in capsys.readouterr().err
-    assert main([*argv, "--members", "all", "--prior", "d0"]) == 1
-    assert "--members all" in capsys.readouterr().err
-    assert main([*argv, "--iteration", "5"]) == 1
-    assert "iterations 1..2" in capsys.readouterr().err
+    cases = [
+        (["--prior", "1,2"], "prior 1,2: 2 weights for 3 members"),
+        (["--prior", "-1,1,1"], "--prior: -1,1,1: weights must be non-negative"),
+        (["--experts", "4"], "experts: k must be in 1..3 (the members), got 4"),
+        (["--members", "all", "--prior", "d0"], "for the cached prior of a domain write cached:d0"),
+        (["--prior", "cached"], "give the domain whose validation text"),
+        (["--prior", "cached:nope"], "'nope' is not an evaluation domain"),
+        (["--iteration", "5"], "iterations 1..2, not 5"),
+        (["--routing", "prefix"], "--experts: routing 'prefix' keeps the top k: give k"),
+        (["--routing", "budget"], "--flop-budget: required with routing: budget"),
+        (["--routing", "budget", "--flop-budget", "1"], "flop_budget 1 FLOPs/token fits no expert"),
+        (["--exclude", "nope"], "exclude 'nope' matches no member"),
+        (["--exclude", "general"], "withdraws every member"),
+        (["--configuration", "nope"], "'nope' is not in"),
+    ]
+    for flags, message in cases:
+        assert main([*argv, *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    with pytest.raises(SystemExit) as raised:  # argparse's own range check
+        main([*argv, "--experts", "2", "--route-tokens", "0"])
+    assert raised.value.code == 2
+    assert "--route-tokens: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -196,10 +226,12 @@ def test_routed_label_log_probs_equal_hdee_routing(
 ) -> None:
     """With --experts K the exported model scores exactly `hdee.routing.routed_mixture` (prefix
     routing after --route-tokens) on the cached per-expert log-probs; K = E is the dense mix."""
-    model = build_ensemble(
-        tiny_finished_run, CONFIGURATION, experts=experts, route_tokens=route_tokens
-    )
-    assert model.config.routing == {"top_k": experts, "route_tokens": route_tokens}
+    model = live(tiny_finished_run, experts=experts, route_tokens=route_tokens)
+    assert model.config.routing == {
+        "mode": "prefix",
+        "top_k": experts,
+        "route_tokens": route_tokens,
+    }
     batches, lp = cached_test_log_probs(tiny_finished_run, "d6")
     ours = exported_label_log_probs(model, batches)
     kept, r = route(lp, None, "prefix", "prefix", route_tokens, experts)
@@ -219,17 +251,16 @@ def test_routed_greedy_generation_equals_hdee_generate(
 ) -> None:
     """Greedy generate() of a routed export equals `hdee generate --experts 1 --route-tokens N`,
     and the routed-away experts stop running once the sequence has routed."""
-    model = build_ensemble(tiny_finished_run, CONFIGURATION, experts=1, route_tokens=route_tokens)
+    model = live(tiny_finished_run, experts=1, route_tokens=route_tokens)
     tokenizer = AutoTokenizer.from_pretrained(RunLayout.of(tiny_finished_run).tokenizer)
     prompt = "the a of"
     theirs = continue_from_run(
         RunLayout.of(tiny_finished_run),
         CONFIGURATION,
         prompt,
+        spec=EnsembleSpec(experts=1, route_tokens=route_tokens),
         max_new_tokens=12,
         stop_at_eos=False,
-        routed_experts=1,
-        route_tokens=route_tokens,
     )
     calls = [0] * len(model.experts)
     for j, expert in enumerate(model.experts):
@@ -253,7 +284,8 @@ def test_routed_left_padding_and_config_round_trip(tiny_finished_run: Path, tmp_
     out = tmp_path / "routed"
     argv = ["export", str(tiny_finished_run), "--configuration", CONFIGURATION, str(out)]
     assert main([*argv, "--experts", "1", "--route-tokens", "2"]) == 0
-    assert read_json(out / "config.json")["routing"] == {"top_k": 1, "route_tokens": 2}
+    routing = {"mode": "prefix", "top_k": 1, "route_tokens": 2}
+    assert read_json(out / "config.json")["routing"] == routing
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     eos = tokenizer.eos_token_id
@@ -272,7 +304,7 @@ def test_routed_left_padding_and_config_round_trip(tiny_finished_run: Path, tmp_
     assert cache.kept.tolist() == [a.kept[0].tolist() for a in alone]
     model.save_pretrained(tmp_path / "copy")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "copy", trust_remote_code=True)
-    assert reloaded.config.routing == {"top_k": 1, "route_tokens": 2}
+    assert reloaded.config.routing == routing
     ids = torch.tensor([long])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=0, rtol=0)

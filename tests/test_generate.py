@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from tokenizers import Tokenizer
-from tokenizers.models import WordLevel
-from tokenizers.pre_tokenizers import Whitespace
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from hdee.ensemble import posterior_weights
-from hdee.generate import ensemble_dirs, generate_from_run, generate_ids
-from hdee.layout import RunLayout
-from hdee.records import EvaluationResults, RecordError
-from train_helpers import ensembles_plan, random_llama
+from hdee.generate import generate_ids
+from train_helpers import live_ensemble, random_llama
 
 VOCAB = 40
 
@@ -28,7 +21,7 @@ def tiny_llama(seed: int) -> LlamaForCausalLM:
 def test_one_expert_greedy_equals_hf_generate() -> None:
     model = tiny_llama(0)
     prompt = [3, 17, 5, 9]
-    ours = generate_ids([model], prompt, max_new_tokens=10).token_ids
+    ours = generate_ids(live_ensemble([model]), prompt, max_new_tokens=10).token_ids
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     with torch.no_grad():
@@ -68,7 +61,7 @@ def test_kv_cached_mixture_equals_recomputation(mode: str) -> None:
     models = [tiny_llama(seed) for seed in range(3)]
     prompt = [1, 7, 22, 4, 30]
     prior = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
-    ours = generate_ids(models, prompt, max_new_tokens=6, prior=prior, posterior=mode)
+    ours = generate_ids(live_ensemble(models, mode, prior), prompt, max_new_tokens=6)
     tokens, log_probs = recomputed_without_cache(models, prompt, 6, prior, mode)
     assert ours.token_ids == tokens
     assert ours.token_log_probs == pytest.approx(log_probs, abs=1e-5)
@@ -76,7 +69,7 @@ def test_kv_cached_mixture_equals_recomputation(mode: str) -> None:
 
 
 def test_sampling_is_seeded_and_respects_top_k() -> None:
-    models = [tiny_llama(seed) for seed in range(2)]
+    models = live_ensemble([tiny_llama(seed) for seed in range(2)])
     kwargs = {"max_new_tokens": 8, "greedy": False, "temperature": 1.5, "top_k": 1}
     greedy = generate_ids(models, [2, 3], max_new_tokens=8).token_ids
     assert generate_ids(models, [2, 3], seed=1, **kwargs).token_ids == greedy  # top-1 = greedy
@@ -86,83 +79,7 @@ def test_sampling_is_seeded_and_respects_top_k() -> None:
 
 
 def test_stops_at_eos() -> None:
-    model = tiny_llama(0)
-    first = generate_ids([model], [3, 4], max_new_tokens=5).token_ids
-    stopped = generate_ids([model], [3, 4], max_new_tokens=5, eos_token_id=first[1]).token_ids
+    model = live_ensemble([tiny_llama(0)])
+    first = generate_ids(model, [3, 4], max_new_tokens=5).token_ids
+    stopped = generate_ids(model, [3, 4], max_new_tokens=5, eos_token_id=first[1]).token_ids
     assert stopped == first[: first.index(first[1]) + 1]
-
-
-def test_generate_from_run(tmp_path: Path) -> None:
-    layout = RunLayout.of(tmp_path / "run")
-    words = ["<eos>"] + [f"w{i}" for i in range(VOCAB - 1)]
-    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-    tokenizer.save_pretrained(layout.tokenizer)
-    for seed, job_id in enumerate(["a", "b", "c"]):
-        tiny_llama(seed).save_pretrained(layout.job(job_id).final, safe_serialization=True)
-    plan = ensembles_plan(
-        ["easy", "moderate", "difficult"],
-        {"homo": [{"difficult": "c", "easy": "a", "moderate": "b"}]},
-        trained=["law"],
-    )
-    plan.write(layout.plan)
-    _, ensemble = plan.ensemble("homo")
-    assert [p.parent.name for p in ensemble_dirs(layout, ensemble)] == ["a", "b", "c"]
-    text = generate_from_run(layout, "homo", "w1 w2 w3", max_new_tokens=4, stop_at_eos=False)
-    assert len(text.split()) == 4 and all(w in words for w in text.split())
-    with pytest.raises(ValueError, match="not in"):
-        generate_from_run(layout, "nope", "w1")
-
-
-def test_generate_with_a_domains_cached_prior(tmp_path: Path, monkeypatch) -> None:
-    import hdee.generate as generate_module
-
-    layout = RunLayout.of(tmp_path / "run")
-    words = ["<eos>"] + [f"w{i}" for i in range(VOCAB - 1)]
-    backend = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
-    backend.pre_tokenizer = Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>").save_pretrained(
-        layout.tokenizer
-    )
-    for seed, job_id in enumerate(["a", "b"]):
-        tiny_llama(seed).save_pretrained(layout.job(job_id).final, safe_serialization=True)
-    ensembles_plan(
-        ["easy", "difficult"], {"het": [{"difficult": "b", "easy": "a"}]}, trained=["law", "math"]
-    ).write(layout.plan)
-    with pytest.raises(RecordError, match="results.json is missing: run `hdee evaluate"):
-        generate_from_run(layout, "het", "w1", prior_domain="law")
-    prior = {"difficult": 0.75, "easy": 0.25}
-    domains = {"law": {"methods": {}, "cached_prior": prior}, "math": {"methods": {}}}
-    EvaluationResults.model_validate(
-        {
-            "posterior": "prefix",
-            "methods": ["cached_prior"],
-            "seq_len": 4,
-            "cached_prior_decay": 0.3,
-            "device": "cpu",
-            "domains": {d: {"kind": "trained", "test_windows": 1} for d in domains},
-            "configurations": {
-                "het": {
-                    "final_iteration": 1,
-                    "iterations": {"1": {"experts": {}, "domains": domains}},
-                }
-            },
-        }
-    ).write(layout.results)
-    seen: list[object] = []
-    real_generate = generate_module.generate_continuation
-    monkeypatch.setattr(
-        generate_module,
-        "generate_continuation",
-        lambda *args, **kwargs: seen.append(kwargs["prior"]) or real_generate(*args, **kwargs),
-    )
-    text = generate_from_run(layout, "het", "w1", max_new_tokens=2, prior_domain="law")
-    assert len(text.split()) <= 2
-    assert seen == [[0.25, 0.75]]  # in the plan's lane order: easy, difficult
-    with pytest.raises(ValueError, match="domains evaluated: \\['law', 'math'\\]"):
-        generate_from_run(layout, "het", "w1", prior_domain="bio")
-    with pytest.raises(ValueError, match="no cached prior"):
-        generate_from_run(layout, "het", "w1", prior_domain="math")
-    with pytest.raises(ValueError, match="not both"):
-        generate_from_run(layout, "het", "w1", prior_domain="law", prior=[1.0, 1.0])

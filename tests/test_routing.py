@@ -11,21 +11,21 @@ import torch
 from transformers import LlamaForCausalLM
 
 from hdee.ensemble import mixture_log_probs, posterior_weights
+from hdee.ensemble_spec import plan_members
 from hdee.generate import generate_ids
+from hdee.inference import ensemble_label_log_probs
 from hdee.routing import (
     budget_mask,
-    ensemble_members,
     feasible_subsets,
     route,
     routed_flops_per_token,
-    routed_label_log_probs,
     routed_log_weights,
     routed_mixture,
     top_k_mask,
 )
 from hdee.scoring import label_log_probs
 from hdee.shapes import forward_flops_per_token, training_flops_per_token
-from train_helpers import ensembles_plan, random_llama
+from train_helpers import ensembles_plan, live_ensemble, prefix_routing, random_llama
 
 VOCAB = 40
 
@@ -188,7 +188,8 @@ def test_routed_scorer_runs_only_kept_experts_after_the_prefix(mode: str) -> Non
     lp = dense_label_lp(models, batch)
     for log in passes:
         log.clear()
-    scores = routed_label_log_probs(models, batch, "prefix", route_tokens=4, experts=1, mode=mode)
+    ensemble = live_ensemble(models, posterior=mode, routing=prefix_routing(1, 4))
+    scores = ensemble_label_log_probs(ensemble, batch)
     assert scores.route_tokens == 4
     kept = scores.kept
     assert kept.sum(dim=0).tolist() == [1] * 5
@@ -208,16 +209,17 @@ def test_routed_scorer_with_every_expert_is_the_dense_ensemble() -> None:
     models, _ = counted_models(3)
     batch = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     dense = mixture_log_probs(dense_label_lp(models, batch), None, "prefix")
-    for routing, k in [("prefix", 3), ("none", None)]:
-        scores = routed_label_log_probs(models, batch, routing, route_tokens=3, experts=k)
+    for routing in [prefix_routing(3, 3), {"mode": "none"}]:
+        scores = ensemble_label_log_probs(live_ensemble(models, routing=routing), batch)
         torch.testing.assert_close(scores.log_probs, dense)
 
 
 def test_prior_routing_runs_the_prior_top_k_only() -> None:
     models, passes = counted_models(3)
     batch = torch.randint(0, VOCAB, (2, 7))
-    prior = torch.tensor([0.2, 0.7, 0.1]).log()
-    scores = routed_label_log_probs(models, batch, "prior", experts=1, log_prior=prior)
+    prior = torch.tensor([0.2, 0.7, 0.1])
+    ensemble = live_ensemble(models, prior=prior, routing={"mode": "prior", "top_k": 1})
+    scores = ensemble_label_log_probs(ensemble, batch)
     assert passes == [[], [2 * 6], []]
     assert scores.tokens_run == [0, 12, 0]
     only = label_log_probs(models[1], batch).double()
@@ -228,9 +230,8 @@ def test_budget_routed_scorer_keeps_within_the_budget() -> None:
     models, _ = counted_models(4)
     batch = torch.randint(0, VOCAB, (6, 9), generator=torch.Generator().manual_seed(4))
     flops = [1.0, 2.0, 3.0, 4.0]
-    scores = routed_label_log_probs(
-        models, batch, "budget", route_tokens=3, flops=flops, flop_budget=4.5
-    )
+    routing = {"mode": "budget", "route_tokens": 3, "flops": flops, "flop_budget": 4.5}
+    scores = ensemble_label_log_probs(live_ensemble(models, routing=routing), batch)
     cost = scores.kept.double().T @ torch.tensor(flops, dtype=torch.float64)
     assert bool((cost <= 4.5).all())
 
@@ -245,12 +246,12 @@ def test_members_all_is_every_expert_of_every_lane_and_iteration() -> None:
         {"c": [{"easy": "e1", "hard": "h1"}, {"easy": "e2", "hard": "h1"}]},
         ["a"],
     )
-    assert ensemble_members(plan, "c") == (2, {"easy": "e2", "hard": "h1"})
-    assert ensemble_members(plan, "c", members="all") == (
+    assert plan_members(plan, "c") == (2, {"easy": "e2", "hard": "h1"})
+    assert plan_members(plan, "c", members="all") == (
         2,
         {"easy@1": "e1", "hard@1": "h1", "easy@2": "e2"},
     )
-    assert ensemble_members(plan, "c", 1, "all") == (1, {"easy@1": "e1", "hard@1": "h1"})
+    assert plan_members(plan, "c", 1, "all") == (1, {"easy@1": "e1", "hard@1": "h1"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +305,8 @@ def test_routed_generation_equals_a_no_cache_recomputation(
     prompt = torch.randint(1, VOCAB, (prompt_length,), generator=torch.Generator().manual_seed(5))
     prior = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
     steps = 8
-    generation = generate_ids(
-        models, prompt.tolist(), steps, posterior=mode, prior=prior, experts=2, route_tokens=r
-    )
+    ensemble = live_ensemble(models, posterior=mode, prior=prior, routing=prefix_routing(2, r))
+    generation = generate_ids(ensemble, prompt.tolist(), steps)
     assert generation.routed_at == r and len(generation.kept) == 2
     # Every expert read the first r tokens; afterwards only the kept ones ran.
     total = prompt_length + steps - 1  # the last chosen token is never fed back
@@ -325,13 +325,13 @@ def test_routed_generation_equals_a_no_cache_recomputation(
 
 def test_generation_with_every_expert_kept_is_the_dense_generation() -> None:
     models, passes = counted_models(3)
-    dense = generate_ids(models, [1, 2, 3], 6)
-    routed = generate_ids(models, [1, 2, 3], 6, experts=3, route_tokens=2)
+    dense = generate_ids(live_ensemble(models), [1, 2, 3], 6)
+    routed = generate_ids(live_ensemble(models, routing=prefix_routing(3, 2)), [1, 2, 3], 6)
     assert routed.token_ids == dense.token_ids
     assert routed.token_log_probs == pytest.approx(dense.token_log_probs)
-    assert routed.routed_at is None and routed.kept == [0, 1, 2]
-    with pytest.raises(ValueError, match=r"--experts must be in 1..3"):
-        generate_ids(models, [1, 2], 2, experts=4)
+    assert dense.routed_at is None and routed.routed_at == 2 and routed.kept == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"routing.top_k must be an integer in 1..3"):
+        live_ensemble(models, routing=prefix_routing(4, 2))
 
 
 def test_forward_flops_are_the_forward_third_of_training_flops() -> None:

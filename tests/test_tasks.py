@@ -12,7 +12,9 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from hdee.cli import main
-from hdee.export import build_ensemble
+from hdee.config import load_config
+from hdee.ensemble_spec import EnsembleSpec
+from hdee.inference import build_ensemble, resolve_ensemble
 from hdee.layout import RunLayout
 from hdee.model import load_model
 from hdee.records import TasksResults
@@ -84,7 +86,10 @@ def test_adapter_scores_like_the_harness_with_one_context_forward(
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     tokenizer.pad_token = tokenizer.eos_token
     if system == "ensemble":
-        model = build_ensemble(tiny_finished_run, "MHe-IHo", posterior="prefix")
+        layout = RunLayout.of(tiny_finished_run)
+        config = load_config(layout.config)
+        resolved = resolve_ensemble(EnsembleSpec(), config, layout, "MHe-IHo")
+        model = build_ensemble(resolved, layout, config.data.seq_len, "cpu")
     else:
         job = layout.job(sorted(layout.jobs.glob("expert-L-*"))[0].name)
         model = load_model(job.final).eval()
@@ -106,12 +111,17 @@ def test_adapter_scores_like_the_harness_with_one_context_forward(
 
 def test_tasks_results_report_and_best_single(tasks_run: Path) -> None:
     results = TasksResults.read(RunLayout.of(tasks_run).tasks_results)
-    assert results.format == "hdee-tasks" and results.version == 1
+    assert results.format == "hdee-tasks" and results.version == 2
     assert results.tasks == list(BUILTIN_TASKS) and results.limit == LIMIT
     ensembles = {n for n, s in results.systems.items() if s.kind == "ensemble"}
     singles = {n: s for n, s in results.systems.items() if s.kind == "single_expert"}
     assert ensembles == {"MHo-IHo", "MHe-IHo"}
     assert len(singles) == 5  # 3 + 3 experts, the moderate one shared
+    for name in ensembles:  # each ensemble says which spec it ran
+        ensemble = results.systems[name].ensemble
+        assert ensemble is not None and ensemble.configuration == name
+        assert list(ensemble.members) == results.systems[name].members
+        assert ensemble.prior == "uniform" and ensemble.routing == "none"
     for system in results.systems.values():
         assert system.requests > 0 and system.seconds > 0
         assert 0.0 <= system.metrics["hdee_next_chunk"]["acc,none"] <= 1.0

@@ -119,3 +119,23 @@ def ensembles_plan(
         baseline=next(iter(ensembles)),
         budget_measure="proxy",
     )
+
+
+def live_ensemble(
+    models: list[LlamaForCausalLM],
+    posterior: str = "prefix",
+    prior: list[float] | torch.Tensor | None = None,
+    routing: dict[str, Any] | None = None,
+) -> Any:
+    """The live ensemble (`HdeeEnsembleForCausalLM`) of in-memory experts, as every inference
+    command runs it."""
+    from hdee.hf_ensemble import HdeeEnsembleForCausalLM
+
+    weights = None if prior is None else [float(w) for w in torch.as_tensor(prior)]
+    return HdeeEnsembleForCausalLM.from_experts(
+        models, posterior=posterior, prior=weights, routing=routing
+    ).eval()
+
+
+def prefix_routing(k: int, route_tokens: int) -> dict[str, Any]:
+    return {"mode": "prefix", "top_k": k, "route_tokens": route_tokens}
