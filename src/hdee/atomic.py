@@ -68,7 +68,7 @@ def named_os_error(error: OSError, path: str | Path) -> OSError:
     return OSError(error.errno, error.strerror, str(path))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -98,7 +98,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as error:
         raise named_os_error(error, target) from error
     finally:
@@ -150,7 +150,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as error:
         raise named_os_error(error, target) from error
     finally:

@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config file is wrong. The message names the file, the key and what was expected."""
 
 
+class UsageError(ValueError):
+    """A command-line argument is wrong (out of its range, naming nothing that exists, a path
+    hdee may not write). The message names the flag and what it allows; `hdee` exits 2, as
+    for a bad config, where a runtime failure exits 1 (docs/cli.md)."""
+
+
 class _Strict(BaseModel):
     # Unknown keys are almost always typos; refuse them instead of silently ignoring. An
     # infinite or NaN number (`lr: .inf`) is never a meaningful setting: refuse it too.

@@ -22,16 +22,17 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from hdee import hf_ensemble
-from hdee.atomic import atomic_directory
 from hdee.ensemble import POSTERIOR_MODES
 from hdee.generate import cached_prior_from_run
 from hdee.hf_ensemble import HdeeEnsembleConfig, HdeeEnsembleForCausalLM
 from hdee.integrity import verify_model_dir
 from hdee.layout import RunLayout
 from hdee.model import load_model
+from hdee.outputs import check_output_directory, output_directory
 from hdee.records import Plan
 from hdee.routing import Members, ensemble_members
 
+EXPORT_COMMAND = "hdee export"
 MODELING_FILE = "modeling_hdee.py"
 AUTO_MAP = {
     "AutoConfig": "modeling_hdee.HdeeEnsembleConfig",
@@ -196,9 +197,12 @@ def export_ensemble(
     posterior: str = "prefix",
     experts: int | None = None,
     route_tokens: int = 32,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the ensemble's model directory to `out` atomically (replacing an older export)."""
+    """Write the ensemble's model directory to `out` atomically (replacing an older export;
+    `overwrite`: beside what is in a directory that is not one, hdee.outputs)."""
     layout = RunLayout.of(run_dir)
+    check_output_directory(out, EXPORT_COMMAND, "OUT", overwrite)  # before any model loads
     ensemble = build_ensemble(
         run_dir,
         configuration,
@@ -212,7 +216,7 @@ def export_ensemble(
     ensemble.config.auto_map = dict(AUTO_MAP)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, EXPORT_COMMAND, "OUT", overwrite) as tmp:
         ensemble.save_pretrained(tmp)  # safetensors: transformers never pickles weights here
         tokenizer.save_pretrained(tmp)
         shutil.copyfile(hf_ensemble.__file__, tmp / MODELING_FILE)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from hdee.atomic import read_json
+from hdee.config import UsageError
 from hdee.ensemble import POSTERIOR_MODES, PosteriorMode
 from hdee.layout import RunLayout
 from hdee.records import EvaluationResults, Plan
@@ -279,6 +281,7 @@ def generate_continuation(
     input_ids = ([eos] if eos is not None else []) + tokenizer.encode(
         prompt, add_special_tokens=False
     )
+    check_generation_fits(experts, len(input_ids), max_new_tokens)  # before any model loads
     generation = generate_ids(
         load_models(experts),
         input_ids,
@@ -299,6 +302,37 @@ def generate_continuation(
         members=list(names) if names is not None else [str(j) for j in range(len(experts))],
         tokens=[tokenizer.decode([token]) for token in generation.token_ids],
     )
+
+
+def check_generation_fits(
+    experts: Sequence[str | Path | PreTrainedModel], prompt_tokens: int, max_new_tokens: int
+) -> None:
+    """Refuse (UsageError: exit 2) a prompt and continuation longer than the experts' context,
+    `max_position_embeddings` of their configs (the training sequence length): past it a
+    model reads positions it never trained on, and a typo (100000000) would run for days.
+    `prompt_tokens` counts the EOS hdee puts before the prompt. Reads config.json only."""
+    contexts: dict[str, int] = {}
+    for expert in experts:
+        if isinstance(expert, (str, Path)):
+            path = Path(expert) / "config.json"
+            contexts[str(path)] = int(read_json(path)["max_position_embeddings"])
+        else:
+            contexts[type(expert).__name__] = int(expert.config.max_position_embeddings)
+    if not contexts:
+        return
+    source, context = min(contexts.items(), key=lambda item: item[1])
+    room = context - prompt_tokens
+    if room < 1:
+        raise UsageError(
+            f"--prompt: {prompt_tokens} tokens (with the EOS before it) leave no room in the "
+            f"experts' context of {context} tokens (max_position_embeddings in {source})"
+        )
+    if max_new_tokens > room:
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens}: must be in 1..{room}: the experts' context is "
+            f"{context} tokens (max_position_embeddings in {source}) and the prompt takes "
+            f"{prompt_tokens} (with the EOS before it)"
+        )
 
 
 def generate(
