@@ -216,12 +216,12 @@ def test_generation_longer_than_the_context_is_refused_before_any_model_loads(
     monkeypatch.setattr(hdee.generate, "load_models", no_models)
     assert main([*argv, "--max-new-tokens", "100000000"]) == 2
     err = capsys.readouterr().err
-    found = re.search(
-        r"--max-new-tokens 100000000: must be in 1\.\.(\d+): the experts' context", err
-    )
+    found = re.search(r"--max-new-tokens 100000000: must be in 1\.\.(\d+): the experts read", err)
     assert found, err
-    assert "is 16 tokens (max_position_embeddings in " in err and "config.json)" in err
+    prompt = int(re.search(r"the prompt \((\d+) tokens with the EOS before it\)", err).group(1))
+    assert "at most 16 positions (max_position_embeddings in " in err and "config.json)" in err
     room = int(found.group(1))
+    assert room == 16 - prompt + 1  # the last new token is never read
     assert main([*argv, "--max-new-tokens", str(room + 1)]) == 2
     capsys.readouterr()
     monkeypatch.setattr(hdee.generate, "load_models", loads)

@@ -102,10 +102,11 @@ def test_generate_with_explicit_prior_and_prior_domain(tiny_cli_run):
     for argv, expected in [
         (["--prior", "1,2"], "prior must be 3 non-negative weights"),
         (["--prior-domain", "nowhere"], "domain 'nowhere'"),
-        (["--iteration", "5"], "iterations 1..1, not 5"),
     ]:
         code, _, err = hdee(*base, *argv)
         assert code == 1 and expected in err, (argv, err)
+    code, _, err = hdee(*base, "--iteration", "5")  # a bad argument: exit 2 (docs/cli.md)
+    assert code == 2 and "iterations 1..1, not 5" in err, err
     code, _, err = hdee(*base, "--prior", "1,2,3", "--prior-domain", "d1")
     assert code == 2 and "not allowed with argument" in err
 

@@ -168,7 +168,7 @@ def test_bad_export_arguments_are_named(tiny_finished_run: Path, tmp_path: Path,
     assert "--route-tokens must be >= 1" in capsys.readouterr().err
     assert main([*argv, "--members", "all", "--prior", "d0"]) == 1
     assert "--members all" in capsys.readouterr().err
-    assert main([*argv, "--iteration", "5"]) == 1
+    assert main([*argv, "--iteration", "5"]) == 2  # a bad argument: exit 2 (docs/cli.md)
     assert "iterations 1..2" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

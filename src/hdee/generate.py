@@ -307,10 +307,11 @@ def generate_continuation(
 def check_generation_fits(
     experts: Sequence[str | Path | PreTrainedModel], prompt_tokens: int, max_new_tokens: int
 ) -> None:
-    """Refuse (UsageError: exit 2) a prompt and continuation longer than the experts' context,
+    """Refuse (UsageError: exit 2) a generation that reads past the experts' context,
     `max_position_embeddings` of their configs (the training sequence length): past it a
     model reads positions it never trained on, and a typo (100000000) would run for days.
-    `prompt_tokens` counts the EOS hdee puts before the prompt. Reads config.json only."""
+    The experts read the prompt (`prompt_tokens`, with the EOS hdee puts before it) and every
+    new token but the last. Reads config.json only, before any model loads."""
     contexts: dict[str, int] = {}
     for expert in experts:
         if isinstance(expert, (str, Path)):
@@ -321,17 +322,17 @@ def check_generation_fits(
     if not contexts:
         return
     source, context = min(contexts.items(), key=lambda item: item[1])
-    room = context - prompt_tokens
-    if room < 1:
+    limit = context - prompt_tokens + 1
+    if limit < 1:
         raise UsageError(
-            f"--prompt: {prompt_tokens} tokens (with the EOS before it) leave no room in the "
-            f"experts' context of {context} tokens (max_position_embeddings in {source})"
+            f"--prompt: {prompt_tokens} tokens (with the EOS before it) are more than the "
+            f"experts' context of {context} positions (max_position_embeddings in {source})"
         )
-    if max_new_tokens > room:
+    if max_new_tokens > limit:
         raise UsageError(
-            f"--max-new-tokens {max_new_tokens}: must be in 1..{room}: the experts' context is "
-            f"{context} tokens (max_position_embeddings in {source}) and the prompt takes "
-            f"{prompt_tokens} (with the EOS before it)"
+            f"--max-new-tokens {max_new_tokens}: must be in 1..{limit}: the experts read the "
+            f"prompt ({prompt_tokens} tokens with the EOS before it) and every new token but the "
+            f"last, at most {context} positions (max_position_embeddings in {source})"
         )
 
 
