@@ -103,9 +103,9 @@ def test_tally_counts_wins_and_ties():
 
 
 def test_relative_change_is_the_perplexity_ratio_in_percent():
-    p = pair("a", "b", math.log(0.98), math.log(1.01))
-    p = p.model_copy(update={"delta": math.log(0.995)})
-    assert relative_change(p) == "-0.5% [-2.0, +1.0]"
+    p = pair("a", "b", math.log(0.5), math.log(1.25))
+    p = p.model_copy(update={"delta": math.log(0.9)})
+    assert relative_change(p) == "-10.0% [-50.0, +25.0]"
 
 
 def test_the_table_against_a_reference_marks_significant_differences_in_bold():
@@ -128,3 +128,9 @@ def test_the_table_against_a_reference_marks_significant_differences_in_bold():
     assert lines[4] == "| code | – | – | – |"
     assert len(lines) == 5
     assert against_reference_table(u, "simple_average", "MHo", ["law"]) == []
+
+
+def test_an_interval_that_touches_zero_is_not_bold():
+    touching = uncertainty(configurations=[pair("MHo", "A", -0.2, 0.0), pair("MHo", "B", 0.0, 0.2)])
+    row = against_reference_table(touching, "uniform_prior", "MHo", ["law"])[2]
+    assert "**" not in row
