@@ -353,6 +353,11 @@ def test_equalise_steps_keeps_proportions_and_ends_where_no_step_helps():
     step of any lane (>= 1) gets closer, so the gap is at most half a step of the cheapest
     lane that can move. Seeded random cases, several passes, lanes at 1, ties."""
     assert equalise_steps({"a": 1, "b": 100}, {"a": 5.0, "b": 1.0}, 105.0) == {"a": 1, "b": 100}
+    # A lane at 1 stays there: started at 2, no single step would find the exact fit again.
+    assert equalise_steps({"a": 1, "b": 10}, {"a": 3.0, "b": 2.0}, 23.0) == {"a": 1, "b": 10}
+    # The cheapest lane moves first: here that reaches the budget exactly, where moving the
+    # lanes in name order would stop 2 short (13 / 16).
+    assert equalise_steps({"a": 6, "b": 7}, {"a": 6.0, "b": 4.0}, 144.0) == {"a": 14, "b": 15}
     assert equalise_steps({"a": 10, "b": 20}, {"a": 1.0, "b": 1.0}, 60.0) == {"a": 20, "b": 40}
     # No lane goes below 1 step, however far over the target that leaves it.
     assert equalise_steps({"a": 1, "b": 1}, {"a": 1.0, "b": 10.0}, 8.0) == {"a": 1, "b": 1}

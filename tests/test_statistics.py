@@ -125,6 +125,8 @@ def test_window_documents_exactly():
     assert window_documents(tokens, 3, 1, eos).tolist() == [0]
     empty = window_documents(tokens, 3, 0, eos)
     assert empty.shape == (0,) and empty.dtype == np.int64
+    # seq_len 1: window k is token k and its label k + 1.
+    assert window_documents(np.array([5, 0, 6, 0, 7]), 1, 4, eos).tolist() == [0, 1, 1, 2]
 
 
 def test_resampling_units_exactly():
@@ -152,16 +154,19 @@ def test_bootstrap_weights_take_what_they_document_and_refuse_the_rest():
 
 
 def test_paired_interval_equals_a_hand_computation():
-    reference = np.array([-10.0, -20.0, -5.0, -8.0], dtype=np.float32)
-    candidate = np.array([-9.0, -21.5, -4.0, -7.25], dtype=np.float32)
+    # float32 sums whose differences float32 would round: the maths is float64 whatever comes.
+    reference = np.array([-1000.1, -20.3, -5.7, -8.9], dtype=np.float32)
+    candidate = np.array([-0.37, -21.53, -4.1, -7.251], dtype=np.float32)
     labels = np.array([4, 8, 2, 3])
     weights = bootstrap_weights(np.arange(4), resamples=50, seed=5)
     interval = paired_interval(reference, candidate, labels, weights, level=0.9)
     difference = reference.astype(np.float64) - candidate.astype(np.float64)
-    assert interval.delta == difference.sum() / labels.sum()  # in float64, exactly
+    assert interval.delta == pytest.approx(difference.sum() / labels.sum(), rel=1e-12)
+    in_float32 = (reference - candidate).sum() / labels.sum()
+    assert interval.delta != pytest.approx(in_float32, rel=1e-9), "the case cannot tell them apart"
     resampled = (weights @ difference) / (weights @ labels.astype(np.float64))
     low, high = np.percentile(resampled, [5.0, 95.0])
-    assert (interval.low, interval.high) == (low, high)
+    assert (interval.low, interval.high) == pytest.approx((low, high), rel=1e-12)  # BLAS order
     for level in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=rf"^level must be in \(0, 1\), got {level}$"):
             paired_interval(reference, candidate, labels, weights, level=level)
