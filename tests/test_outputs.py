@@ -355,3 +355,16 @@ def test_report_keeps_a_users_files_in_the_run(tiny_cli_run: dict, tmp_path: Pat
     plant(run / "report")
     assert hdee("report", run) == 0
     assert intact(run) and intact(run / "report") and (run / "report" / "report.md").is_file()
+
+
+def test_a_demo_stopped_after_gathering_its_corpus_is_an_earlier_demo(tmp_path: Path):
+    from hdee.demo import CONFIG_FILE, CONFIG_HEADER, CORPUS_DIR
+
+    ours = {CORPUS_DIR: None, CONFIG_FILE: CONFIG_HEADER}
+    layout = RunLayout.of(tmp_path / "demo")
+    (layout.run_root / CORPUS_DIR).mkdir(parents=True)
+    (layout.run_root / CONFIG_FILE).write_text(CONFIG_HEADER + "seed: 0\n")
+    check_run_directory(layout, "--run-dir", False, extra=ours)  # the demo resumes there
+    (layout.run_root / CONFIG_FILE).write_text("seed: 0\n")  # a demo.yaml of the user's
+    with pytest.raises(OutputError, match="not an hdee run directory"):
+        check_run_directory(layout, "--run-dir", False, extra=ours)
