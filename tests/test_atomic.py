@@ -122,3 +122,63 @@ def test_the_cli_prints_the_path_of_a_failed_write(tmp_path: Path):
     assert result.returncode == 1, result.stderr
     assert "hdee prepare: error: [Errno 27] File too large: " in result.stderr
     assert f"'{tmp_path / 'run' / 'config.yaml'}'" in result.stderr
+
+
+# The tiny experiment (conftest's config cut to 4 domains, 1 iteration, 1 configuration), an
+# export and a generation's weights, under each umask in turn, in one child process (a umask is
+# the process's; one process pays the imports once).
+_UNDER_UMASKS = """
+import os, sys
+import torch
+torch.set_num_threads(1)
+from hdee.cli import main
+for mask, root in {roots!r}:
+    os.umask(mask)
+    run, out = os.path.join(root, "run"), os.path.join(root, "out")
+    for argv in (
+        ["run", os.path.join(root, "experiment.yaml"), "--quiet"],
+        ["export", run, "--configuration", "MHo-IHo", os.path.join(out, "export")],
+        ["generate", run, "--configuration", "MHo-IHo", "--prompt", "the a",
+         "--max-new-tokens", "3", "--weights-jsonl", os.path.join(out, "weights.jsonl")],
+    ):
+        if main(argv) != 0:
+            sys.exit(f"umask {{mask:03o}}: hdee {{argv[0]}} failed")
+"""
+MASKS = (0o022, 0o002, 0o077)
+
+
+def test_every_file_of_a_run_and_an_export_follows_the_umask(tmp_path: Path):
+    """A group sharing a run directory (umask 002) can read and write every file in it, a
+    private one (077) shares none: model and trainer-state safetensors included, which
+    safetensors itself writes 0600 whatever the umask."""
+    import yaml
+
+    from conftest import tiny_run_config
+
+    roots = [(mask, tmp_path / f"{mask:03o}") for mask in MASKS]
+    for _, root in roots:
+        raw = tiny_run_config(root)
+        raw["data"]["domains"] = raw["data"]["domains"][:4]
+        raw["plan"]["held_out"] = ["d3"]
+        raw["plan"]["iterations"] = 1
+        raw["plan"]["configurations"] = raw["plan"]["configurations"][:1]
+        raw["seeds"]["training"].update(steps=4, eval_every=2, checkpoint_every=2)
+        (root / "experiment.yaml").write_text(yaml.safe_dump(raw))
+    result = subprocess.run(
+        [sys.executable, "-c", _UNDER_UMASKS.format(roots=[(m, str(r)) for m, r in roots])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HDEE_PROGRESS": "0"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for mask, root in roots:
+        written = [root / "run", *sorted((root / "run").rglob("*")), *(root / "out").rglob("*")]
+        names = {path.name for path in written}
+        assert {"trainer_state.safetensors", "model.safetensors", "weights.jsonl"} <= names
+        wrong = [
+            f"{path.relative_to(root)}: {mode(path):o}"
+            for path in written
+            if mode(path) != (0o777 if path.is_dir() else 0o666) & ~mask
+        ]
+        assert wrong == [], f"umask {mask:03o}: {len(wrong)} of {len(written)} wrong: {wrong[:5]}"

@@ -146,6 +146,16 @@ def test_evaluate_takes_evaluation_settings(tmp_path: Path):
             ["plan", "c.yaml", "--vocab-size", "lots"],
             "--vocab-size: expected an integer, got 'lots'",
         ),
+        (["tasks", "RUN", "--tasks", "builtin", "--limit", "0"], "--limit: must be >= 1, got 0"),
+        (["tasks", "RUN", "--tasks", "builtin", "--limit", "-5"], "--limit: must be >= 1, got -5"),
+        (
+            ["tasks", "RUN", "--tasks", "builtin", "--batch-size", "0"],
+            "--batch-size: must be >= 1, got 0",
+        ),
+        (
+            ["tasks", "RUN", "--tasks", "builtin", "--num-fewshot", "-2"],
+            "--num-fewshot: must be >= 0, got -2",
+        ),
     ],
 )
 def test_number_arguments_are_range_checked(capsys, arguments: list[str], expected: str):
@@ -153,3 +163,86 @@ def test_number_arguments_are_range_checked(capsys, arguments: list[str], expect
         main(arguments)
     assert exit_info.value.code == 2
     assert expected in capsys.readouterr().err
+
+
+def test_bad_arguments_found_after_parsing_exit_2_runtime_failures_exit_1(
+    tiny_cli_run: dict, tmp_path: Path, capsys
+):
+    """One exit-code rule (docs/cli.md): an argument naming nothing that exists is exit 2
+    wherever it is found; a stage's missing input is a runtime failure, exit 1."""
+    run = str(tiny_cli_run["run_dir"])
+    config = str(tiny_cli_run["config_path"])
+    (tmp_path / "bad.json").write_text("{}")
+    bad = [
+        (["run", config, "--from", "plan", "--until", "difficulty"], "--from plan comes after"),
+        (["train", str(tmp_path / "none.json")], "none.json: spec file not found"),
+        (["train", str(tmp_path / "bad.json")], "bad.json: not a training spec (kind: Field"),
+        (["generate", run, "--configuration", "nope", "--prompt", "x"], "'nope' is not in the"),
+        (
+            ["generate", run, "--configuration", "MHe-IHo", "--iteration", "5", "--prompt", "x"],
+            "'MHe-IHo' has iterations 1..1, not 5",
+        ),
+        (["export", run, str(tmp_path / "e"), "--configuration", "nope"], "'nope' is not in the"),
+        (
+            ["export", run, str(tmp_path / "e"), "--configuration", "MHe-IHo", "--iteration", "0"],
+            "'MHe-IHo' has iterations 1..1, not 0",
+        ),
+    ]
+    for argv, expected in bad:
+        assert main(argv) == 2, argv
+        assert expected in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((Path(run) / "config.yaml").read_text())
+    assert main(["report", str(empty)]) == 1  # no plan.json: a stage to run, not a bad flag
+    assert "plan.json" in capsys.readouterr().err
+
+
+def test_generation_longer_than_the_context_is_refused_before_any_model_loads(
+    tiny_cli_run: dict, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    import re
+
+    import hdee.generate
+
+    run = tiny_cli_run["run_dir"]
+    argv = ["generate", str(run), "--configuration", "MHe-IHo", "--prompt", "the one"]
+    loads = hdee.generate.load_models
+
+    def no_models(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model loaded before --max-new-tokens was checked")
+
+    monkeypatch.setattr(hdee.generate, "load_models", no_models)
+    assert main([*argv, "--max-new-tokens", "100000000"]) == 2
+    err = capsys.readouterr().err
+    found = re.search(r"--max-new-tokens 100000000: must be in 1\.\.(\d+): the experts read", err)
+    assert found, err
+    prompt = int(re.search(r"the prompt \((\d+) tokens with the EOS before it\)", err).group(1))
+    assert "at most 16 positions (max_position_embeddings in " in err and "config.json)" in err
+    room = int(found.group(1))
+    assert room == 16 - prompt + 1  # the last new token is never read
+    assert main([*argv, "--max-new-tokens", str(room + 1)]) == 2
+    capsys.readouterr()
+    monkeypatch.setattr(hdee.generate, "load_models", loads)
+    assert main([*argv, "--max-new-tokens", str(room)]) == 0  # the whole context is usable
+
+
+def test_a_config_that_no_longer_fits_the_difficulty_record_names_it(
+    tiny_cli_run: dict, tmp_path: Path, capsys
+):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_cli_run["run_dir"], run)
+    raw = yaml.safe_load(tiny_cli_run["config_path"].read_text())
+    raw["run_dir"] = str(run)
+    raw["plan"]["held_out"] = ["d4"]  # d3 was held out when the seeds ranked the domains
+    config = write_config(tmp_path, raw)
+    for argv in (["plan", str(config)], ["run", str(config), "--from", "plan", "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{config}: {run / 'difficulty' / 'difficulty.json'}: its classes were made" in err
+        assert "d3: held-out (" in err and "`hdee run CONFIG` measures the classes again" in err
+    assert main(["run", str(config), "--until", "difficulty", "--quiet"]) == 0
+    assert main(["plan", str(config)]) == 0

@@ -68,3 +68,37 @@ def test_record_places_held_out_domains_by_cut_points():
         [],
     )
     assert only_m.seed_sizes == ["M"] and only_m.perplexity["a"] == 5.0
+
+
+def test_an_earlier_record_fits_only_the_config_it_was_made_for(tmp_path):
+    """record_conflict: the classes the config's settings give the record's perplexities must
+    be the record's own; a domain added, a held-out list, a method or the seeds changed since
+    are each named."""
+    from conftest import tiny_config_dict
+    from hdee.config import parse_config
+    from hdee.difficulty import record_conflict
+
+    def config(**changes):
+        raw = tiny_config_dict(tmp_path / "run", n_domains=7, held_out=1)
+        for section, values in changes.items():
+            raw[section] = {**raw.get(section, {}), **values}
+        return parse_config(raw)
+
+    ppl = {f"d{i}": p for i, p in enumerate(PPL.values())}
+    fitted = config()
+    record = difficulty_record({"M": ppl}, fitted.difficulty, fitted.trainable_domains, ["d6"])
+    assert record_conflict(record, fitted, ["M"]) is None
+    assert record_conflict(record, fitted, ["M", "S"]) == (
+        "it ranks the domains with seed(s) ['M'], the config now with ['M', 'S']"
+    )
+    assert record_conflict(record, config(difficulty={"seed_size": "M"}), ["M", "S"]) is None
+    held = record_conflict(record, config(plan={"held_out": ["d5", "d6"]}), ["M"])
+    assert (
+        held.startswith("its classes were made with other settings") and "d5: moderate -> " in held
+    )
+    thresholds = config(difficulty={"method": "thresholds", "thresholds": [25.0, 40.0]})
+    assert "d3: moderate -> easy" in record_conflict(record, thresholds, ["M"])
+    grown = tiny_config_dict(tmp_path / "run", n_domains=8, held_out=2)
+    assert record_conflict(record, parse_config(grown), ["M"]) == (
+        "it has no seed perplexity for domain(s) ['d7'] (added to data.domains since)"
+    )

@@ -148,3 +148,46 @@ def test_weights_that_do_not_fit_the_config_are_refused(tmp_path: Path) -> None:
     llama_config(small, 100, 32).save_pretrained(tmp_path / "m")  # config of another size
     with pytest.raises(ValueError, match="model.safetensors"):
         load_model(tmp_path / "m")
+
+
+def test_parameter_counts_with_biases_and_an_explicit_head_dim_match_a_real_model() -> None:
+    """The branches hdee's presets never take (attention and MLP biases, a head_dim other than
+    hidden / heads, grouped-query attention), counted against a real model."""
+    from transformers import LlamaConfig
+
+    for attention_bias, mlp_bias in [(True, False), (False, True), (True, True)]:
+        cfg = LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,  # not 32 / 4
+            intermediate_size=48,
+            attention_bias=attention_bias,
+            mlp_bias=mlp_bias,
+        )
+        with torch.device("meta"):
+            model = LlamaForCausalLM(cfg)
+        total, non_embedding = parameter_counts(cfg)
+        assert total == sum(p.numel() for p in model.parameters())
+        embeddings = model.model.embed_tokens.weight.numel() + model.lm_head.weight.numel()
+        assert non_embedding == total - embeddings
+    shape = ModelShape("M", 64, 2, 4, 2, 96)
+    architecture = Architecture.of(shape, vocab_size=300)
+    assert architecture.num_key_value_heads == 2
+    counts = parameter_counts(architecture)
+    assert all(isinstance(count, int) for count in counts)  # never a float head_dim
+    assert counts == parameter_counts(llama_config(shape, 300, 32))
+
+
+def test_shapes_keep_every_setting_and_name_what_is_wrong() -> None:
+    shapes = model_shapes(ModelConfig(preset="tiny", rope_theta=5e5, tie_embeddings=True))
+    assert [shape.name for shape in shapes.values()] == list(shapes) == ["S", "M", "L"]
+    assert all(s.rope_theta == 5e5 and s.tie_embeddings for s in shapes.values())
+    with pytest.raises(ValueError, match="needs explicit hidden_size, num_layers, num_heads"):
+        model_shapes(ModelConfig(preset="none", ffn_sizes={"M": 8}))
+    with pytest.raises(ValueError, match="^model: num_heads 4 is not divisible by num_kv_heads 3$"):
+        model_shapes(ModelConfig(preset="tiny", num_kv_heads=3))
+    with pytest.raises(ValueError, match="^model: ffn_sizes is empty$"):
+        model_shapes(ModelConfig(preset="tiny", ffn_sizes={}))

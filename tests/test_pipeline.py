@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_run_config
 from hdee.atomic import read_json
 from hdee.cli import main
-from hdee.config import parse_config
+from hdee.config import UsageError, parse_config
 from hdee.layout import RunLayout
 from hdee.pipeline import RunError, run_experiment, run_lock, select_stages
 from hdee.records import Plan, RecordError
@@ -197,7 +197,7 @@ def test_stage_selection():
         "report",
     ]
     assert select_stages("plan", "experts") == ["plan", "experts"]
-    with pytest.raises(RunError, match="comes after"):
+    with pytest.raises(UsageError, match="comes after"):
         select_stages("report", "seeds")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -340,3 +341,48 @@ def test_job_ids_hash_what_determines_the_weights_and_nothing_else(config_dict):
         assert set(ids(seeds=changed)).isdisjoint(base), changed
         assert ids(experts=changed) != base, changed
     assert set(ids(runner={"gpus_per_job": 2})).isdisjoint(base)
+
+
+def _gap(steps: dict[str, int], costs: dict[str, float], target: float) -> float:
+    return abs(target - sum(costs[lane] * s for lane, s in steps.items()))
+
+
+def test_equalise_steps_keeps_proportions_and_ends_where_no_step_helps():
+    """One factor first (steps on target stay as they are, a doubled target doubles them),
+    then +-1 steps of single lanes while they bring the total closer: at the end no single
+    step of any lane (>= 1) gets closer, so the gap is at most half a step of the cheapest
+    lane that can move. Seeded random cases, several passes, lanes at 1, ties."""
+    assert equalise_steps({"a": 1, "b": 100}, {"a": 5.0, "b": 1.0}, 105.0) == {"a": 1, "b": 100}
+    # A lane at 1 stays there: started at 2, no single step would find the exact fit again.
+    assert equalise_steps({"a": 1, "b": 10}, {"a": 3.0, "b": 2.0}, 23.0) == {"a": 1, "b": 10}
+    # The cheapest lane moves first: here that reaches the budget exactly, where moving the
+    # lanes in name order would stop 2 short (13 / 16).
+    assert equalise_steps({"a": 6, "b": 7}, {"a": 6.0, "b": 4.0}, 144.0) == {"a": 14, "b": 15}
+    assert equalise_steps({"a": 10, "b": 20}, {"a": 1.0, "b": 1.0}, 60.0) == {"a": 20, "b": 40}
+    # No lane goes below 1 step, however far over the target that leaves it.
+    assert equalise_steps({"a": 1, "b": 1}, {"a": 1.0, "b": 10.0}, 8.0) == {"a": 1, "b": 1}
+    # Rounding leaves 3 short, closed by the cheap lane, one step per pass.
+    assert equalise_steps({"a": 4, "b": 2}, {"a": 1.0, "b": 10.0}, 27.0) == {"a": 7, "b": 2}
+    assert equalise_steps({"a": 2, "b": 5}, {"a": 1.0, "b": 10.0}, 51.0) == {"a": 1, "b": 5}  # to 1
+    # A tie (the gap is half a step either way) stops rather than going back and forth.
+    assert equalise_steps({"a": 3}, {"a": 2.0}, 7.0) == {"a": 4}  # round(3.5) is 4
+    rng = random.Random(7)
+    for _ in range(300):
+        lanes = ["easy", "moderate", "difficult"][: rng.randint(1, 3)]
+        steps = {lane: rng.randint(1, 60) for lane in lanes}
+        costs = {lane: float(rng.randint(1, 9)) for lane in lanes}
+        target = sum(costs[x] * steps[x] for x in lanes) * rng.uniform(0.2, 3.0)
+        result = equalise_steps(steps, costs, target)
+        assert set(result) == set(steps) and all(s >= 1 for s in result.values())
+        for lane in lanes:
+            for delta in (1, -1):
+                trial = {**result, lane: result[lane] + delta}
+                if trial[lane] >= 1:
+                    assert _gap(trial, costs, target) >= _gap(result, costs, target) - 1e-9, (
+                        steps,
+                        costs,
+                        target,
+                        result,
+                        lane,
+                        delta,
+                    )

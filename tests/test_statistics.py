@@ -111,3 +111,62 @@ def test_bad_inputs_are_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="resamples"):
         bootstrap_weights(np.arange(3), resamples=0)
     assert Interval(0.1, 0.05, 0.2).verdict == "reference"
+
+
+def test_window_documents_exactly():
+    """Window k belongs to the document of its first label (token k * seq_len + 1): the EOS
+    count before it, from document 0, int64; a first label that is an EOS ends its document."""
+    eos = 0
+    #          window 0: [5 6 0 7]  window 1: [7 0 8 9]  window 2: [9 9 0 0]  (seq_len 3)
+    tokens = np.array([5, 6, 0, 7, 0, 8, 9, 9, 0, 0, 4])
+    documents = window_documents(tokens, seq_len=3, count=3, eos_id=eos)
+    assert documents.tolist() == [0, 1, 2] and documents.dtype == np.int64
+    # Window 1's first label (token 4) is the EOS that ends document 1: it stays in it.
+    assert window_documents(tokens, 3, 1, eos).tolist() == [0]
+    empty = window_documents(tokens, 3, 0, eos)
+    assert empty.shape == (0,) and empty.dtype == np.int64
+    # seq_len 1: window k is token k and its label k + 1.
+    assert window_documents(np.array([5, 0, 6, 0, 7]), 1, 4, eos).tolist() == [0, 1, 1, 2]
+
+
+def test_resampling_units_exactly():
+    unit, clusters = resampling_units(np.array([7, 7, 9]), 3)  # two documents are enough
+    assert unit == "documents" and clusters.tolist() == [0, 0, 1] and clusters.dtype == np.int64
+    unit, clusters = resampling_units(np.array([], dtype=np.int64), 0)
+    assert unit == "windows" and clusters.shape == (0,)
+    unit, clusters = resampling_units(None, 2)
+    assert unit == "windows" and clusters.tolist() == [0, 1] and clusters.dtype == np.int64
+
+
+def test_bootstrap_weights_take_what_they_document_and_refuse_the_rest():
+    one = bootstrap_weights(np.array([0]), resamples=1)
+    assert one.shape == (1, 1) and one.tolist() == [[1.0]]  # one window, one resample
+    assert np.array_equal(
+        bootstrap_weights(np.array([0, 1, 1])), bootstrap_weights([0, 1, 1], seed=0)
+    )
+    as_floats = bootstrap_weights(np.array([0.0, 1.0, 1.0]), resamples=5, seed=3)
+    assert np.array_equal(as_floats, bootstrap_weights(np.array([0, 1, 1]), resamples=5, seed=3))
+    for bad in (np.array([], dtype=np.int64), np.zeros((2, 2), dtype=np.int64)):
+        with pytest.raises(ValueError, match="^need at least one window to resample$"):
+            bootstrap_weights(bad)
+    with pytest.raises(ValueError, match="resamples must be positive, got 0"):
+        bootstrap_weights(np.array([0]), resamples=0)
+
+
+def test_paired_interval_equals_a_hand_computation():
+    # float32 sums whose differences float32 would round: the maths is float64 whatever comes.
+    reference = np.array([-1000.1, -20.3, -5.7, -8.9], dtype=np.float32)
+    candidate = np.array([-0.37, -21.53, -4.1, -7.251], dtype=np.float32)
+    labels = np.array([4, 8, 2, 3])
+    weights = bootstrap_weights(np.arange(4), resamples=50, seed=5)
+    interval = paired_interval(reference, candidate, labels, weights, level=0.9)
+    difference = reference.astype(np.float64) - candidate.astype(np.float64)
+    assert interval.delta == pytest.approx(difference.sum() / labels.sum(), rel=1e-12)
+    in_float32 = (reference - candidate).sum() / labels.sum()
+    assert interval.delta != pytest.approx(in_float32, rel=1e-9), "the case cannot tell them apart"
+    resampled = (weights @ difference) / (weights @ labels.astype(np.float64))
+    low, high = np.percentile(resampled, [5.0, 95.0])
+    assert (interval.low, interval.high) == pytest.approx((low, high), rel=1e-12)  # BLAS order
+    for level in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=rf"^level must be in \(0, 1\), got {level}$"):
+            paired_interval(reference, candidate, labels, weights, level=level)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,27 @@ pytest.importorskip("lm_eval", reason="hdee[tasks] (lm-evaluation-harness) is no
 LIMIT = 6
 
 
+USERS_FILES = ("tasks/notes.txt", "tasks/sub/keep.txt", "tasks/builtin/notes.txt")
+
+
 @pytest.fixture(scope="module")
-def tasks_run(tiny_finished_run: Path) -> Path:
-    """`hdee tasks RUN --tasks builtin` once, through the CLI."""
+def tasks_run(tiny_finished_run: Path) -> Iterator[Path]:
+    """`hdee tasks RUN --tasks builtin` once, through the CLI, with a user's files planted in
+    RUN/tasks and RUN/tasks/builtin (hdee never deletes what it did not write)."""
+    for name in USERS_FILES:
+        (tiny_finished_run / name).parent.mkdir(parents=True, exist_ok=True)
+        (tiny_finished_run / name).write_text("mine\n")
     argv = ["tasks", str(tiny_finished_run), "--tasks", "builtin", "--limit", str(LIMIT)]
     assert main([*argv, "--quiet"]) == 0
-    return tiny_finished_run
+    yield tiny_finished_run
+    for name in USERS_FILES:
+        (tiny_finished_run / name).unlink(missing_ok=True)
+    (tiny_finished_run / "tasks" / "sub").rmdir()
+
+
+def test_tasks_keeps_a_users_files_beside_its_own(tasks_run: Path) -> None:
+    assert all((tasks_run / name).read_text() == "mine\n" for name in USERS_FILES)
+    assert (tasks_run / "tasks" / "results.json").is_file()
 
 
 def test_builtin_tasks_are_deterministic_and_true(tiny_finished_run: Path, tmp_path: Path) -> None:
@@ -164,7 +180,7 @@ def test_the_harness_cli_on_an_export_agrees(tasks_run: Path, tmp_path: Path) ->
 def test_missing_harness_and_bad_tasks_are_one_clear_line(
     tiny_finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    assert main(["tasks", str(tiny_finished_run), "--tasks", str(tmp_path / "nope.yaml")]) == 1
+    assert main(["tasks", str(tiny_finished_run), "--tasks", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: no such task file" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if hdee[tasks] were not installed
     with pytest.raises(ImportError, match=r"pip install 'hdee\[tasks\]'"):
@@ -180,3 +196,24 @@ def test_builtin_items_take_turns_by_domain_so_a_limit_samples_every_domain() ->
     groups = [[{"d": "a", "i": 1}, {"d": "a", "i": 2}], [{"d": "b", "i": 1}], []]
     assert [(r["d"], r["i"]) for r in _round_robin(groups)] == [("a", 1), ("b", 1), ("a", 2)]
     assert _round_robin([]) == []
+
+
+def test_an_unknown_task_is_refused_before_any_model_loads(
+    tiny_finished_run: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import hdee.export
+    import hdee.scoring
+
+    def no_models(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model loaded before the task names were checked")
+
+    monkeypatch.setattr(hdee.export, "build_ensemble", no_models)
+    monkeypatch.setattr(hdee.scoring, "load_expert", no_models)
+    argv = ["tasks", str(tiny_finished_run), "--tasks", "builtin,hellaswg", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--tasks: unknown task 'hellaswg'. Available: builtin (hdee's hdee_next_chunk and " in err
+    )
+    assert "tasks, groups and tags lm-evaluation-harness" in err and "`lm-eval ls tasks`" in err
+    assert "closest: hellaswag" in err

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,23 @@ def directory_mode() -> int:
     return 0o777 & ~current_umask()
 
 
+def follow_umask(tree: Path) -> None:
+    """Give every file and directory under `tree` (itself included) the mode the umask asks
+    for. Libraries that write through a temporary file of their own create it 0600 whatever
+    the umask: safetensors >= 0.6 saves every model and trainer state that way, which locked a
+    shared group out of every checkpoint in a run directory."""
+    umask = current_umask()
+    os.chmod(tree, 0o777 & ~umask)
+    for parent, directories, files in os.walk(tree):
+        for name in directories + files:
+            path = os.path.join(parent, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                continue  # chmod would change what the link points at
+            full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+            os.chmod(path, full & ~umask)
+
+
 def named_os_error(error: OSError, path: str | Path) -> OSError:
     """`error` with `path` named when it names no file: a failed write() says only
     "[Errno 28] No space left on device", not which of a run's many files it was writing."""
@@ -50,7 +68,7 @@ def named_os_error(error: OSError, path: str | Path) -> OSError:
     return OSError(error.errno, error.strerror, str(path))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -80,7 +98,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as error:
         raise named_os_error(error, target) from error
     finally:
@@ -117,11 +135,11 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        os.chmod(tmp, directory_mode())
     except OSError as error:
         raise named_os_error(error, target) from error
     try:
         yield tmp
+        follow_umask(tmp)
         if target.exists():
             # Move the old one aside first so the swap is two renames, never a partial tree.
             old = target.with_name(f".{target.name}.old")
@@ -132,7 +150,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as error:
         raise named_os_error(error, target) from error
     finally:

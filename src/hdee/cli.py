@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from hdee import __version__
-from hdee.config import STAGES, ConfigError, ExperimentConfig, RunConfig, load_config
+from hdee.config import (
+    STAGES,
+    ConfigError,
+    ExperimentConfig,
+    RunConfig,
+    UsageError,
+    load_config,
+)
 from hdee.layout import RunLayout
 
 EXAMPLES = """\
@@ -37,9 +44,21 @@ environment:
                                  (auto, the default), always a bar (1), always plain lines
                                  (plain), none (0; a command's --quiet is the same)
   HDEE_DEBUG=1                   show the traceback of an error too
+
+exit codes (docs/cli.md):
+  0 done; 1 a runtime failure (a job failed, a stage's inputs missing, a corrupt file, I/O);
+  2 a bad argument or config (checked before any model loads; nothing written); 130 interrupted
+
+outputs: a path you name (export's OUT, --weights-jsonl, a run_dir, --run-dir) is written only
+  when new, empty or an earlier output of the same command, whose files alone are replaced;
+  --overwrite writes beside what is there, never replacing what hdee did not write
 """
 
 QUIET_HELP = "no progress bars or lines (the same as HDEE_PROGRESS=0)"
+RUN_OVERWRITE_HELP = (
+    "start the run in a directory that is not empty and not an earlier run: hdee's files go "
+    "beside what is there; nothing in it is removed or replaced (docs/cli.md)"
+)
 
 
 def _overrides(
@@ -158,11 +177,13 @@ def _flag_message(item: Any) -> str:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from hdee.console import stdout_console
     from hdee.data.prepare import prepare_data
+    from hdee.outputs import check_run_directory
     from hdee.rundir import run_lock, save_resolved_config
     from hdee.show import print_prepared
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
+    check_run_directory(layout, f"{args.config}: run_dir", args.overwrite)
     with run_lock(layout, "hdee prepare"):
         save_resolved_config(config, layout)
         summary = prepare_data(config, layout, progress=not args.quiet)
@@ -185,7 +206,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     plan = build_plan(
         config,
         vocab_size,
-        classes=current_classes(layout.repeat(config.run.repeat)),
+        classes=current_classes(layout.repeat(config.run.repeat), config),
         manifests=training_manifests(config, layout),
     )
     print_plan(plan, stdout_console(), layout)
@@ -227,11 +248,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:
+    from hdee.outputs import check_run_directory
     from hdee.pipeline import write_stage_specs
     from hdee.rundir import run_lock
 
     config = _config(args)
     layout = RunLayout.of(config.run_dir)
+    check_run_directory(layout, f"{args.config}: run_dir", args.overwrite)
     with run_lock(layout, "hdee jobs"):  # writes plan.json and the spec files
         listed = write_stage_specs(config, layout, args.stage)
     for job, spec_path in listed:
@@ -246,8 +269,10 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.repeats is not None:
         # `hdee run` runs every repeat: the config's own run.repeat does not apply.
         config = config.model_copy(update={"run": RunConfig(repeats=args.repeats)})
+    from hdee.outputs import check_run_directory
     from hdee.pipeline import run_experiment
 
+    check_run_directory(RunLayout.of(config.run_dir), f"{args.config}: run_dir", args.overwrite)
     run_experiment(config, start=args.start, until=args.until, progress=not args.quiet)
 
 
@@ -306,8 +331,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from hdee.atomic import write_text
     from hdee.console import print_table, stderr_console
     from hdee.generate import continue_from_run, expert_usage, weights_jsonl
+    from hdee.outputs import check_output_file, is_weights_jsonl
 
     layout = _existing_run(args.run)
+    if args.weights_jsonl:
+        check_output_file(args.weights_jsonl, "hdee generate", "--weights-jsonl", is_weights_jsonl)
     continuation = continue_from_run(
         layout,
         args.configuration,
@@ -339,6 +367,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         console=stderr_console(),
     )
     if args.weights_jsonl:
+        check_output_file(args.weights_jsonl, "hdee generate", "--weights-jsonl", is_weights_jsonl)
         write_text(Path(args.weights_jsonl), weights_jsonl(continuation))
 
 
@@ -351,7 +380,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     inside_run = Path(args.out).resolve().is_relative_to(Path(args.run).resolve())
     lock = run_lock(layout, "hdee export") if inside_run else nullcontext()
     with lock:
-        out = export_ensemble(args.run, args.configuration, args.out, spec=spec)
+        out = export_ensemble(
+            args.run, args.configuration, args.out, spec=spec, overwrite=args.overwrite
+        )
     print(out)
 
 
@@ -380,6 +411,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         run_dir=Path(args.run_dir) if args.run_dir else None,
         quick=args.quick,
         progress=not args.quiet,
+        overwrite=args.overwrite,
     )
 
 
@@ -421,6 +453,10 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def _add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+
+def _add_run_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help=RUN_OVERWRITE_HELP)
 
 
 def _add_ensemble_flags(p: argparse.ArgumentParser, evaluate: bool = False) -> None:
@@ -491,6 +527,7 @@ def _parser_prepare(sub: Any) -> None:
     )
     _add_config(p)
     _add_quiet(p)
+    _add_run_overwrite(p)
 
 
 def _parser_plan(sub: Any) -> None:
@@ -531,6 +568,7 @@ def _parser_jobs(sub: Any) -> None:
     p.add_argument(
         "stage", choices=["seeds", "experts"], help="seeds (after prepare) or experts (after plan)"
     )
+    _add_run_overwrite(p)
 
 
 def _parser_run(sub: Any) -> None:
@@ -550,6 +588,7 @@ def _parser_run(sub: Any) -> None:
         "prepared data (default: the config's run.repeats)",
     )
     _add_quiet(p)
+    _add_run_overwrite(p)
 
 
 def _parser_evaluate(sub: Any) -> None:
@@ -598,7 +637,8 @@ def _parser_generate(sub: Any) -> None:
         "--weights-jsonl",
         metavar="PATH",
         help="write the ensemble's resolved spec, then each new token's expert weights "
-        "P(j | x_<t), as JSON lines to PATH",
+        "P(j | x_<t), as JSON lines to PATH (a new file, or one an earlier --weights-jsonl "
+        "wrote; hdee never replaces another file)",
     )
     _add_ensemble_flags(p)
 
@@ -612,7 +652,17 @@ def _parser_export(sub: Any) -> None:
         cmd_export,
     )
     p.add_argument("run", help="run directory")
-    p.add_argument("out", help="the model directory to write (replaced if it exists)")
+    p.add_argument(
+        "out",
+        help="the model directory to write: new, empty, or an earlier export (whose files are "
+        "replaced; files added beside them stay)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write OUT even when it is a non-empty directory no export wrote: the export's "
+        "files go beside what is there; nothing in it is removed or replaced (docs/cli.md)",
+    )
     p.add_argument("--configuration", required=True, help="e.g. MHe-IHo")
     _add_ensemble_flags(p)
 
@@ -633,9 +683,18 @@ def _parser_tasks(sub: Any) -> None:
         help="harness task names, task YAML files, or 'builtin' (next-chunk choice and cloze "
         "built from the run's own test text)",
     )
-    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
-    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="continuations scored per forward")
+    p.add_argument(
+        "--limit", type=_int_at_least(1), default=None, help="at most N (>= 1) documents per task"
+    )
+    p.add_argument(
+        "--num-fewshot",
+        type=_int_at_least(0),
+        default=None,
+        help="few-shot examples per prompt (>= 0; default: each task's own)",
+    )
+    p.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="continuations scored per forward"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_ensemble_flags(p)
 
@@ -650,6 +709,7 @@ def _parser_demo(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="a smaller variant (about 2 minutes)")
     p.add_argument("--run-dir", help="where to put it (default: runs/demo or runs/demo-quick)")
     _add_quiet(p)
+    _add_run_overwrite(p)
 
 
 SUBCOMMANDS = (
@@ -772,7 +832,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if os.environ.get("HDEE_DEBUG"):
             raise
         print(f"hdee {args.command}: error: {_describe(error, args)}", file=sys.stderr)
-        return 2 if _is_config_error(error) else 1
+        # The exit-code rule (docs/cli.md): 2 when the command line or the config is wrong,
+        # 1 when a command failed while running.
+        return 2 if _is_config_error(error) or isinstance(error, UsageError) else 1
     return 0
 
 

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from hdee.ensemble_spec import EnsembleKeys, EnsembleSpec
+from hdee.errors import UsageError  # noqa: F401 - commands raise it through hdee.config
 
 DIFFICULTY_CLASSES = ("easy", "moderate", "difficult")
 STAGES = ("prepare", "seeds", "difficulty", "plan", "experts", "evaluate", "report")

@@ -19,11 +19,15 @@ from hdee.console import section, status, stderr_console
 from hdee.demo_corpus import demo_config as corpus_config
 from hdee.demo_corpus import gather_demo_corpus
 from hdee.layout import RunLayout
+from hdee.outputs import check_run_directory
 from hdee.pipeline import run_experiment
 
 # Documents per built-in task scored in the demo (each configuration's ensemble and each of its
 # experts answers every one): enough for an accuracy to mean something, minutes on a CPU.
 DEMO_TASK_LIMIT = {True: 48, False: 160}
+CORPUS_DIR = "corpus"
+CONFIG_FILE = "demo.yaml"
+CONFIG_HEADER = "# The config `hdee demo` made for its corpus; `hdee run` accepts it as it is.\n"
 
 
 def default_run_dir(quick: bool) -> Path:
@@ -35,12 +39,16 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    overwrite: bool = False,
 ) -> RunLayout:
-    """Gather the corpus (once), write RUN/demo.yaml, and run (or resume) the experiment."""
+    """Gather the corpus (once), write RUN/demo.yaml, and run (or resume) the experiment.
+    `run_dir` must be new, empty or an earlier demo or run (or `overwrite`: hdee.outputs)."""
     console = console or stderr_console()
     run_dir = (run_dir or default_run_dir(quick)).resolve()
-    corpus_dir = run_dir / "corpus"
-    config_path = run_dir / "demo.yaml"
+    ours = {CORPUS_DIR: None, CONFIG_FILE: CONFIG_HEADER}
+    check_run_directory(RunLayout.of(run_dir), "--run-dir", overwrite, extra=ours)
+    corpus_dir = run_dir / CORPUS_DIR
+    config_path = run_dir / CONFIG_FILE
     description = corpus_dir / "corpus.json"
     # A corpus already gathered for this variant is reused as it is: gathering again would
     # rewrite identical files with new mtimes and make `prepare` redo its work.
@@ -55,8 +63,7 @@ def run_demo(
         console.print(corpus.summary())
         write_text(
             config_path,
-            "# The config `hdee demo` made for its corpus; `hdee run` accepts it as it is.\n"
-            + yaml.safe_dump(corpus_config(corpus, run_dir, quick), sort_keys=False),
+            CONFIG_HEADER + yaml.safe_dump(corpus_config(corpus, run_dir, quick), sort_keys=False),
         )
     raw = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     config = parse_config(raw, config_path)

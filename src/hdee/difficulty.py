@@ -130,6 +130,44 @@ def difficulty_record(
     )
 
 
+def record_conflict(
+    record: DifficultyRecord, config: ExperimentConfig, seed_sizes: list[str]
+) -> str | None:
+    """Why an earlier difficulty.json no longer fits `config` (None when it does): the
+    classes the config's settings give the perplexities it holds must be its own classes.
+    `seed_sizes`: the seeds the config trains (the ones the difficulty stage measures)."""
+    domains = config.data.domain_names
+    wanted = sorted([config.difficulty.seed_size] if config.difficulty.seed_size else seed_sizes)
+    if wanted != sorted(record.seed_perplexity):
+        return (
+            f"it ranks the domains with seed(s) {sorted(record.seed_perplexity)}, the config "
+            f"now with {wanted}"
+        )
+    missing = [d for d in domains if any(d not in p for p in record.seed_perplexity.values())]
+    if missing:
+        return f"it has no seed perplexity for domain(s) {missing} (added to data.domains since)"
+    per_seed = {size: {d: p[d] for d in domains} for size, p in record.seed_perplexity.items()}
+    trainable = config.trainable_domains
+    held_out = [d for d in domains if d not in trainable]
+    try:
+        expected = difficulty_record(per_seed, config.difficulty, trainable, held_out)
+    except ValueError as error:
+        return f"the config's difficulty settings cannot classify its perplexities ({error})"
+
+    def placed(r: DifficultyRecord) -> dict[str, str]:
+        return {**r.classes, **{d: f"{HELD_OUT} ({c})" for d, c in r.held_out_classes.items()}}
+
+    before, now = placed(record), placed(expected)
+    changed = sorted(d for d in set(before) | set(now) if before.get(d) != now.get(d))
+    if changed:
+        shown = ", ".join(f"{d}: {before.get(d, '-')} -> {now.get(d, '-')}" for d in changed)
+        return (
+            "its classes were made with other settings (data.domains, plan.held_out or "
+            f"difficulty.* changed since): {shown}"
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # Measuring (runs models)
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hdee.errors import UsageError
 from hdee.records import Plan
 
 Members = Literal["latest", "all"]
@@ -300,6 +301,6 @@ def select_members(
     return index, kept, excluded
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """An ensemble spec that does not fit the run it is resolved against (a member or domain
     it does not have, k larger than the members, ...): a bad argument, exit code 2."""

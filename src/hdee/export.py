@@ -22,12 +22,13 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerFast
 
 from hdee import hf_ensemble, selection
-from hdee.atomic import atomic_directory
 from hdee.config import load_config
 from hdee.ensemble_spec import EnsembleSpec, spec_defaults
 from hdee.inference import build_ensemble, resolve_ensemble
 from hdee.layout import RunLayout
+from hdee.outputs import check_output_directory, output_directory
 
+EXPORT_COMMAND = "hdee export"
 MODELING_FILE = "modeling_hdee.py"
 # Files of hdee copied beside the model code (it imports them relatively).
 SHIPPED_MODULES = {MODELING_FILE: hf_ensemble, "selection.py": selection}
@@ -42,10 +43,13 @@ def export_ensemble(
     configuration: str,
     out: str | Path,
     spec: EnsembleSpec | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the ensemble `spec` describes (default: the run's evaluation keys) to `out`
-    atomically (replacing an older export)."""
+    atomically (replacing an older export; `overwrite`: beside what is in a directory that is
+    not one, hdee.outputs)."""
     layout = RunLayout.of(run_dir)
+    check_output_directory(out, EXPORT_COMMAND, "OUT", overwrite)  # before any model loads
     config = load_config(layout.config, overrides={"run_dir": str(layout.root)})
     if spec is None:
         spec = EnsembleSpec(**spec_defaults(config.evaluation))
@@ -54,7 +58,7 @@ def export_ensemble(
     ensemble.config.auto_map = dict(AUTO_MAP)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     out = Path(out)
-    with atomic_directory(out) as tmp:
+    with output_directory(out, EXPORT_COMMAND, "OUT", overwrite) as tmp:
         ensemble.save_pretrained(tmp)  # safetensors: transformers never pickles weights here
         tokenizer.save_pretrained(tmp)
         for name, module in SHIPPED_MODULES.items():

@@ -104,6 +104,23 @@ class RunLayout:
         """The run directory itself (the same as `root` except in a repeat's view)."""
         return self.shared or self.root
 
+    def top_level(self) -> tuple[Path, ...]:
+        """Everything hdee writes at the top of the run directory (hdee.outputs refuses to
+        start a run in a directory where one of these names is already someone else's)."""
+        run = RunLayout(self.run_root)
+        return (
+            run.config,
+            run.lock,
+            run.data,
+            run.jobs,
+            run.difficulty,
+            run.plan,
+            run.evaluation,
+            run.tasks,
+            run.report,
+            run.repeats,
+        )
+
     def repeat(self, index: int) -> RunLayout:
         """Repeat `index` of the experiment. Repeat 0 is the run directory itself, so a run
         with one repeat is laid out exactly as one without repeats; repeat k >= 1 keeps its

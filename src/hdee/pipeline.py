@@ -21,11 +21,11 @@ from pathlib import Path
 from rich.console import Console
 
 from hdee.atomic import read_json, write_json
-from hdee.config import STAGES, ExperimentConfig, TrainingConfig
+from hdee.config import STAGES, ExperimentConfig, TrainingConfig, UsageError
 from hdee.console import print_table, section, status, stderr_console
 from hdee.console import progress as progress_bar
 from hdee.layout import RunLayout
-from hdee.plan import build_plan, check_plannable
+from hdee.plan import PlanError, build_plan, check_plannable, seed_sizes
 from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.base import JobTask, runner_for
@@ -162,19 +162,37 @@ def write_stage_specs(
     return [(job, write_job_spec(config, layout, job, vocab_size, eos)) for job in jobs]
 
 
-def current_classes(layout: RunLayout) -> dict[str, str] | None:
-    """The difficulty classes, once the 'difficulty' stage has written them."""
+def current_classes(
+    layout: RunLayout, config: ExperimentConfig | None = None
+) -> dict[str, str] | None:
+    """The difficulty classes, once the 'difficulty' stage has written them. With `config`,
+    classes it no longer fits (other domains, held-out list or difficulty settings) are a
+    PlanError naming the file and the command that measures them again."""
+    from hdee.difficulty import record_conflict
+
     path = layout.difficulty_record
-    return DifficultyRecord.read(path).classes if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = DifficultyRecord.read(path)
+    conflict = record_conflict(record, config, seed_sizes(config)) if config else None
+    if conflict:
+        raise PlanError(
+            f"{path}: {conflict}. `hdee run CONFIG` measures the classes again and plans from "
+            "them (what is already prepared or trained is kept)"
+        )
+    return record.classes
 
 
-def make_plan(config: ExperimentConfig, layout: RunLayout) -> Plan:
-    """The plan with everything known so far (classes once the seeds have ranked domains)."""
+def make_plan(config: ExperimentConfig, layout: RunLayout, with_classes: bool = True) -> Plan:
+    """The plan with everything known so far: the classes once the seeds have ranked the
+    domains (checked against the config), or none (`with_classes=False`, for the seeds and
+    the difficulty stage: seed jobs never depend on the classes, and stale classes must not
+    stop the stage that measures them again)."""
     vocab_size, _ = prepared_vocab(layout)
     return build_plan(
         config,
         vocab_size,
-        classes=current_classes(layout),
+        classes=current_classes(layout, config) if with_classes else None,
         manifests=training_manifests(config, layout),
     )
 
@@ -201,7 +219,7 @@ def stage_jobs(stage: str, config: ExperimentConfig, layout: RunLayout) -> list[
     """The jobs a training stage trains: the seeds of the current plan, or the experts of
     plan.json (written by the 'plan' stage)."""
     if stage == "seeds":
-        return make_plan(config, layout).seed_jobs()
+        return make_plan(config, layout, with_classes=False).seed_jobs()
     return Plan.read(layout.plan).expert_jobs()
 
 
@@ -234,7 +252,7 @@ def stage_difficulty(
 ) -> None:
     from hdee.difficulty import measure_difficulty
 
-    plan = make_plan(config, layout)
+    plan = make_plan(config, layout, with_classes=False)
     missing = [size for size, job_id in plan.seeds.items() if not layout.job(job_id).is_done()]
     if missing:
         raise RunError(f"seed(s) {missing} are not trained yet: run the 'seeds' stage first")
@@ -306,11 +324,11 @@ STAGE_FUNCTIONS = {
 def select_stages(start: str | None = None, until: str | None = None) -> list[str]:
     for name in (start, until):
         if name is not None and name not in STAGES:
-            raise RunError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+            raise UsageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
     first = STAGES.index(start) if start else 0
     last = STAGES.index(until) if until else len(STAGES) - 1
     if first > last:
-        raise RunError(f"--from {start} comes after --until {until}")
+        raise UsageError(f"--from {start} comes after --until {until}")
     return list(STAGES[first : last + 1])
 
 

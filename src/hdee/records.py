@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from typing_extensions import Self
 
 from hdee.atomic import write_json
+from hdee.errors import UsageError
 
 
 class RecordError(ValueError):
@@ -156,7 +157,7 @@ class Plan(Record):
 
     def configuration(self, name: str) -> PlannedConfiguration:
         if name not in self.configurations:
-            raise ValueError(
+            raise UsageError(  # a --configuration (or evaluation key) naming none: exit 2
                 f"configuration {name!r} is not in the plan; choose one of "
                 f"{sorted(self.configurations)}"
             )
@@ -168,7 +169,7 @@ class Plan(Record):
         ensembles = self.configuration(name).ensembles
         index = len(ensembles) if iteration is None else iteration
         if not 1 <= index <= len(ensembles):
-            raise ValueError(f"{name!r} has iterations 1..{len(ensembles)}, not {iteration}")
+            raise UsageError(f"{name!r} has iterations 1..{len(ensembles)}, not {iteration}")
         ensemble = ensembles[index - 1]
         ordered = [lane for lane in self.lanes if lane in ensemble]
         ordered += [lane for lane in ensemble if lane not in ordered]

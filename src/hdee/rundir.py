@@ -18,6 +18,10 @@ from hdee.atomic import write_text
 from hdee.config import ExperimentConfig
 from hdee.layout import RunLayout
 
+# The first line of every run's config.yaml: what marks a directory as an earlier run
+# (hdee.outputs), so `hdee run` never writes into a directory it did not make.
+RESOLVED_CONFIG_HEADER = "# The resolved config of this run (written by hdee).\n"
+
 
 class RunError(RuntimeError):
     """A run cannot go on (locked, a stage's inputs missing); the message says what to do."""
@@ -52,4 +56,4 @@ def run_lock(layout: RunLayout, command: str = "hdee run") -> Iterator[None]:
 
 def save_resolved_config(config: ExperimentConfig, layout: RunLayout) -> None:
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    write_text(layout.config, "# The resolved config of this run (written by hdee).\n" + text)
+    write_text(layout.config, RESOLVED_CONFIG_HEADER + text)

@@ -19,6 +19,7 @@ imports it only inside the functions that need it.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import random
 import time
@@ -31,6 +32,7 @@ import yaml
 from transformers import PreTrainedTokenizerFast
 
 from hdee.atomic import write_text
+from hdee.config import UsageError
 from hdee.data.tokens import load_tokens
 from hdee.ensemble_spec import EnsembleSpec, spec_defaults
 from hdee.hf_ensemble import CACHE_ARGUMENT, OUTPUT_CACHE_FIELD
@@ -221,16 +223,16 @@ def resolve_tasks(run_dir: str | Path, tasks: str) -> tuple[list[str], list[str]
         elif part.endswith((".yaml", ".yml")):
             path = Path(part)
             if not path.is_file():
-                raise FileNotFoundError(f"--tasks {part}: no such task file")
+                raise UsageError(f"--tasks {part}: no such task file")
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
             if not isinstance(spec, dict) or not isinstance(spec.get("task"), str):
-                raise ValueError(f"{path}: a task YAML needs a 'task: NAME' key")
+                raise UsageError(f"--tasks {path}: a task YAML needs a 'task: NAME' key")
             include.append(str(path.resolve().parent))
             names.append(spec["task"])
         else:
             names.append(part)
     if not names:
-        raise ValueError("--tasks: give task names, task YAML files, or 'builtin'")
+        raise UsageError("--tasks: give task names, task YAML files, or 'builtin'")
     return names, list(dict.fromkeys(include))
 
 
@@ -372,6 +374,25 @@ def task_manager(names: Sequence[str], include: Sequence[str]) -> Any:
     return TaskManager(include_path=list(include) or None, include_defaults=not set(names) <= local)
 
 
+def check_task_names(manager: Any, names: Sequence[str]) -> None:
+    """Refuse, before any model loads, a task name the harness does not know (UsageError:
+    exit 2). The harness installs thousands of tasks: the message names hdee's own, the closest
+    installed ones and how to list them all."""
+    known = manager.all_tasks
+    unknown = [name for name in names if name not in set(known)]
+    if not unknown:
+        return
+    closest = [m for name in unknown for m in difflib.get_close_matches(name, known, n=5)]
+    version = getattr(require_harness(), "__version__", "")
+    raise UsageError(
+        f"--tasks: unknown task {', '.join(map(repr, unknown))}. Available: builtin (hdee's "
+        f"{' and '.join(BUILTIN_TASKS)} from the run's test text), a task YAML file, or one of "
+        f"the {len(known)} tasks, groups and tags lm-evaluation-harness {version} has installed "
+        "(`lm-eval ls tasks` lists them)"
+        + (f"; closest: {', '.join(dict.fromkeys(closest))}" if closest else "")
+    )
+
+
 def evaluate_system(
     lm: Any,
     tasks: Sequence[str],
@@ -426,10 +447,11 @@ def run_tasks(
     config = load_config(layout.config, overrides={"run_dir": str(layout.root)})
     if spec is None:
         spec = EnsembleSpec(**spec_defaults(config.evaluation))
-    plan = Plan.read(layout.plan)
-    resolved = {name: resolve_ensemble(spec, config, layout, name) for name in plan.configurations}
     names, include = resolve_tasks(run_dir, tasks)
     manager = task_manager(names, include)
+    check_task_names(manager, names)
+    plan = Plan.read(layout.plan)
+    resolved = {name: resolve_ensemble(spec, config, layout, name) for name in plan.configurations}
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scorer = _Scorer(tokenizer, names, manager, limit, num_fewshot, batch_size)

@@ -47,7 +47,7 @@ from hdee.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from hdee.config import TrainingConfig
+from hdee.config import ConfigError, TrainingConfig, UsageError
 from hdee.console import progress as progress_bar
 from hdee.console import warn
 from hdee.data.loaders import eval_batches, train_batch
@@ -688,14 +688,26 @@ def main_train(spec_path: str | Path) -> JobResult | None:
     """Entry point of `hdee train SPEC.json` and `python -m hdee.train SPEC.json`."""
     spec_path = Path(spec_path)
     if not spec_path.is_file():
-        raise SystemExit(f"{spec_path}: spec file not found")
-    spec = TrainSpec.model_validate(read_json(spec_path))
+        raise UsageError(f"{spec_path}: spec file not found")
+    try:
+        spec = TrainSpec.model_validate(read_json(spec_path))
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise ConfigError(
+            f"{spec_path}: not a training spec ({where}: {first['msg']}; {error.error_count()} "
+            "problem(s)); `hdee jobs CONFIG STAGE` writes them"
+        ) from None
     return run_training(spec, progress=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python -m hdee.train SPEC.json")
-    outcome = main_train(sys.argv[1])
+    try:
+        outcome = main_train(sys.argv[1])
+    except (UsageError, ConfigError) as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
     if int(os.environ.get("RANK", "0")) == 0 and outcome is not None:
         print(json.dumps(outcome.model_dump(mode="json"), indent=2))
