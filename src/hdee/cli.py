@@ -27,6 +27,7 @@ examples:
   hdee plan configs/tiny.yaml            jobs and compute budgets, before anything runs
   hdee run configs/tiny.yaml             every stage into the run directory (re-run resumes)
   hdee run configs/tiny.yaml --until seeds
+  hdee discover my-corpus.yaml           cluster an unlabelled corpus into domains
   hdee evaluate runs/tiny && hdee report runs/tiny
   hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
   hdee export runs/tiny --configuration MHe-IHo exports/MHe-IHo
@@ -302,6 +303,39 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_discover(args: argparse.Namespace) -> None:
+    from hdee.console import stdout_console
+    from hdee.discover import print_discovery
+    from hdee.pipeline import run_discovery
+
+    config = _config(args)
+    if config.data.discover is None:
+        raise ConfigError(
+            f"{args.config}: data.discover is not set: there is no corpus to discover domains "
+            "in (see docs/discovery.md)"
+        )
+    # Prepare (and, for seed features, the seeds) first; what is done already is reused.
+    print_discovery(run_discovery(config, progress=not args.quiet), stdout_console())
+
+
+def _add_discover_parser(sub: Any) -> None:
+    text = (
+        "Discover domains in an unlabelled corpus (data.discover): cluster it and prepare each "
+        "cluster as a domain cluster-00, cluster-01, ...; runs prepare first (and the seeds, "
+        "for seed features). See docs/discovery.md."
+    )
+    p = sub.add_parser("discover", help=text, description=text)
+    p.set_defaults(func=cmd_discover)
+    p.add_argument("config", help="experiment config (YAML) with data.discover")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set data.discover.clusters=8 (repeatable)",
+    )
+    p.add_argument("--quiet", action="store_true", help=QUIET_HELP)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hdee.demo import run_demo
 
@@ -355,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="vocabulary size to plan with before the data is prepared (default: the BPE's "
         "configured size, or the pretrained tokenizer's)",
     )
+
+    _add_discover_parser(sub)
 
     p = add(
         "train",
