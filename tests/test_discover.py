@@ -337,6 +337,7 @@ def test_the_clusters_module_needs_no_hdee_and_no_sklearn() -> None:
         "collections",
         "dataclasses",
         "pathlib",
+        "numpy",
         "torch",
         "safetensors",
     }, imported

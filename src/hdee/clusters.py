@@ -30,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -102,29 +103,38 @@ def read_transform(settings_path: str | Path, arrays_path: str | Path) -> Cluste
 def tfidf_features(texts: list[str], transform: ClusterTransform) -> torch.Tensor:
     """[len(texts), D] float32: tf-idf (sublinear tf, idf, L2) projected by the SVD, L2 norm.
     A text with no term of the vocabulary maps to the zero vector."""
-    vocabulary = transform.vocabulary
-    rows: list[int] = []
+    lookup = transform.vocabulary.get
+    per_text: list[int] = []
     columns: list[int] = []
     counts: list[int] = []
-    for row, text in enumerate(texts):
-        for term, count in term_counts(text).items():
-            column = vocabulary.get(term)
-            if column is not None:
-                rows.append(row)
-                columns.append(column)
-                counts.append(count)
-    index = torch.tensor([rows, columns], dtype=torch.long).reshape(2, -1)
-    tf = 1.0 + torch.log(torch.tensor(counts, dtype=torch.float64))
-    weights = tf * transform.idf[index[1]]
+    for text in texts:
+        found = term_counts(text)
+        per_text.append(len(found))
+        columns.extend([lookup(term, -1) for term in found])
+        counts.extend(found.values())
+    # numpy for the index arithmetic: it turns long Python lists into arrays several times
+    # faster than torch.tensor does.
+    column = np.array(columns, dtype=np.int64)
+    row = np.repeat(np.arange(len(texts)), per_text)
+    known = column >= 0  # terms outside the vocabulary (stop words, rare terms) drop out
+    row, column = row[known], column[known]
+    tf = 1.0 + np.log(np.array(counts, dtype=np.float64)[known])
+    weights = tf * transform.idf.numpy()[column]
     # L2 norm of each row's tf-idf vector, in float64 as scikit-learn computes it.
-    norms = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, index[0], weights**2)
-    weights = weights / norms.sqrt()[index[0]]
-    size = (len(texts), transform.components.shape[1])
+    norms = np.sqrt(np.bincount(row, weights=weights**2, minlength=len(texts)))
+    weights = (weights / norms[row]).astype(np.float32)
+    # One entry per term of a text: sorted, they are coalesced already (nothing to sum).
+    vocabulary_size = transform.components.shape[1]
+    order = np.argsort(row * vocabulary_size + column, kind="stable")
     tfidf = torch.sparse_coo_tensor(
-        index, weights, size, dtype=torch.float64, check_invariants=False
-    ).coalesce()
-    projected = torch.sparse.mm(tfidf, transform.components.to(torch.float64).T)
-    return _unit_rows(projected).to(torch.float32)
+        torch.from_numpy(np.stack([row[order], column[order]])),
+        torch.from_numpy(weights[order]),
+        (len(texts), vocabulary_size),
+        check_invariants=False,
+        is_coalesced=True,
+    )
+    projected = torch.sparse.mm(tfidf, transform.components.T)
+    return _unit_rows(projected)
 
 
 def mean_pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
