@@ -335,6 +335,7 @@ def test_the_clusters_module_needs_no_hdee_and_no_sklearn() -> None:
         "math",
         "re",
         "collections",
+        "itertools",
         "dataclasses",
         "pathlib",
         "numpy",
@@ -356,6 +357,33 @@ def test_the_stored_files_assign_as_the_run_did(planted_run: dict[str, Any]) -> 
     # Only documents the corpus cap moved off their nearest cluster may differ.
     capped = json.loads(layout.discovery_record.read_text())["capped_documents"]
     assert (chosen != clusters).sum() <= capped
+
+
+def test_worker_processes_give_the_costs_this_process_gives(planted_run: dict[str, Any]) -> None:
+    """A big corpus's tf-idf costs come from worker processes reading the stored files: the
+    same numbers, in the same order, as computed here."""
+    from hdee.clusters import read_transform
+    from hdee.data.sources import Document
+    from hdee.discover import CostStream, batched
+
+    layout = planted_run["layout"]
+    stored = (layout.discovery_transform, layout.discovery_arrays)
+    transform = read_transform(*stored)
+    docs = [
+        ("train", Document(p.read_text(), None, str(p)))
+        for p in sorted(planted_run["pool"].rglob("*.txt"))
+    ]
+
+    def costs(pool_min_chars: int) -> list[torch.Tensor]:
+        featurise = lambda texts: tfidf_features(texts, transform)  # noqa: E731
+        with CostStream(featurise, transform, stored, 1, pool_min_chars) as stream:
+            result = list(stream(batched(docs, 16)))
+            assert (stream.pool is not None) == (pool_min_chars == 0)
+        assert [batch for batch, _ in result] == list(batched(docs, 16))
+        return [c for _, c in result]
+
+    here, there = costs(1 << 40), costs(0)
+    assert all(torch.equal(a, b) for a, b in zip(here, there, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,7 @@ def term_counts(text: str) -> Counter[str]:
     counts = Counter(_TOKEN_RE.findall(text.lower()))
     numbers = [term for term in counts if term[0].isdigit()]
     if numbers:
-        merged = sum(counts.pop(term) for term in numbers)
-        counts[NUMBER_TOKEN] += merged
+        counts[NUMBER_TOKEN] += sum(counts.pop(term) for term in numbers)
     return counts
 
 
@@ -110,7 +110,7 @@ def tfidf_features(texts: list[str], transform: ClusterTransform) -> torch.Tenso
     for text in texts:
         found = term_counts(text)
         per_text.append(len(found))
-        columns.extend([lookup(term, -1) for term in found])
+        columns.extend(map(lookup, found, repeat(-1)))
         counts.extend(found.values())
     # numpy for the index arithmetic: it turns long Python lists into arrays several times
     # faster than torch.tensor does.

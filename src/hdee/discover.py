@@ -33,11 +33,15 @@ sizes, top terms, agreement with labels) written last. Nothing is pickled.
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 import re
 import shutil
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -64,7 +68,7 @@ from hdee.clusters import (
 from hdee.config import ConfigError, Corpus, DiscoverConfig, ExperimentConfig, stable_hash
 from hdee.console import print_table, status, warn
 from hdee.data import DataError, DiscoveryError
-from hdee.data.packing import BATCH_CHARS, Encoder, batch_by_key
+from hdee.data.packing import BATCH_CHARS, POOL_MIN_CHARS, Encoder, batch_by_key, resolve_workers
 from hdee.data.prepare import counting, ratios_of, split_seed
 from hdee.data.sources import Document, describe_source, iter_documents, source_state
 from hdee.data.splits import SPLIT_NAMES, normalise, route_documents
@@ -613,6 +617,89 @@ def top_terms_of_members(
 # The assignment pass
 
 
+_worker_transform: ClusterTransform | None = None
+
+
+def _init_cost_worker(settings_path: str, arrays_path: str, parent_pid: int) -> None:
+    from hdee.processes import die_with_parent
+
+    die_with_parent(parent_pid)  # a killed `hdee discover` takes its workers with it
+    torch.set_num_threads(1)  # one process per core already
+    global _worker_transform
+    _worker_transform = read_transform(settings_path, arrays_path)
+
+
+def _costs_in_worker(texts: list[str]) -> np.ndarray:
+    transform = _worker_transform
+    assert transform is not None
+    distances = squared_distances(tfidf_features(texts, transform), transform.centroids)
+    return (distances + transform.offsets).numpy()
+
+
+class CostStream:
+    """The assignment costs ||x - c_j||^2 + offset_j of batches of documents, in order: in this
+    process, or, for tf-idf features once POOL_MIN_CHARS of text were seen (as the tokenizer's
+    Encoder decides; the same corpus always takes the same path), in one worker process per
+    core that reads the stored transform, a few batches in flight. The featurising is plain
+    Python (a regex and a Counter per document), so on many cores one process would hold the
+    tokenizer's workers back."""
+
+    def __init__(
+        self,
+        featurise: Callable[[list[str]], torch.Tensor],
+        transform: ClusterTransform,
+        stored: tuple[Path, Path] | None,
+        num_workers: int,
+        pool_min_chars: int = POOL_MIN_CHARS,
+    ) -> None:
+        self.featurise = featurise
+        self.transform = transform
+        self.stored = stored
+        self.workers = resolve_workers(num_workers)
+        self.pool_min_chars = pool_min_chars
+        self.seen = 0
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _costs(self, texts: list[str]) -> torch.Tensor:
+        distances = squared_distances(self.featurise(texts), self.transform.centroids)
+        return distances + self.transform.offsets
+
+    def _maybe_start(self) -> None:
+        # One worker is worth it too: it featurises while this process reads and routes.
+        if self.pool is None and self.stored and self.seen >= self.pool_min_chars:
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_cost_worker,
+                initargs=(str(self.stored[0]), str(self.stored[1]), os.getpid()),
+            )
+
+    def __call__(self, batches: Iterable[list[Any]]) -> Iterator[tuple[list[Any], torch.Tensor]]:
+        pending: deque[tuple[list[Any], Future[np.ndarray]]] = deque()
+        for batch in batches:
+            texts = [doc.text for _, doc in batch]
+            self.seen += sum(len(text) for text in texts)
+            self._maybe_start()
+            if self.pool is None:
+                yield batch, self._costs(texts)
+                continue
+            pending.append((batch, self.pool.submit(_costs_in_worker, texts)))
+            while len(pending) > 2 * self.workers:
+                done, future = pending.popleft()
+                yield done, torch.from_numpy(future.result())
+        while pending:
+            done, future = pending.popleft()
+            yield done, torch.from_numpy(future.result())
+
+    def __enter__(self) -> CostStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
 class CappedChoice:
     """Each row's cheapest cluster among those not yet full: at most ceil((1 + balance) N / K)
     documents each (N: the corpus's documents, counted by the sampling pass)."""
@@ -660,19 +747,17 @@ def assign_and_tokenize(
     the cluster's split on the way (memory: one batch of documents and the tokenizer's open
     batches, whatever the corpus's size). The token files are committed only once every
     cluster has passed its checks."""
-    corpus, discover = clustered_corpus(config)
-    names = discover.domain_names
-    info = read_info(layout.tokenizer) or {}
-    manifest_base = {
-        "vocab_size": info.get("vocab_size"),
-        "eos_token_id": info.get("eos_token_id"),
-        "tokenizer_id": info.get("tokenizer_id"),
-        "source_fingerprint": fingerprint,
-    }
     from hdee.data.tokenizer import load_tokenizer
 
+    corpus, discover = clustered_corpus(config)
+    names = discover.domain_names
     tokenizer = load_tokenizer(layout.tokenizer)
-    manifest_base.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    manifest_base = {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tokenizer_id": (read_info(layout.tokenizer) or {}).get("tokenizer_id"),
+        "source_fingerprint": fingerprint,
+    }
     for name in names:  # left by a run killed mid-write
         for stale in layout.corpus(name).glob(".*.tmp") if layout.corpus(name).is_dir() else []:
             stale.unlink(missing_ok=True)
@@ -687,11 +772,8 @@ def assign_and_tokenize(
     label_index: dict[str, int] = {}
 
     def items() -> Iterator[tuple[tuple[str, str], str]]:
-        for batch in batched(routed(config), discover.batch_documents):
-            texts = [doc.text for _, doc in batch]
-            distances = squared_distances(featurise(texts), transform.centroids)
-            chosen = choose(distances + transform.offsets)
-            for (split, doc), cluster in zip(batch, chosen, strict=True):
+        for batch, costs in costs_of(batched(routed(config), discover.batch_documents)):
+            for (split, doc), cluster in zip(batch, choose(costs), strict=True):
                 clusters.append(cluster)
                 splits.append(SPLIT_NAMES.index(split))
                 if discover.labels != "none":
@@ -701,9 +783,18 @@ def assign_and_tokenize(
 
     choose = CappedChoice(len(names), transform.settings["fit"]["documents"], discover.balance)
     open_batch = max(64 << 10, min(BATCH_CHARS, OPEN_BATCH_CHARS // len(writers)))
+    # tf-idf features of a big corpus are computed in worker processes (from the stored files);
+    # a seed's run in this process, on its device.
+    stored = (layout.discovery_transform, layout.discovery_arrays)
     try:
         with (
             counting(f"{corpus.name}: assigning and tokenizing", progress) as count,
+            CostStream(
+                featurise,
+                transform,
+                stored if transform.features == "tfidf" else None,
+                config.data.num_workers,
+            ) as costs_of,
             Encoder(layout.tokenizer, tokenizer.eos_token_id, config.data.num_workers) as encoder,
         ):
             for key, ids, n in encoder.encode_stream(
