@@ -22,6 +22,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from conftest import discovery_run_config
+from hdee.balance import balanced_assignment, balanced_kmeans, size_band
 from hdee.cli import main
 from hdee.clusters import (
     ClusterTransform,
@@ -32,7 +33,7 @@ from hdee.clusters import (
     tokenize,
 )
 from hdee.config import ConfigError, DiscoverConfig, parse_config
-from hdee.discover import balanced_assignment, balanced_kmeans, size_band, tfidf_vectorizer
+from hdee.discover import tfidf_vectorizer
 from hdee.layout import RunLayout
 
 
@@ -163,6 +164,15 @@ def test_size_band_and_balanced_assignment_are_exact() -> None:
         margin = np.sort(adjusted, axis=1)[:, 1] - adjusted.min(axis=1)
         clear = margin > 1e-9
         assert (adjusted.argmin(axis=1)[clear] == assignment[clear]).all()
+
+
+def test_the_corpus_cap_sends_a_full_clusters_documents_to_their_next_choice() -> None:
+    from hdee.balance import CappedChoice
+
+    choose = CappedChoice(clusters=3, documents=9, balance=0.0)  # at most 3 each
+    costs = torch.tensor([[0.0, 1.0, 2.0]] * 5 + [[2.0, 0.0, 1.0]] * 4)
+    assert choose(costs) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert choose.cap == 3 and choose.moved == 5
 
 
 def test_balanced_kmeans_on_points_honours_every_tolerance() -> None:

@@ -24,7 +24,7 @@ Balance (data.discover.balance = b), two guarantees:
   lean to one side, and the cap catches them (discovery.json counts the documents it moved).
   No lower bound holds for the corpus: a cluster can end smaller than the sample's band.
 
-What is stored is plain files (hdee.clusters reads them with torch alone): the vocabulary and
+What is stored is plain files (hdee.clusters reads them with torch and numpy alone): the vocabulary and
 idf in transform.json, the SVD components, centroids and offsets in transform.safetensors,
 each document's cluster and split in assignment.safetensors, and discovery.json (the record:
 sizes, top terms, agreement with labels) written last. Nothing is pickled.
@@ -52,6 +52,7 @@ import torch
 from rich.console import Console
 
 from hdee.atomic import atomic_path, write_json
+from hdee.balance import CappedChoice, balanced_kmeans
 from hdee.clusters import (
     NUMBER_TOKEN,
     TOKEN_PATTERN,
@@ -80,7 +81,6 @@ from hdee.records import ClusterSummary, DiscoveryRecord, LabelAgreement, Record
 # Bump when a change here changes the clusters or the files discovery writes.
 DISCOVER_VERSION = 1
 TOP_TERMS = 10
-MAX_FIT_ITERATIONS = 30
 # While the assignment pass tokenizes, each (cluster, split) holds an open batch of text: keep
 # all of them together near this many characters, whatever K is.
 OPEN_BATCH_CHARS = 16 << 20
@@ -170,95 +170,7 @@ def draw_sample(config: ExperimentConfig, progress: bool) -> Sample:
 
 
 # ----------------------------------------------------------------------------------------------
-# Fitting: features, then balanced k-means
-
-
-def size_band(n: int, k: int, balance: float) -> tuple[int, int]:
-    """The fewest and most of n documents a cluster may hold while fitting."""
-    low = math.floor(n * (1 - balance) / k + 1e-9)
-    high = math.ceil(n * (1 + balance) / k - 1e-9)
-    return low, high
-
-
-def balanced_assignment(
-    distances: np.ndarray, low: int, high: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The assignment of n points to K clusters with the least total distance such that every
-    cluster holds between `low` and `high` points, and the offsets that reproduce it.
-
-    A transportation problem: its linear programme has an integral optimum (the constraint
-    matrix is totally unimodular), which HiGHS's simplex returns. The duals of the size
-    constraints are offsets lambda_j with point i in argmin_j (d_ij + lambda_j): the same rule
-    then assigns documents that were not in the sample. scipy solves it; no library offers a
-    size-constrained k-means step (c-BTM writes an auction algorithm by hand for equal sizes)."""
-    from scipy import sparse
-    from scipy.optimize import linprog
-
-    n, k = distances.shape
-    columns = np.arange(n * k)
-    one_cluster_each = sparse.csr_matrix(
-        (np.ones(n * k), (np.repeat(np.arange(n), k), columns)), shape=(n, n * k)
-    )
-    sizes = sparse.csr_matrix(
-        (np.ones(n * k), (np.tile(np.arange(k), n), columns)), shape=(k, n * k)
-    )
-    result = linprog(
-        distances.ravel(),
-        A_ub=sparse.vstack([sizes, -sizes]).tocsr(),
-        b_ub=np.concatenate([np.full(k, high), np.full(k, -low)]),
-        A_eq=one_cluster_each,
-        b_eq=np.ones(n),
-        bounds=(0, 1),
-        method="highs-ds",
-    )
-    if result.status != 0:
-        raise RuntimeError(f"balanced assignment: the linear programme failed ({result.message})")
-    assignment = result.x.reshape(n, k).argmax(axis=1)
-    counts = np.bincount(assignment, minlength=k)
-    if counts.min() < low or counts.max() > high:
-        raise RuntimeError(f"balanced assignment: sizes {counts.tolist()} leave [{low}, {high}]")
-    duals = result.ineqlin.marginals  # d(objective)/d(bound): <= 0 for binding constraints
-    offsets = -duals[:k] + duals[k:]
-    return assignment, offsets - offsets.mean()
-
-
-@dataclass
-class Fit:
-    centroids: np.ndarray  # [K, D]
-    offsets: np.ndarray  # [K]
-    assignment: np.ndarray  # [n] the sample's clusters
-    iterations: int
-    converged: bool
-    band: tuple[int, int]
-
-
-def balanced_kmeans(features: np.ndarray, k: int, balance: float, seed: int) -> Fit:
-    """k-means on squared Euclidean distance (scikit-learn's, from k-means++), then Lloyd
-    steps whose assignment is balanced (`balanced_assignment`) until it stops changing."""
-    from sklearn.cluster import KMeans
-
-    n = len(features)
-    band = size_band(n, k, balance)
-    centroids = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(features).cluster_centers_
-    previous: np.ndarray | None = None
-    for iteration in range(1, MAX_FIT_ITERATIONS + 1):
-        assignment, offsets = balanced_assignment(_distances(features, centroids), *band)
-        converged = previous is not None and np.array_equal(assignment, previous)
-        if converged or iteration == MAX_FIT_ITERATIONS:
-            break
-        previous = assignment
-        centroids = np.stack(
-            [
-                features[assignment == j].mean(axis=0) if (assignment == j).any() else centroids[j]
-                for j in range(k)
-            ]
-        )
-    return Fit(centroids, offsets, assignment, iteration, converged, band)
-
-
-def _distances(features: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    diff = features[:, None, :] - centroids[None, :, :]
-    return np.einsum("nkd,nkd->nk", diff, diff)
+# Fitting: features (then hdee.balance's balanced k-means)
 
 
 def tfidf_vectorizer(discover: DiscoverConfig) -> Any:
@@ -698,25 +610,6 @@ class CostStream:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
-
-
-class CappedChoice:
-    """Each row's cheapest cluster among those not yet full: at most ceil((1 + balance) N / K)
-    documents each (N: the corpus's documents, counted by the sampling pass)."""
-
-    def __init__(self, clusters: int, documents: int, balance: float) -> None:
-        self.cap = math.ceil(documents * (1 + balance) / clusters - 1e-9)
-        self.counts = [0] * clusters
-        self.moved = 0  # documents that went to another cluster than their cheapest
-
-    def __call__(self, costs: torch.Tensor) -> list[int]:
-        chosen = []
-        for ranked in torch.argsort(costs, dim=1, stable=True).tolist():
-            cluster = next((c for c in ranked if self.counts[c] < self.cap), ranked[0])
-            self.counts[cluster] += 1
-            self.moved += cluster != ranked[0]
-            chosen.append(cluster)
-        return chosen
 
 
 @dataclass
