@@ -16,8 +16,9 @@ process of its tree), in interleaved rounds. The corpus: --sizes MB of jsonl doc
 mixed with a general vocabulary every topic shares and English function words; the topic is
 the document's directory, so both sides report their adjusted Rand index against it.
 
-    python benchmarks/bench_discover.py                      # 20 MB and 100 MB, a few minutes
-    python benchmarks/bench_discover.py --sizes 100,1000     # the issue's sizes (1 GB: ~1 h)
+    python benchmarks/bench_discover.py                      # 20 MB and 100 MB, ~5 minutes
+    python benchmarks/bench_discover.py --sizes 100,1000     # the issue's sizes (~30 minutes
+                                                             # on 2 cores; 3.5 GB of disk)
 
 Goals (issue 22): hdee's peak RSS independent of corpus size once the sample is fitted, >= 5x
 lower than the reference at 1 GB, ARI equal or better, documents/s within 2x of prepare's.
