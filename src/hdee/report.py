@@ -886,23 +886,20 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
     if results.compute is None or not plot_pareto(results.compute, plot_path("pareto", title)):
         del plots[title]
 
-    markdown = _with_discovery_section(
-        _with_tasks_section(
-            _with_compute_section(
-                render_markdown(
-                    plan,
-                    results,
-                    difficulty,
-                    config,
-                    plots,
-                    repeats_section(config, layout, methods[0]),
-                ),
+    markdown = _with_tasks_section(
+        _with_compute_section(
+            render_markdown(
+                plan,
                 results,
+                difficulty,
+                config,
+                plots,
+                repeats_section(config, layout, methods[0]),
             ),
-            layout,
+            results,
         ),
         layout,
-        difficulty,
     )
+    markdown = _with_discovery_section(markdown, layout, difficulty)
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown
