@@ -198,3 +198,59 @@ def tiny_finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     run_experiment(parse_config(raw), progress=False)
     return tmp_path / "run"
+
+
+def write_planted_corpus(
+    root: Path, sizes: tuple[int, ...] = (40, 40, 40, 40), words: int = 80, seed: int = 0
+) -> Path:
+    """Planted domains for discovery: topic k's documents (one .txt file each, in directory
+    `topic<k>`) draw 60% of their words from a vocabulary of 60 made-up words of its own and
+    the rest from a few English function words all topics share; `sizes[k]` documents each.
+    A topic's words are made of its own five consonants (up to four topics), so the topics
+    differ in characters too (byte-level tokens: what a seed model's features see), not only
+    in words (what tf-idf sees). Returns the directory holding the topic directories."""
+    import random
+
+    rng = random.Random(seed)
+    consonants = "bcdfghjklmnpqrstvwxz"
+
+    def made_up_word(letters: str) -> str:
+        return "".join(rng.choice(letters) + rng.choice("aeiou") for _ in range(3))
+
+    shared = "the a of to and in is it that was for on are with as".split()
+    for topic, count in enumerate(sizes):
+        letters = consonants[5 * topic % 20 : 5 * topic % 20 + 5]
+        vocabulary = [made_up_word(letters) for _ in range(60)]
+        directory = root / f"topic{topic}"
+        directory.mkdir(parents=True, exist_ok=True)
+        for d in range(count):
+            text = " ".join(
+                rng.choice(vocabulary) if rng.random() < 0.6 else rng.choice(shared)
+                for _ in range(words)
+            )
+            (directory / f"doc{d:03d}.txt").write_text(text + ".\n", encoding="utf-8")
+    return root
+
+
+def discovery_run_config(
+    tmp_path: Path, clusters: int = 4, sizes: tuple[int, ...] = (40, 40, 40, 40), **discover: Any
+) -> dict[str, Any]:
+    """`tiny_run_config` with no configured domains: its domains are the `clusters` clusters
+    that data.discover finds in a planted corpus (labels: the topic directories); one
+    iteration, the last cluster held out, the homogeneous and the S / M / L configuration."""
+    raw = tiny_run_config(tmp_path)
+    pool = write_planted_corpus(tmp_path / "pool", sizes)
+    del raw["data"]["domains"]
+    raw["data"]["discover"] = {
+        "corpus": {"name": "pool", "source": {"type": "local", "paths": [str(pool)]}},
+        "clusters": clusters,
+        "labels": "directory",
+        **discover,
+    }
+    width = max(2, len(str(clusters - 1)))
+    raw["plan"]["held_out"] = [f"cluster-{clusters - 1:0{width}d}"]
+    raw["plan"]["iterations"] = 1
+    raw["plan"]["configurations"] = [
+        c for c in raw["plan"]["configurations"] if c["name"] in ("MHo-IHo", "MHe-IHo")
+    ]
+    return raw

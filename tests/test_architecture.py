@@ -27,6 +27,10 @@ RUN_DIRECTORY_NAMES = {
     "report.md",
     "config.yaml",
     "run.lock",
+    "discovery.json",
+    "transform.json",
+    "transform.safetensors",
+    "assignment.safetensors",
 }
 
 

@@ -222,7 +222,18 @@ def test_cli_reports_missing_data_clearly(tmp_path: Path, capsys):
 
 
 def test_help_of_every_subcommand(capsys):
-    commands = ("prepare", "plan", "jobs", "train", "run", "evaluate", "report", "generate", "demo")
+    commands = (
+        "prepare",
+        "discover",
+        "plan",
+        "jobs",
+        "train",
+        "run",
+        "evaluate",
+        "report",
+        "generate",
+        "demo",
+    )
     for command in commands:
         with pytest.raises(SystemExit) as exit_info:
             main([command, "--help"])

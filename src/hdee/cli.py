@@ -34,6 +34,7 @@ examples:
   hdee plan configs/tiny.yaml            jobs and compute budgets, before anything runs
   hdee run configs/tiny.yaml             every stage into the run directory (re-run resumes)
   hdee run configs/tiny.yaml --until seeds
+  hdee discover my-corpus.yaml           cluster an unlabelled corpus into domains
   hdee evaluate runs/tiny && hdee report runs/tiny
   hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
   hdee export runs/tiny --configuration MHe-IHo exports/MHe-IHo
@@ -404,6 +405,37 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_discover(args: argparse.Namespace) -> None:
+    from hdee.console import stdout_console
+    from hdee.discover import print_discovery
+    from hdee.outputs import check_run_directory
+    from hdee.pipeline import run_discovery
+
+    config = _config(args)
+    check_run_directory(RunLayout.of(config.run_dir), f"{args.config}: run_dir", args.overwrite)
+    if config.data.discover is None:
+        raise ConfigError(
+            f"{args.config}: data.discover is not set: there is no corpus to discover domains "
+            "in (see docs/discovery.md)"
+        )
+    # Prepare (and, for seed features, the seeds) first; what is done already is reused.
+    print_discovery(run_discovery(config, progress=not args.quiet), stdout_console())
+
+
+def _parser_discover(sub: Any) -> None:
+    p = _subcommand(
+        sub,
+        "discover",
+        "Discover domains in an unlabelled corpus (data.discover): cluster it and prepare each "
+        "cluster as a domain cluster-00, cluster-01, ...; runs prepare first (and the seeds, "
+        "for seed features). See docs/discovery.md.",
+        cmd_discover,
+    )
+    _add_config(p)
+    _add_quiet(p)
+    _add_run_overwrite(p)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hdee.demo import run_demo
 
@@ -714,6 +746,7 @@ def _parser_demo(sub: Any) -> None:
 
 SUBCOMMANDS = (
     _parser_prepare,
+    _parser_discover,
     _parser_plan,
     _parser_train,
     _parser_jobs,

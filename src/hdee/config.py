@@ -27,7 +27,9 @@ from hdee.ensemble_spec import EnsembleKeys, EnsembleSpec
 from hdee.errors import UsageError  # noqa: F401 - commands raise it through hdee.config
 
 DIFFICULTY_CLASSES = ("easy", "moderate", "difficult")
-STAGES = ("prepare", "seeds", "difficulty", "plan", "experts", "evaluate", "report")
+# "discover" runs only when data.discover is set: after prepare for tf-idf features, after seeds
+# for seed features (hdee.pipeline.stage_order).
+STAGES = ("prepare", "discover", "seeds", "difficulty", "plan", "experts", "evaluate", "report")
 
 
 class ConfigError(ValueError):
@@ -158,16 +160,86 @@ class TokenizerConfig(_Strict):
         return self
 
 
+class DiscoverConfig(_Strict):
+    """Domains discovered in one unlabelled corpus (c-BTM's clustering; docs/discovery.md):
+    each of `clusters` clusters becomes a domain `cluster-00`, `cluster-01`, ..."""
+
+    corpus: str | Corpus = Field(
+        description="The corpus to cluster: a corpus {name, source, split?} like a domain, or "
+        "the name of the general corpus (cluster the text the seeds train on)."
+    )
+    clusters: int = Field(ge=2, description="How many clusters (domains) to discover.")
+    features: Literal["tfidf", "seed"] = Field(
+        "tfidf",
+        description="'tfidf': tf-idf -> TruncatedSVD -> L2 norm (c-BTM); 'seed': the mean last "
+        "hidden state of the smallest trained seed over a document's first seed_tokens tokens "
+        "(in windows of data.seq_len), centred and L2-normalised (discovery then runs after "
+        "the seeds stage).",
+    )
+    seed_tokens: int = Field(
+        2048, ge=1, description="Tokens of each document the seed reads (seed features)."
+    )
+    sample_documents: int = Field(
+        10_000, ge=1, description="Training documents the clustering is fitted on (seeded)."
+    )
+    svd_dims: int = Field(100, ge=1, description="TruncatedSVD dimensions (tfidf features).")
+    balance: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="While fitting, every cluster holds between (1 - balance) and (1 + balance) "
+        "times an equal share of the sample (0: equal sizes, as c-BTM).",
+    )
+    max_features: int = Field(100_000, ge=1, description="Largest tf-idf vocabulary.")
+    min_df: int = Field(2, ge=1, description="Keep terms found in at least this many documents.")
+    labels: Literal["none", "directory", "file"] = Field(
+        "none",
+        description="Known labels to measure the clusters against (purity, ARI, NMI; local "
+        "sources): 'directory': the name of the directory holding a document's file; 'file': "
+        "the file's name.",
+    )
+    batch_documents: int = Field(
+        1024, ge=1, description="Documents featurised at a time in the assignment pass."
+    )
+
+    @model_validator(mode="after")
+    def _enough_sample(self) -> DiscoverConfig:
+        if self.sample_documents < self.clusters:
+            raise ValueError(
+                f"data.discover.sample_documents: {self.sample_documents} documents cannot fit "
+                f"{self.clusters} clusters (data.discover.clusters); expected at least "
+                f"{self.clusters}"
+            )
+        return self
+
+    @property
+    def domain_names(self) -> list[str]:
+        """cluster-00, cluster-01, ...: the discovered domains (two digits, more from 100 on)."""
+        width = max(2, len(str(self.clusters - 1)))
+        return [f"cluster-{k:0{width}d}" for k in range(self.clusters)]
+
+
 class DataConfig(_Strict):
     tokenizer: TokenizerConfig = TokenizerConfig()
     seq_len: int = Field(1024, ge=2, description="Tokens per training/evaluation sequence.")
     split: SplitRatios = SplitRatios()
     general: Corpus = Field(description="The general corpus the seed models train on.")
-    domains: list[Corpus] = Field(min_length=1, description="The domains, trained and held-out.")
+    domains: list[Corpus] = Field(
+        default_factory=list,
+        description="The domains, trained and held-out (may be empty with data.discover).",
+    )
+    discover: DiscoverConfig | None = Field(
+        None, description="Discover domains by clustering a corpus (docs/discovery.md)."
+    )
     num_workers: int = Field(0, ge=0, description="Tokenizer processes (0: one per CPU core).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
+        if not self.domains and self.discover is None:
+            raise ValueError(
+                "data.domains: expected at least one domain (or data.discover, to discover "
+                "domains in a corpus)"
+            )
         seen: set[str] = {self.general.name}
         for domain in self.domains:
             if domain.name in seen:
@@ -176,11 +248,57 @@ class DataConfig(_Strict):
                     f"differ from the general corpus {self.general.name!r})"
                 )
             seen.add(domain.name)
+        if self.discover is not None:
+            self._check_discover(self.discover, seen)
         return self
+
+    def _check_discover(self, discover: DiscoverConfig, seen: set[str]) -> None:
+        corpus = discover.corpus
+        if isinstance(corpus, str):
+            if corpus != self.general.name:
+                raise ValueError(
+                    f"data.discover.corpus: {corpus!r} is not the general corpus "
+                    f"{self.general.name!r}; give a corpus {{name, source}} or the general "
+                    "corpus's name"
+                )
+        elif corpus.name in seen:
+            raise ValueError(
+                f"data.discover.corpus: the name {corpus.name!r} is already a corpus; the "
+                "corpus to cluster needs a name of its own"
+            )
+        taken = seen & set(discover.domain_names)
+        if taken:
+            raise ValueError(
+                f"data.domains: {sorted(taken)} are the names of discovered clusters "
+                "(data.discover); rename those domains"
+            )
+        source = self.discover_corpus.source if self.discover_corpus else None
+        if discover.labels != "none" and not isinstance(source, LocalSource):
+            raise ValueError(
+                f"data.discover.labels: {discover.labels!r} reads labels from file paths; "
+                "the corpus to cluster is not a local source (use labels: none)"
+            )
+
+    @property
+    def discover_corpus(self) -> Corpus | None:
+        """The corpus data.discover clusters (the general corpus when named by it)."""
+        if self.discover is None:
+            return None
+        corpus = self.discover.corpus
+        return self.general if isinstance(corpus, str) else corpus
 
     @property
     def domain_names(self) -> list[str]:
-        return [d.name for d in self.domains]
+        """Every domain of the run: the configured ones, then the discovered clusters. This is
+        the one list every stage reads; a cluster's data is prepared by the 'discover' stage
+        at the same place as a configured domain's (RUN/data/<name>/)."""
+        discovered = self.discover.domain_names if self.discover else []
+        return [d.name for d in self.domains] + discovered
+
+    @property
+    def corpus_names(self) -> list[str]:
+        """The general corpus and every domain: each has prepared token files."""
+        return [self.general.name, *self.domain_names]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,6 +790,9 @@ def _resolve_local_paths(raw: dict[str, Any], base: Path) -> None:
     if not isinstance(data, dict):
         return
     corpora = [data.get("general")] + list(data.get("domains") or [])
+    discover = data.get("discover")
+    if isinstance(discover, dict) and isinstance(discover.get("corpus"), dict):
+        corpora.append(discover["corpus"])
     for corpus in corpora:
         if not isinstance(corpus, dict):
             continue

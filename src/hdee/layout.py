@@ -6,6 +6,11 @@ RUN/
   data/tokenizer/              PreTrainedTokenizerFast directory
   data/<corpus>/<split>.bin    flat token array (uint16 or uint32), memory-mapped
   data/<corpus>/<split>.json   manifest of that array
+  discovery/                   data.discover: discovery.json (the record), transform.json
+                               (vocabulary, idf, settings), transform.safetensors (SVD
+                               components, centroids, offsets), assignment.safetensors (each
+                               document's cluster and split); the clusters' token files are
+                               data/cluster-NN/ like any domain's
   jobs/<job_id>/               one training job (seed or expert): see JobLayout
   difficulty/                  difficulty.json, difficulty.png
   plan.json                    lanes, iterations, configurations, budgets, job graph
@@ -161,6 +166,30 @@ class RunLayout:
 
     def manifest(self, corpus: str, split: str) -> Path:
         return self.corpus(corpus) / f"{split}.json"
+
+    # discovered domains (data.discover): shared by every repeat, like the prepared data
+    @property
+    def discovery(self) -> Path:
+        return self.run_root / "discovery"
+
+    @property
+    def discovery_record(self) -> Path:
+        return self.discovery / "discovery.json"
+
+    @property
+    def discovery_transform(self) -> Path:
+        """Vocabulary, idf and settings of the fitted transform (JSON)."""
+        return self.discovery / "transform.json"
+
+    @property
+    def discovery_arrays(self) -> Path:
+        """SVD components, centroids and offsets of the fitted transform (safetensors)."""
+        return self.discovery / "transform.safetensors"
+
+    @property
+    def discovery_assignment(self) -> Path:
+        """Each document's cluster, split and label code, in corpus order (safetensors)."""
+        return self.discovery / "assignment.safetensors"
 
     # training jobs
     @property

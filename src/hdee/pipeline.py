@@ -1,6 +1,10 @@
 """`hdee run`: every stage of the method into one run directory.
 
-    prepare -> seeds -> difficulty -> plan -> experts -> evaluate -> report
+    prepare -> [discover] -> seeds -> difficulty -> plan -> experts -> evaluate -> report
+
+With `data.discover` the 'discover' stage clusters a corpus into domains cluster-00, ... (after
+prepare; after seeds with seed features, which cluster in a seed's hidden states); the stages
+after it read the clusters as they read any domain (`config.data.domain_names`).
 
 With `run.repeats: N` the stages from seeds to evaluate run for every repeat k (the config's
 `for_repeat(k)`, the layout's `repeat(k)`): other training seeds on the same prepared data,
@@ -26,7 +30,7 @@ from hdee.console import print_table, section, status, stderr_console
 from hdee.console import progress as progress_bar
 from hdee.layout import RunLayout
 from hdee.plan import PlanError, build_plan, check_plannable, seed_sizes
-from hdee.records import DifficultyRecord, JobResult, Plan, PlannedJob
+from hdee.records import DifficultyRecord, DiscoveryRecord, JobResult, Plan, PlannedJob
 from hdee.rundir import RunError, run_lock, save_resolved_config
 from hdee.runners.base import JobTask, runner_for
 
@@ -45,10 +49,10 @@ def prepared_vocab(layout: RunLayout) -> tuple[int, int | None]:
 def training_manifests(config: ExperimentConfig, layout: RunLayout) -> dict[str, str]:
     """Content hash of each corpus's training tokens (identifies a job's data)."""
     hashes = {}
-    for corpus in [config.data.general, *config.data.domains]:
-        path = layout.manifest(corpus.name, "train")
+    for name in config.data.corpus_names:
+        path = layout.manifest(name, "train")
         if path.is_file():
-            hashes[corpus.name] = read_json(path)["content_hash"]
+            hashes[name] = read_json(path)["content_hash"]
     return hashes
 
 
@@ -247,6 +251,77 @@ def stage_seeds(
     run_training_stage("seeds", [(config, layout)], console, progress)
 
 
+def stage_discover(
+    config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
+) -> None:
+    from hdee.discover import print_discovery
+
+    print_discovery(discovered(config, layout, console, progress), console)
+
+
+def discovered(
+    config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
+) -> DiscoveryRecord:
+    """The discovery record of data.discover, discovering the clusters where they are missing
+    or out of date (hdee.discover)."""
+    from hdee.discover import discover_domains
+
+    seed_dir = seed_job = None
+    if config.data.discover is not None and config.data.discover.features == "seed":
+        seed_job = smallest_seed(config, layout)
+        seed_dir = layout.job(seed_job).final
+    return discover_domains(config, layout, seed_dir, seed_job, progress, console)
+
+
+def run_discovery(
+    config: ExperimentConfig, progress: bool = True, console: Console | None = None
+) -> DiscoveryRecord:
+    """`hdee discover`: the stages before discovery (prepare; the seeds for seed features),
+    then discovery itself; returns the record instead of printing it."""
+    console = console or stderr_console()
+    config = config.for_repeat(0)  # the run's own seeds, as `hdee run` trains them
+    order = stage_order(config)
+    run_experiment(
+        config, until=order[order.index("discover") - 1], progress=progress, console=console
+    )
+    layout = RunLayout.of(config.run_dir)
+    with run_lock(layout, "hdee discover"):
+        section("discover", console)
+        return discovered(config, layout, console, progress)
+
+
+def smallest_seed(config: ExperimentConfig, layout: RunLayout) -> str:
+    """The job id of the trained seed with the narrowest FFN (seed features cluster in its
+    hidden states: the cheapest seed to run over every document)."""
+    from hdee.shapes import model_shapes
+
+    shapes = model_shapes(config.model)
+    seeds = make_plan(config, layout).seeds
+    size = min(seeds, key=lambda s: (shapes[s].intermediate_size, s))
+    if not layout.job(seeds[size]).is_done():
+        raise RunError(
+            f"data.discover.features 'seed' clusters in seed {size}'s hidden states, and it is "
+            "not trained yet: run the 'seeds' stage first"
+        )
+    return seeds[size]
+
+
+def require_discovery(config: ExperimentConfig, layout: RunLayout) -> None:
+    """Stages after discovery read the clusters: stop with the command to run when the record
+    is missing, from another hdee version, or of other clusters."""
+    from hdee.records import DiscoveryRecord
+
+    if config.data.discover is None:
+        return
+    record = DiscoveryRecord.read(layout.discovery_record)  # RecordError names the file
+    if list(record.clusters) != config.data.discover.domain_names:
+        raise RunError(
+            f"{layout.discovery_record} holds clusters {list(record.clusters)}, the config asks "
+            f"for {config.data.discover.clusters}: run the 'discover' stage (`hdee discover "
+            "CONFIG`) again"
+        )
+
+
 def stage_difficulty(
     config: ExperimentConfig, layout: RunLayout, console: Console, progress: bool
 ) -> None:
@@ -312,6 +387,7 @@ def stage_report(
 
 STAGE_FUNCTIONS = {
     "prepare": stage_prepare,
+    "discover": stage_discover,
     "seeds": stage_seeds,
     "difficulty": stage_difficulty,
     "plan": stage_plan,
@@ -321,15 +397,34 @@ STAGE_FUNCTIONS = {
 }
 
 
-def select_stages(start: str | None = None, until: str | None = None) -> list[str]:
+def stage_order(config: ExperimentConfig | None = None) -> list[str]:
+    """The stages of a run, in order: 'discover' only with data.discover, right after prepare
+    for tf-idf features and after the seeds for seed features (they need a trained seed)."""
+    discover = config.data.discover if config is not None else None
+    order = [stage for stage in STAGES if stage != "discover"]
+    if discover is not None:
+        order.insert(
+            order.index("seeds" if discover.features == "tfidf" else "difficulty"), "discover"
+        )
+    return order
+
+
+def select_stages(
+    start: str | None = None, until: str | None = None, config: ExperimentConfig | None = None
+) -> list[str]:
+    order = stage_order(config)
     for name in (start, until):
-        if name is not None and name not in STAGES:
-            raise UsageError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
-    first = STAGES.index(start) if start else 0
-    last = STAGES.index(until) if until else len(STAGES) - 1
+        if name == "discover" and name not in order:
+            raise UsageError(
+                "the 'discover' stage needs data.discover in the config (docs/discovery.md)"
+            )
+        if name is not None and name not in order:
+            raise UsageError(f"unknown stage {name!r}; stages are {', '.join(order)}")
+    first = order.index(start) if start else 0
+    last = order.index(until) if until else len(order) - 1
     if first > last:
         raise UsageError(f"--from {start} comes after --until {until}")
-    return list(STAGES[first : last + 1])
+    return order[first : last + 1]
 
 
 def run_experiment(
@@ -343,7 +438,7 @@ def run_experiment(
     console = console or stderr_console()
     config = config.for_repeat(0)  # the run's own config; repeats are views of it
     layout = RunLayout.of(config.run_dir)
-    stages = select_stages(start, until)
+    stages = select_stages(start, until, config)
     # A config the planner will refuse is refused now, not after the seeds have trained.
     known_vocab = (
         prepared_vocab(layout)[0] if (layout.tokenizer / "tokenizer.json").is_file() else None
@@ -355,6 +450,8 @@ def run_experiment(
         for stage in stages:
             began = time.time()
             section(stage, console)
+            if stage in AFTER_DISCOVERY:
+                require_discovery(config, layout)
             if stage in RUN_ONCE_STAGES or len(repeats) == 1:
                 STAGE_FUNCTIONS[stage](config, layout, console, progress)
             elif stage in TRAINING_STAGES:
@@ -367,8 +464,10 @@ def run_experiment(
     return layout
 
 
-# Prepared data is shared by every repeat, and the report covers them all.
-RUN_ONCE_STAGES = ("prepare", "report")
+# Prepared data (discovered clusters too) is shared by every repeat; the report covers them all.
+RUN_ONCE_STAGES = ("prepare", "discover", "report")
+# The stages that read the domains' prepared data (the clusters, with data.discover).
+AFTER_DISCOVERY = ("difficulty", "plan", "experts", "evaluate")
 
 
 def repeat_views(

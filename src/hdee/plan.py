@@ -118,13 +118,20 @@ def corpus_fingerprints(
         "split": config.data.split.model_dump(mode="json"),
         "seed": config.seed,
     }
+    configured = {c.name: c for c in [config.data.general, *config.data.domains]}
     fingerprints = {}
-    for corpus in [config.data.general, *config.data.domains]:
-        if manifests and corpus.name in manifests:
-            fingerprints[corpus.name] = manifests[corpus.name]
-        else:
-            fingerprints[corpus.name] = stable_hash(
-                {"corpus": corpus.model_dump(mode="json"), **prepare_inputs}
+    for name in config.data.corpus_names:
+        if manifests and name in manifests:
+            fingerprints[name] = manifests[name]
+        elif name in configured:
+            fingerprints[name] = stable_hash(
+                {"corpus": configured[name].model_dump(mode="json"), **prepare_inputs}
+            )
+        else:  # a cluster data.discover will find
+            assert config.data.discover is not None
+            discover = config.data.discover.model_dump(mode="json")
+            fingerprints[name] = stable_hash(
+                {"discover": discover, "cluster": name, **prepare_inputs}
             )
     return fingerprints
 
@@ -205,6 +212,8 @@ def _check_class_capacity(config: ExperimentConfig) -> None:
     trainable = config.trainable_domains
     lanes = lanes_of(config)
     remedy = "add domains to data.domains, hold fewer out (plan.held_out), or lower plan.iterations"
+    if config.data.discover is not None:
+        remedy = "discover more clusters (data.discover.clusters), " + remedy
     method = config.difficulty.method
     if method == "fixed":
         fixed = config.difficulty.fixed or {}

@@ -1,6 +1,7 @@
 """The typed files of a run directory: written and read only through these models.
 
     plan.json                  Plan              (plan.py builds it)
+    discovery/discovery.json   DiscoveryRecord   (discover.py, data.discover)
     jobs/<id>/result.json      JobResult         (train.py writes it last)
     difficulty/difficulty.json DifficultyRecord  (difficulty.py)
     evaluation/results.json    EvaluationResults (evaluate.py; schema in docs/evaluation.md)
@@ -183,6 +184,53 @@ class Plan(Record):
         for domain in self.held_out_domains:
             kinds.setdefault(domain, "held_out")
         return kinds
+
+
+# ----------------------------------------------------------------------------------------------
+# discovery/discovery.json (data.discover; docs/discovery.md)
+
+
+class ClusterSummary(_Part):
+    documents: dict[str, int]  # split -> documents of the corpus's split in this cluster
+    tokens: dict[str, int]  # split -> tokens (the cluster's prepared token files)
+    sample_documents: int  # sampled documents it held while fitting
+    top_terms: list[str]  # tfidf: the centroid mapped back through the SVD; seed: mean tf-idf
+    labels: dict[str, int] | None = None  # known label -> its documents here (data.discover.labels)
+
+
+class LabelAgreement(_Part):
+    source: Literal["directory", "file"]  # where the labels came from
+    labels: int  # distinct labels
+    purity: float  # share of documents in their cluster's majority label
+    adjusted_rand_index: float
+    normalized_mutual_info: float
+
+
+class DiscoveryRecord(Record):
+    format: Literal["hdee-discovery"] = "hdee-discovery"
+    version: Literal[1] = 1
+    MADE_BY: ClassVar[str] = "`hdee discover CONFIG` (the 'discover' stage of `hdee run`)"
+
+    corpus: str
+    features: Literal["tfidf", "seed"]
+    seed_job: str | None = None  # seed features: the seed whose hidden states were clustered
+    fingerprint: str  # what the clusters' token files were made from (their source_fingerprint)
+    transform_fingerprint: str  # what the fitted transform was made from
+    documents: int  # every document of the corpus
+    training_documents: int
+    sample_documents: int  # the fit's sample
+    dimensions: int  # feature dimensions (SVD components, or the seed's hidden size)
+    vocabulary: int | None = None  # tf-idf terms
+    balance: float
+    sample_band: list[int]  # [fewest, most] sampled documents a cluster could hold
+    fit_iterations: int
+    converged: bool
+    corpus_spread: float  # max over clusters of |documents / equal share - 1| on the corpus
+    corpus_cap: int  # the most documents of the corpus a cluster may hold
+    capped_documents: int  # documents that cap moved off their nearest cluster
+    clusters: dict[str, ClusterSummary]
+    agreement: LabelAgreement | None = None
+    seconds: dict[str, float]  # sample, fit, assign (those this run did)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -840,6 +840,68 @@ def _with_tasks_section(markdown: str, layout: RunLayout) -> str:
     return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
 
 
+def _with_discovery_section(
+    markdown: str, layout: RunLayout, difficulty: DifficultyRecord | None
+) -> str:
+    """The "Discovered domains" section (data.discover): the clusters, their sizes, top terms,
+    difficulty class and agreement with known labels, from discovery/discovery.json."""
+    from hdee.records import DiscoveryRecord
+
+    if not layout.discovery_record.is_file():
+        return markdown
+    record = DiscoveryRecord.read(layout.discovery_record)
+    classes = dict(difficulty.classes) if difficulty else {}
+    if difficulty:
+        classes.update({d: f"held-out ({c})" for d, c in difficulty.held_out_classes.items()})
+    what = (
+        f"tf-idf, TruncatedSVD to {record.dimensions} dimensions, L2 norm"
+        if record.features == "tfidf"
+        else f"mean last hidden state of seed `{record.seed_job}`, centred, L2 norm"
+    )
+    low, high = record.sample_band
+    lines = [
+        "## Discovered domains",
+        "",
+        f"The run's domains are {len(record.clusters)} clusters of corpus `{record.corpus}` "
+        f"({record.documents:,} documents): features {what}; balanced k-means fitted on "
+        f"{record.sample_documents:,} of its {record.training_documents:,} training documents, "
+        f"each cluster holding {low:,} to {high:,} of them (balance {record.balance:g}); every "
+        "document then assigned to its nearest centroid after the balanced fit's offsets, at "
+        f"most {record.corpus_cap:,} per cluster ({record.capped_documents:,} moved by that "
+        "cap). A cluster's splits are the corpus's. Details: `discovery/discovery.json`.",
+        "",
+    ]
+    labelled = any(c.labels for c in record.clusters.values())
+    lines.append(
+        "| cluster | class | documents (train / validation / test) | tokens | "
+        + ("majority label | " if labelled else "")
+        + "top terms |"
+    )
+    lines.append("| --- | --- | ---: | ---: | " + ("--- | " if labelled else "") + "--- |")
+    for name, cluster in record.clusters.items():
+        docs = " / ".join(
+            f"{cluster.documents.get(s, 0):,}" for s in ("train", "validation", "test")
+        )
+        cells = [name, classes.get(name, "–"), docs, si(sum(cluster.tokens.values()))]
+        if labelled:
+            label, count = max((cluster.labels or {"–": 0}).items(), key=lambda item: item[1])
+            share = count / max(1, sum((cluster.labels or {}).values()))
+            cells.append(f"{label} ({share:.0%})")
+        cells.append(", ".join(cluster.top_terms[:8]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if record.agreement:
+        a = record.agreement
+        lines += [
+            "",
+            f"Against the {a.labels} known labels ({a.source} names): purity {a.purity:.3f}, "
+            f"adjusted Rand index {a.adjusted_rand_index:.3f}, NMI "
+            f"{a.normalized_mutual_info:.3f}.",
+        ]
+    section = "\n".join(lines) + "\n\n"
+    head, footer_mark, footer = markdown.rpartition("---\nMade by")
+    return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
+
+
 def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) -> list[str]:
     """The "Repeats" section from every repeat's results.json (none for one repeat)."""
     if config.run.repeats < 2:
@@ -918,5 +980,6 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
         ),
         layout,
     )
+    markdown = _with_discovery_section(markdown, layout, difficulty)
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown

@@ -19,7 +19,7 @@ from typing import Any
 from hdee.config import Corpus, ExperimentConfig, LocalSource, stable_hash
 from hdee.console import Bar, status
 from hdee.console import progress as progress_bar
-from hdee.data import DataError
+from hdee.data import DataError, DiscoveryError, TooFewDocuments
 from hdee.data.packing import Encoder, batch_by_key
 from hdee.data.sources import (
     Document,
@@ -54,13 +54,27 @@ def prepare_data(
     """
     data = config.data
     corpora = [data.general, *data.domains]
-    # Resolving every source first makes a missing path fail before any work is done.
-    states = {corpus.name: source_state(corpus) for corpus in corpora}
-    ratios = {corpus.name: normalise(_ratios_of(corpus, config)) for corpus in corpora}
-
-    tokenizer, tok_info, tok_rebuilt = _ensure_tokenizer(
-        config, layout, corpora, states, ratios, progress
+    # A corpus data.discover clusters (hdee.discover) is tokenized by the 'discover' stage, but
+    # the BPE learns from its training split too: its clusters are the run's domains.
+    clustered = data.discover_corpus
+    learned_from = corpora + (
+        [clustered] if clustered and clustered.name != data.general.name else []
     )
+    # Resolving every source first makes a missing path fail before any work is done.
+    states = {corpus.name: source_state(corpus) for corpus in learned_from}
+    ratios = {corpus.name: normalise(ratios_of(corpus, config)) for corpus in learned_from}
+
+    try:
+        tokenizer, tok_info, tok_rebuilt = _ensure_tokenizer(
+            config, layout, learned_from, states, ratios, progress
+        )
+    except TooFewDocuments as error:
+        if clustered is None or error.corpus != clustered.name:
+            raise
+        raise DiscoveryError(
+            f"data.discover.corpus: {error}; its {data.discover.clusters} clusters need at least "
+            "one training, validation and test document each (data.discover.clusters)"
+        ) from None
     tok_id = tok_info["tokenizer_id"]
     summary: dict[str, Any] = {
         "tokenizer": {
@@ -137,12 +151,12 @@ def _local_bytes(state: dict[str, Any], corpus: Corpus) -> int:
     )
 
 
-def _ratios_of(corpus: Corpus, config: ExperimentConfig) -> tuple[float, float, float]:
+def ratios_of(corpus: Corpus, config: ExperimentConfig) -> tuple[float, float, float]:
     split = corpus.split or config.data.split
     return (split.train, split.validation, split.test)
 
 
-def _split_seed(seed: int, corpus: Corpus) -> int:
+def split_seed(seed: int, corpus: Corpus) -> int:
     # Per-corpus seeds: document i of every domain should not land in the same split.
     return int(stable_hash([seed, corpus.name]), 16)
 
@@ -153,7 +167,7 @@ def routed_documents(
     """(split, document) for every document of the corpus."""
     documents = ((doc.split, doc) for doc in iter_documents(corpus))
     try:
-        yield from route_documents(documents, ratios, _split_seed(seed, corpus))
+        yield from route_documents(documents, ratios, split_seed(seed, corpus))
     except DataError:
         raise
     except ValueError as error:  # too few documents for the splits
@@ -163,9 +177,10 @@ def routed_documents(
                 " (a text file is one document; to cut big files into many, set the source's "
                 "split_documents: paragraphs, or chars with chunk_chars)"
             )
-        raise DataError(
+        raise TooFewDocuments(
+            corpus.name,
             f"corpus {corpus.name!r} ({describe_source(corpus)}): too small for its splits: "
-            f"{error}{hint}"
+            f"{error}{hint}",
         ) from None
 
 
@@ -205,7 +220,7 @@ def _ensure_tokenizer(
 
     if settings.kind == "bpe":
         share = max(1, settings.train_max_bytes // len(corpora))
-        with _counting("tokenizer: training BPE", show_progress) as count:
+        with counting("tokenizer: training BPE", show_progress) as count:
             texts = (
                 text
                 for corpus in corpora
@@ -315,7 +330,7 @@ def _build_corpus(
     }
     documents = dict.fromkeys(SPLIT_NAMES, 0)
     try:
-        with _counting(f"{corpus.name}: tokenizing", show_progress) as count:
+        with counting(f"{corpus.name}: tokenizing", show_progress) as count:
             items = ((split, doc.text) for split, doc in routed_documents(corpus, ratios, seed))
             for split, ids, n in encoder.encode_stream(batch_by_key(items, on_item=count)):
                 writers[split].write(ids)
@@ -371,7 +386,7 @@ class _Counter:
 
 
 @contextlib.contextmanager
-def _counting(description: str, enabled: bool) -> Iterator[_Counter]:
+def counting(description: str, enabled: bool) -> Iterator[_Counter]:
     with progress_bar(description, unit="docs", enabled=enabled, MB="0.0") as bar:
         counter = _Counter(bar)
         try:
