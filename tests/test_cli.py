@@ -183,14 +183,13 @@ def test_bad_arguments_found_after_parsing_exit_2_runtime_failures_exit_1(
             "'MHe-IHo' has iterations 1..1, not 5",
         ),
         (["export", run, str(tmp_path / "e"), "--configuration", "nope"], "'nope' is not in the"),
-        (
-            ["export", run, str(tmp_path / "e"), "--configuration", "MHe-IHo", "--iteration", "0"],
-            "'MHe-IHo' has iterations 1..1, not 0",
-        ),
     ]
     for argv, expected in bad:
         assert main(argv) == 2, argv
         assert expected in capsys.readouterr().err
+    with pytest.raises(SystemExit) as parsed:  # below every iteration: argparse's range check
+        main(["export", run, str(tmp_path / "e"), "--configuration", "MHe-IHo", "--iteration", "0"])
+    assert parsed.value.code == 2 and "--iteration: must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -208,12 +207,12 @@ def test_generation_longer_than_the_context_is_refused_before_any_model_loads(
 
     run = tiny_cli_run["run_dir"]
     argv = ["generate", str(run), "--configuration", "MHe-IHo", "--prompt", "the one"]
-    loads = hdee.generate.load_models
+    loads = hdee.generate.build_ensemble
 
     def no_models(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a model loaded before --max-new-tokens was checked")
 
-    monkeypatch.setattr(hdee.generate, "load_models", no_models)
+    monkeypatch.setattr(hdee.generate, "build_ensemble", no_models)
     assert main([*argv, "--max-new-tokens", "100000000"]) == 2
     err = capsys.readouterr().err
     found = re.search(r"--max-new-tokens 100000000: must be in 1\.\.(\d+): the experts read", err)
@@ -224,7 +223,7 @@ def test_generation_longer_than_the_context_is_refused_before_any_model_loads(
     assert room == 16 - prompt + 1  # the last new token is never read
     assert main([*argv, "--max-new-tokens", str(room + 1)]) == 2
     capsys.readouterr()
-    monkeypatch.setattr(hdee.generate, "load_models", loads)
+    monkeypatch.setattr(hdee.generate, "build_ensemble", loads)
     assert main([*argv, "--max-new-tokens", str(room)]) == 0  # the whole context is usable
 
 

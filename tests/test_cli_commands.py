@@ -103,7 +103,7 @@ def test_generate_with_explicit_prior_and_a_domains_cached_prior(tiny_cli_run):
         (["--prior", "cached:nowhere"], "'nowhere' is not an evaluation domain"),
         (["--prior", "d1"], "write cached:d1"),
         (["--iteration", "5"], "iterations 1..1, not 5"),
-        (["--max-new-tokens", "100000000"], "expected --max-new-tokens <= "),
+        (["--max-new-tokens", "100000000"], "--max-new-tokens 100000000: must be in 1.."),
     ]:
         code, _, err = hdee(*base, *argv)
         assert code == 2 and expected in err, (argv, err)

@@ -16,12 +16,14 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
+from hdee.atomic import read_json
 from hdee.config import load_config
 from hdee.ensemble_spec import EnsembleSpec, SpecError, spec_defaults
 from hdee.hf_ensemble import OUTPUT_CACHE_FIELD, HdeeEnsembleForCausalLM
@@ -144,18 +146,33 @@ def prompt_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
     return ([eos] if eos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def experts_context(layout: RunLayout, resolved: ResolvedEnsemble) -> tuple[int, Path]:
+    """(positions, the config.json that sets them): the smallest `max_position_embeddings` of
+    the members, the sequence length they trained on. Reads config.json only."""
+    contexts = {
+        path: int(read_json(path)["max_position_embeddings"])
+        for path in (layout.job(job).final / "config.json" for job in resolved.members.values())
+    }
+    path = min(contexts, key=lambda key: contexts[key])
+    return contexts[path], path
+
+
 def check_generation(
-    model_context: int, prompt_tokens: int, max_new_tokens: int, spec: EnsembleSpec
+    context: tuple[int, Path], prompt_tokens: int, max_new_tokens: int, spec: EnsembleSpec
 ) -> None:
-    """Refuse a generation the ensemble cannot do as asked, before any model loads: one that
-    reads more positions than the experts were trained on, or that would route after more
+    """Refuse (exit 2) a generation the ensemble cannot do as asked, before any model loads:
+    one that reads past the experts' context (past it a model reads positions it never trained
+    on, and a typo such as 100000000 would run for days), or one that would route after more
     tokens than it reads."""
+    positions, source = context
     read = prompt_tokens + max_new_tokens - 1  # the prompt and every new token but the last
-    if read > model_context:
+    if read > positions:
+        room = positions - prompt_tokens + 1
+        allowed = f"must be in 1..{room}" if room >= 1 else "the prompt alone is too long"
         raise SpecError(
-            f"--max-new-tokens {max_new_tokens}: the experts read the prompt's {prompt_tokens} "
-            f"tokens and every new one but the last, and were trained on {model_context} "
-            f"positions; expected --max-new-tokens <= {max(0, model_context - prompt_tokens + 1)}"
+            f"--max-new-tokens {max_new_tokens}: {allowed}: the experts read the prompt "
+            f"({prompt_tokens} tokens with the EOS before it) and every new token but the "
+            f"last, at most {positions} positions (max_position_embeddings in {source})"
         )
     if spec.routing in ("prefix", "budget") and spec.route_tokens > read:
         raise SpecError(
@@ -187,10 +204,10 @@ def continue_from_run(
     resolved = resolve_ensemble(spec, config, layout, configuration)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(layout.tokenizer)
     input_ids = prompt_ids(tokenizer, prompt)
+    context = experts_context(layout, resolved)
     if max_new_tokens is None:
-        room = config.data.seq_len - len(input_ids) + 1
-        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, room))
-    check_generation(config.data.seq_len, len(input_ids), max_new_tokens, spec)
+        max_new_tokens = max(1, min(DEFAULT_NEW_TOKENS, context[0] - len(input_ids) + 1))
+    check_generation(context, len(input_ids), max_new_tokens, spec)
     model = build_ensemble(resolved, layout, config.data.seq_len)
     eos = tokenizer.eos_token_id if stop_at_eos else None
     generation = generate_ids(

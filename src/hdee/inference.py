@@ -43,7 +43,7 @@ def resolve_ensemble(
     plan = Plan.read(layout.plan)
     if configuration not in plan.configurations:
         raise SpecError(
-            f"--configuration {configuration!r} is not in {layout.plan}; choose one of "
+            f"--configuration {configuration!r} is not in the plan ({layout.plan}); choose one of "
             f"{', '.join(plan.configurations)}"
         )
     try:
