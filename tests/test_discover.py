@@ -433,7 +433,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
 
 
 def test_stage_order_puts_discovery_where_its_features_need_it(tmp_path: Path) -> None:
-    from hdee.pipeline import RunError, select_stages
+    from hdee.errors import UsageError
+    from hdee.pipeline import select_stages
 
     tfidf = parse_config(discovery_run_config(tmp_path))
     seed = parse_config(discovery_run_config(tmp_path, features="seed"))
@@ -441,7 +442,7 @@ def test_stage_order_puts_discovery_where_its_features_need_it(tmp_path: Path) -
     assert select_stages(config=seed)[:4] == ["prepare", "seeds", "discover", "difficulty"]
     assert select_stages("discover", "discover", tfidf) == ["discover"]
     assert "discover" not in select_stages()
-    with pytest.raises(RunError, match="needs data.discover"):
+    with pytest.raises(UsageError, match="needs data.discover"):  # a bad --from: exit 2
         select_stages("discover")
 
 

@@ -235,12 +235,16 @@ WEIGHTS_JSONL_KEYS = frozenset({"step", "token_id", "token", "log_prob", "weight
 
 
 def is_weights_jsonl(path: Path) -> bool:
-    """Whether every line of `path` is a record `hdee.generate.weights_jsonl` writes."""
+    """Whether every line of `path` is a record `hdee.generate.weights_jsonl` writes: an optional
+    first line `{"ensemble": {...}}` (the spec that generated), then one record per token."""
     try:
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
+            for number, line in enumerate(handle):
                 record = json.loads(line)
-                if not isinstance(record, dict) or set(record) != WEIGHTS_JSONL_KEYS:
+                if not isinstance(record, dict):
+                    return False
+                is_header = number == 0 and set(record) == {"ensemble"}
+                if not is_header and set(record) != WEIGHTS_JSONL_KEYS:
                     return False
     except (OSError, UnicodeDecodeError, ValueError):
         return False
