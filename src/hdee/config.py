@@ -342,7 +342,12 @@ class TrainingConfig(_Strict):
         description="'auto': bf16 autocast (fp32 master weights) on CUDA and on CPUs with bf16 "
         "units (avx512_bf16 / amx_bf16), at any model size; fp32 elsewhere.",
     )
-    compile: bool = Field(False, description="torch.compile the model.")
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model and its loss. 'auto': when it pays, judged from "
+        "timed eager steps against the expected compile time (hdee.compiling; never without a "
+        "C++ compiler or Triton); true: always; false: never.",
+    )
     loss_chunk_tokens: int | None = Field(
         None,
         gt=0,
@@ -361,7 +366,12 @@ class TrainingConfig(_Strict):
         """The settings that determine the trained weights: what a job id hashes and what a
         resumed job must keep. Cadence (`eval_every`, `eval_batches`, `checkpoint_every`,
         `keep_checkpoints`) and where it runs (`device`) are left out (docs/config.md)."""
-        return self.model_dump(mode="json", exclude=set(NOT_WEIGHT_SETTINGS))
+        settings = self.model_dump(mode="json", exclude=set(NOT_WEIGHT_SETTINGS))
+        # `auto` decides on the machine that trains (like device: auto), after the plan is made,
+        # so it hashes as false, which keeps the ids of jobs made before `auto` existed; what
+        # ran is in result.json (compiled_from_step) and each checkpoint. docs/config.md.
+        settings["compile"] = self.compile is True
+        return settings
 
 
 # TrainingConfig settings that never change a job's weights: when it validates, checkpoints

@@ -260,6 +260,9 @@ class JobResult(Record):
     # Where it ran: not part of the job id (docs/config.md), so recorded here.
     device: str  # "cpu", "cuda", ...
     precision: Literal["fp32", "bf16"]
+    # The step from which the job ran compiled (training.compile; hdee.compiling), None when
+    # eager throughout. Like device, not part of the job id for compile: auto.
+    compiled_from_step: int | None = None
     # sha256 of final/model.safetensors: every reader checks it (hdee.integrity), so weights
     # changed after training never become a number.
     weights_sha256: str

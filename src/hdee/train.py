@@ -47,6 +47,13 @@ from hdee.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from hdee.compiling import (
+    CompileOrEager,
+    CompileState,
+    compiler_missing,
+    decide,
+    inductor_cache_is_warm,
+)
 from hdee.config import ConfigError, TrainingConfig, UsageError
 from hdee.console import progress as progress_bar
 from hdee.console import warn
@@ -232,6 +239,9 @@ class Job:
     start_step: int
     resumed: dict[str, Any] = field(default_factory=dict)  # trainer state of the checkpoint
     started: float = field(default_factory=time.perf_counter)
+    # The eager loss module (what `model` wraps) and the compile choice (hdee.compiling).
+    loss_module: torch.nn.Module | None = None
+    compile: CompileState = field(default_factory=lambda: CompileState(False))
 
     @property
     def training(self) -> TrainingConfig:
@@ -288,9 +298,14 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
         optimizer.load_state_dict(optimizer_state)
 
     # What DDP and compile wrap: the model and its loss, so a chunked loss syncs like any.
-    wrapped: torch.nn.Module = CausalLMLoss(model, spec.training.loss_chunk_tokens)
-    if spec.training.compile:
-        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    loss_module = CausalLMLoss(model, spec.training.loss_chunk_tokens)
+    start_step = int(resumed.get("step", 0))
+    compile_state = CompileState.at_start(
+        spec.training.compile, resumed, start_step, runtime.device.type, runtime.ddp
+    )
+    wrapped: torch.nn.Module = loss_module
+    if compile_state.compiles_at(start_step):
+        wrapped = CompileOrEager(loss_module, compile_state.fell_back)
     if runtime.ddp:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -305,8 +320,10 @@ def build(spec: TrainSpec, runtime: Runtime) -> Job:
         optimizer=optimizer,
         train_tokens=train_tokens,
         validation=validation,
-        start_step=int(resumed.get("step", 0)),
+        start_step=start_step,
         resumed=resumed,
+        loss_module=loss_module,
+        compile=compile_state,
     )
     if runtime.is_main:
         _print_summary(job, attn)
@@ -407,7 +424,8 @@ def _print_summary(job: Job, attn: str) -> None:
         f"{tokens * tc.steps:,} tokens\n"
         f"  training FLOPs/token {job.flops_per_token:.3e}, total "
         f"{job.flops_per_token * tokens * tc.steps:.3e}\n"
-        f"  device {runtime.device}, {precision}, attention {attn}"
+        f"  device {runtime.device}, {precision}, attention {attn}, "
+        f"compile {str(tc.compile).lower()} ({job.compile.note or 'off'})"
         + (f"; resuming at step {job.start_step}" if job.start_step else ""),
         flush=True,
     )
@@ -438,6 +456,7 @@ def train_steps(
     # (step, lr, loss, grad norm) as device tensors, checked for finiteness only where the loop
     # reads the device anyway (log rows, validation, checkpoints): no extra sync per step.
     unchecked: list[tuple[int, float, torch.Tensor, torch.Tensor | None]] = []
+    timed: list[float] = []  # seconds of the eager steps compile: auto decides from
     with progress_bar(
         f"{spec.kind} {job.layout.root.name}",
         total=tc.steps,
@@ -447,8 +466,15 @@ def train_steps(
     ) as bar:
         for step in range(job.start_step, tc.steps):
             lr = lr_at(step, tc)
+            started = time.perf_counter()
             loss_sum, grad_norm = _optimizer_step(job, step, lr)  # tensors: no device sync
             done = outcome.step = step + 1
+            if not job.compile.decided:
+                if runtime.device.type == "cuda":
+                    torch.cuda.synchronize()  # only while timing eager steps for compile: auto
+                timed.append(time.perf_counter() - started)
+                if done == job.compile.decision_after(job.start_step):
+                    _decide_compile(job, done, timed)
             window_tokens += job.tokens_per_step
             unchecked.append((done, lr, loss_sum, grad_norm))
 
@@ -494,6 +520,24 @@ def train_steps(
             if stop_after is not None and done >= stop_after and done < tc.steps:
                 break
     return outcome
+
+
+def _decide_compile(job: Job, done: int, timed: list[float]) -> None:
+    """`compile: auto`, after `done` steps: choose from the timed eager steps (this process's
+    first left out as warm-up when others exist) and run compiled from the next step on."""
+    seconds = timed[1:] or timed
+    eager = sum(seconds) / len(seconds)
+    device = job.runtime.device.type
+    decision = decide(
+        device, job.training.steps - done, eager, compiler_missing(device), inductor_cache_is_warm()
+    )
+    job.compile.decided, job.compile.note = True, decision.reason
+    if decision.compile:
+        job.compile.from_step = done
+        assert job.loss_module is not None
+        job.model = CompileOrEager(job.loss_module, job.compile.fell_back)
+    if job.runtime.is_main:
+        print(f"[hdee.train] compile: auto {decision.reason}", flush=True)
 
 
 def _check_finite(
@@ -595,6 +639,7 @@ def _save_step_checkpoint(job: Job, step: int, lr: float, last_loss: float | Non
         "last_loss": last_loss,
         "seconds": job.elapsed(),
         "rng": rng_state(),
+        **job.compile.checkpoint_state(),
     }
     save_checkpoint(job.layout.checkpoint(step), job.raw_model, job.optimizer, state)
     prune_checkpoints(job.layout, job.training.keep_checkpoints)
@@ -630,6 +675,7 @@ def finish(job: Job, outcome: LoopOutcome, metrics: MetricsLogger) -> JobResult:
         world_size=job.runtime.world_size,
         device=job.runtime.device.type,
         precision="bf16" if job.runtime.amp_dtype == torch.bfloat16 else "fp32",
+        compiled_from_step=job.compile.from_step,
     )
     if job.runtime.is_main:
         result.write(job.layout.result)
