@@ -52,9 +52,12 @@ def leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
 
 def test_this_release_has_its_fixture() -> None:
     """A release adds the run it writes (docs/releasing.md); none is from a later version."""
+    from packaging.version import Version
+
     assert __version__ in VERSIONS, (
         f"no fixture for hdee {__version__}: run `python scripts/make-fixture-run.py`"
     )
+    assert all(Version(version) <= Version(__version__) for version in VERSIONS)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -180,6 +183,20 @@ def as_evaluation_v3(path: Path) -> None:
         for iteration in configuration["iterations"].values():
             iteration.pop("ensemble", None)
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_migrate_brings_every_fixture_to_the_current_versions(
+    version: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = copy_of(version, tmp_path)
+    assert hdee("migrate", run) == 0
+    for path, kind in record_paths(RunLayout.of(run)):
+        assert json.loads(path.read_text())["version"] == kind.expected()[1], path
+    migrated = tree_bytes(run)
+    assert hdee("migrate", run) == 0
+    assert tree_bytes(run) == migrated
+    capsys.readouterr()
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
