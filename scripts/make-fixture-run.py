@@ -1,6 +1,6 @@
 """Write the run-directory fixture of this hdee release: tests/fixtures/runs/<version>/.
 
-    python scripts/make-fixture-run.py            # PYTHONPATH=src from a checkout, or installed
+    make fixture                                  # or: python scripts/make-fixture-run.py
     python scripts/make-fixture-run.py --overwrite   # replace this version's fixture
 
 A release adds its fixture (docs/releasing.md) and keeps every earlier one: each later version

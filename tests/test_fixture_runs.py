@@ -20,7 +20,7 @@ from hdee import __version__
 from hdee.cli import main
 from hdee.layout import RunLayout
 from hdee.migrate import record_paths
-from hdee.records import EvaluationResults, JobResult, Plan
+from hdee.records import EvaluationResults, JobResult, Plan, TasksResults
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 VERSIONS = sorted(path.name for path in FIXTURES.iterdir() if path.is_dir())
@@ -238,6 +238,58 @@ def test_migrate_upgrades_an_old_record_that_reads_the_same(
     assert hdee("migrate", run) == 0  # idempotent
     assert layout.results.read_bytes() == upgraded
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_migrate_upgrades_tasks_results_version_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tasks/results.json as hdee wrote version 1 (no resolved ensemble per system) is
+    rewritten as version 2 and reads the same; the run's other records stay as they were."""
+    run = copy_of(VERSIONS[-1], tmp_path)
+    layout = RunLayout.of(run)
+    plan = Plan.read(layout.plan)
+    configuration = sorted(plan.configurations)[0]
+    _, members = plan.ensemble(configuration)
+    expert = next(iter(members.values()))
+    version_1 = {
+        "format": "hdee-tasks",
+        "version": 1,
+        "tasks": ["next_chunk"],
+        "posterior": "prefix",
+        "harness_version": "0.4.9",
+        "higher_is_better": {"next_chunk": {"acc,none": True}},
+        "systems": {
+            configuration: {
+                "kind": "ensemble",
+                "configuration": configuration,
+                "members": list(members),
+                "metrics": {"next_chunk": {"acc,none": 0.5}},
+                "requests": 8,
+                "seconds": 0.25,
+            },
+            expert: {
+                "kind": "single_expert",
+                "job_id": expert,
+                "metrics": {"next_chunk": {"acc,none": 0.25}},
+                "requests": 8,
+                "seconds": 0.125,
+            },
+        },
+        "best_single": {"next_chunk": {"acc,none": {"system": expert, "value": 0.25}}},
+    }
+    layout.tasks_results.parent.mkdir()
+    layout.tasks_results.write_text(json.dumps(version_1, indent=2))
+    old = TasksResults.read(layout.tasks_results)
+    others = {p: b for p, b in tree_bytes(run).items() if not p.startswith("tasks/")}
+    assert hdee("migrate", run) == 0
+    assert "1 of" in capsys.readouterr().out
+    assert json.loads(layout.tasks_results.read_text())["version"] == 2
+    assert TasksResults.read(layout.tasks_results) == old.model_copy(update={"version": 2})
+    after = tree_bytes(run)
+    assert {p: b for p, b in after.items() if p not in others and p != "run.lock"} == {
+        "tasks/results.json": layout.tasks_results.read_bytes()
+    }
+    assert {p: after[p] for p in others} == others
 
 
 def test_migrate_on_a_current_run_changes_nothing(
