@@ -90,8 +90,8 @@ def survey(layout: RunLayout) -> list[RecordFile]:
                 f"{path}: {kind.expected()[0]} version {version} was written by a newer hdee "
                 f"(this one writes version {current}); use that hdee on this run"
             )
-        kind.read(path)  # refuses what this hdee cannot read, naming the file
-        found.append(RecordFile(path, kind, int(version)))  # type: ignore[call-overload]
+        record = kind.read(path)  # refuses what this hdee cannot read, naming the file
+        found.append(RecordFile(path, kind, record.model_dump(include={"version"})["version"]))
     return found
 
 
