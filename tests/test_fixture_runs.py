@@ -69,6 +69,21 @@ def test_fixture_holds_only_what_later_versions_read(version: str) -> None:
     assert not any("logprobs" in path.parts or "checkpoints" in path.parts for path in files)
 
 
+def test_git_ignores_no_fixture_file() -> None:
+    """A fixture file that .gitignore matched would pass here and be missing from a clone."""
+    import subprocess
+
+    root = FIXTURES.parents[2]
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(path.relative_to(root)) for path in FIXTURES.rglob("*") if path.is_file()]
+    ignored = subprocess.run(
+        [git, "check-ignore", "--no-index", *files], cwd=root, capture_output=True, text=True
+    )
+    assert ignored.returncode == 1 and not ignored.stdout, ignored.stdout
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_record_reads(version: str) -> None:
     layout = RunLayout.of(FIXTURES / version)
