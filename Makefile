@@ -50,8 +50,10 @@ demo: $(VENV)/.installed
 	sh scripts/install-demo-sources.sh
 	$(BIN)/hdee demo $(DEMO_ARGS)
 
+# --durations: the ten slowest tests print at the end of every run (CI's log included), so the
+# next slow test shows before the suite grows past its time goal (tests/README.md).
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests benchmarks

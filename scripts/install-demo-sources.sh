@@ -7,13 +7,23 @@
 #   scripts/install-demo-sources.sh          install what is missing
 #   scripts/install-demo-sources.sh --check  only list what is missing
 
-PACKAGES="bible-kjv jargon-text fortunes fortunes-min dict-gcide dict-foldoc dict-devil \
-dict-vera manpages libc6-dev locales"
+# The demo reads only these packages' files (and base-files'; hdee.demo_corpus.DEMO_PACKAGES
+# keeps the same list). Text packages are pinned to Debian 12's versions so that every machine
+# gets the same corpus; libc6-dev, locales and perl-modules receive security updates, so they
+# are not pinned (corpus.json records the versions read, the report the text's fingerprint).
+PINNED="bible-kjv=4.38 jargon-text=4.4.7-4.1 fortunes=1:1.99.1-7.3 fortunes-min=1:1.99.1-7.3 \
+dict-gcide=0.48.5+nmu2 dict-foldoc=20230119-1 dict-devil=1.0-13.1 dict-vera=1:1.24-1 \
+manpages=6.03-2"
+UNPINNED="libc6-dev locales perl-modules-5.36"
+PACKAGES="$(for spec in $PINNED; do printf '%s ' "${spec%%=*}"; done)$UNPINNED"
 
-missing=""
-for pkg in $PACKAGES; do
+missing=""   # package names, for messages
+install=""   # what apt-get installs: name=version where pinned
+for spec in $PINNED $UNPINNED; do
+    pkg="${spec%%=*}"
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
         missing="$missing $pkg"
+        install="$install $spec"
     fi
 done
 [ -z "$missing" ] && exit 0
@@ -35,11 +45,17 @@ fi
 echo "hdee demo: installing the demo's text sources:${missing}"
 export DEBIAN_FRONTEND=noninteractive
 # The package lists may be missing or stale on a fresh machine; update once, only when needed.
+# A pinned version that this distribution does not have (not Debian 12) falls back to its own
+# version: the demo still runs, on a corpus whose fingerprint the report shows differs.
 # shellcheck disable=SC2086
-if ! $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1; then
+if ! $SUDO apt-get install -y -q --no-install-recommends $install >/dev/null 2>&1; then
     $SUDO apt-get update -q >/dev/null 2>&1
     # shellcheck disable=SC2086
-    $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
-        || echo "hdee demo: apt-get install${missing} failed; the demo goes on with fallbacks"
+    if ! $SUDO apt-get install -y -q --no-install-recommends $install >/dev/null 2>&1; then
+        echo "hdee demo: the pinned versions are not available here; installing${missing}"
+        # shellcheck disable=SC2086
+        $SUDO apt-get install -y -q --no-install-recommends $missing >/dev/null 2>&1 \
+            || echo "hdee demo: apt-get install${missing} failed; the demo goes on with fallbacks"
+    fi
 fi
 exit 0

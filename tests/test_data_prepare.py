@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -134,6 +135,9 @@ def test_prepare_writes_every_corpus_and_tokens_decode_back(tmp_path: Path, corp
             assert len(manifest["source_fingerprint"]) == 16
             decoded = split_documents(tokens, eos, tokenizer)
             assert manifest["num_documents"] == len(decoded) >= 1
+            # The text's fingerprint: each document's bytes and a NUL, in the split's order.
+            text = b"".join(doc.encode("utf-8") + b"\0" for doc in decoded)
+            assert manifest["text_sha256"] == hashlib.sha256(text).hexdigest()
             assert summary["corpora"][name]["splits"][split] == {
                 "tokens": len(tokens),
                 "documents": len(decoded),
@@ -185,6 +189,7 @@ def test_prepare_is_idempotent_and_rebuilds_only_what_changed(tmp_path: Path, co
 def test_changed_tokenizer_rebuilds_everything(tmp_path: Path, corpus):
     original = make_config(tmp_path)
     first = prepare_data(original, RunLayout.of(original.run_dir), progress=False)
+    before = read_manifest(RunLayout.of(original.run_dir).tokens("math", "train"))
     config = make_config(tmp_path, tokenizer={"vocab_size": 320})
     second = prepare_data(config, RunLayout.of(config.run_dir), progress=False)
     assert second["tokenizer"]["rebuilt"] is True
@@ -192,6 +197,9 @@ def test_changed_tokenizer_rebuilds_everything(tmp_path: Path, corpus):
     assert set(statuses(second).values()) == {"rebuilt"}
     manifest = read_manifest(RunLayout.of(config.run_dir).tokens("math", "train"))
     assert manifest["tokenizer_id"] == second["tokenizer"]["id"]
+    # Other tokens, the same text: the text fingerprint does not depend on the tokenizer.
+    assert manifest["content_hash"] != before["content_hash"]
+    assert manifest["text_sha256"] == before["text_sha256"]
 
 
 def test_pretrained_tokenizer_and_changed_domain_content(tmp_path: Path, corpus):

@@ -168,3 +168,55 @@ def test_roff_to_text_keeps_words_drops_markup() -> None:
     assert "NAME" in text and "ls - list files" in text
     assert "lists directory contents-- quickly." in text
     assert "macro body" not in text and "comment" not in text and "\\f" not in text
+
+
+def test_the_install_script_installs_what_the_corpus_may_read() -> None:
+    script = (Path(__file__).parents[1] / dc.INSTALL_SCRIPT).read_text()
+    listed = {
+        spec.split("=")[0]
+        for variable in ("PINNED", "UNPINNED")
+        for spec in script.split(f'{variable}="')[1].split('"')[0].replace("\\", " ").split()
+    }
+    assert listed == set(dc.DEMO_PACKAGES) - {"base-files"}  # base-files: on every Debian
+    # Every catalogue entry that names a package names one of these.
+    assert {p for spec in dc.CATALOGUE for p in spec.packages} <= set(dc.DEMO_PACKAGES)
+
+
+def test_debian_files_count_only_when_a_pinned_package_installed_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = tmp_path / "doc"
+    for package in ("manpages", "someone-elses-tool"):
+        (docs / package).mkdir(parents=True)
+        changelog = docs / package / "changelog.Debian.gz"
+        changelog.write_bytes(gzip.compress(f"{package} (1.0) unstable; urgency=low\n".encode()))
+    info = tmp_path / "info"
+    info.mkdir()
+    (info / "manpages.list").write_text(
+        f"/.\n{docs / 'manpages'}\n{docs}/manpages/changelog.Debian.gz\n"
+    )
+    (info / "someone-elses-tool.list").write_text(
+        f"{docs}/someone-elses-tool/changelog.Debian.gz\n"
+    )
+    monkeypatch.setattr(dc, "DOC_DIR", docs)
+    monkeypatch.setattr(dc, "DPKG_INFO_DIR", info)
+    assert [u.key for u in dc._changelogs(10_000)] == ["manpages/changelog.Debian.gz"]
+    # No dpkg database (not Debian): what is there counts, as before.
+    monkeypatch.setattr(dc, "DPKG_INFO_DIR", tmp_path / "no-dpkg")
+    assert len(dc._changelogs(10_000)) == 2
+
+
+def test_python_files_count_only_when_hdee_tasks_brings_their_distribution() -> None:
+    import importlib.metadata
+
+    pinned = dc._python_entries(dc.SITE_PACKAGES_DIRS)
+    if pinned is None:
+        pytest.skip("hdee is not installed as a distribution here")
+    entries, versions = pinned
+    # hdee's own requirements and the tasks extra's are in; the dev extra's tools are not.
+    assert {"torch", "transformers", "lm-eval", "numpy"} <= set(versions)
+    assert not {"pytest", "ruff", "mutmut"} & set(versions)
+    assert versions["torch"] == importlib.metadata.version("torch")
+    assert "torch" in entries and "_pytest" not in entries and "pytest" not in entries
+    units = dc._site_code(10_000)
+    assert units and not any(u.key.startswith(("_pytest/", "pytest/", "ruff/")) for u in units)

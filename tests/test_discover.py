@@ -540,3 +540,6 @@ def test_a_discovered_run_trains_evaluates_and_reports(tmp_path: Path) -> None:
     section = report.split("## Discovered domains", 1)[1]
     assert all(name in section for name in names)
     assert "adjusted Rand index" in section and "held-out (" in section
+    # Discovered domains carry their text's fingerprint like prepared ones.
+    data = report.split("## Data", 1)[1]
+    assert "Fingerprint of all corpora" in data and "`–`" not in data

@@ -125,3 +125,40 @@ def test_compute_section_and_pareto_plot(tmp_path):
     assert markdown.endswith("---\nMade by x\n")
     assert plot_pareto(results.compute, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_data_section_fingerprints_each_corpus_text(tiny_finished_run, tmp_path):
+    import hashlib
+    import json
+    import shutil
+
+    from hdee.data.tokens import read_manifest
+    from hdee.layout import SPLITS, RunLayout
+    from hdee.records import Plan
+    from hdee.report import data_fingerprint, data_lines
+
+    layout = RunLayout.of(tiny_finished_run)
+    plan = Plan.read(layout.plan)
+    markdown = layout.report_markdown.read_text()
+    assert "## Data" in markdown
+    hashes = []
+    for corpus in ["general", *plan.trained_domains, *plan.held_out_domains]:
+        splits = [read_manifest(layout.tokens(corpus, s))["text_sha256"] for s in SPLITS]
+        expected = hashlib.sha256("\n".join(splits).encode()).hexdigest()
+        assert data_fingerprint(splits) == expected
+        assert f"| {corpus} | " in markdown and f"`{expected[:16]}`" in markdown
+        hashes.append(expected)
+    assert f"Fingerprint of all corpora: `{data_fingerprint(hashes)[:16]}`" in markdown
+
+    # A corpus prepared before the hash was recorded shows a dash and says how to get it.
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_finished_run / "data", copy / "data")
+    manifest = RunLayout.of(copy).manifest("general", "train")
+    record = json.loads(manifest.read_text())
+    del record["text_sha256"]
+    manifest.write_text(json.dumps(record))
+    lines = "\n".join(data_lines("general", plan, RunLayout.of(copy)))
+    assert "| general | general | " in lines and "`–`" in lines
+    assert "Fingerprint of all corpora" not in lines and "did not record the hash" in lines
+    # Nothing prepared: no section at all.
+    assert data_lines("general", plan, RunLayout.of(tmp_path / "empty")) == []

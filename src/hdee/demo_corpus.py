@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import importlib.metadata
 import logging
 import os
 import re
@@ -31,6 +32,9 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from hdee.atomic import atomic_directory, write_json
 from hdee.console import warn
@@ -102,6 +106,9 @@ class DemoCorpus:
     domains: tuple[DemoDomain, ...]
     missing: tuple[MissingSource, ...]
     unused: tuple[str, ...] = field(default=())  # present, but not needed for the selection
+    # What it could read, with versions ({"debian": {...}, "python": {...}}, see
+    # source_versions): equal versions give an equal corpus; the report prints its fingerprint.
+    versions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def trained(self) -> list[DemoDomain]:
@@ -128,6 +135,11 @@ class DemoCorpus:
                 f"{d.bytes / 1000:>7.1f} {d.zlib_ratio:>6.3f}"
             )
         lines += [m.message for m in self.missing]
+        debian, python = self.versions.get("debian", {}), self.versions.get("python", {})
+        lines.append(
+            f"read only from {len(debian)} pinned Debian packages and the {len(python)} PyPI "
+            "distributions hdee[tasks] installs (versions: corpus.json)"
+        )
         return "\n".join(lines)
 
 
@@ -239,6 +251,130 @@ def _files(
             elif entry.is_file(follow_symlinks=False) and entry.name.endswith(suffixes):
                 found.append(entry.path)
     return sorted(found)  # strings: a Path per file would cost a second on /usr/share/man
+
+
+# ----------------------------------------------------------------------------------------------
+# Pinned sources only. A corpus made of "whatever this machine has installed" differs from
+# machine to machine (a fresh machine once gave 11 licence documents where the README's run had
+# 18), so a reader could not tell a different corpus from a different result. Debian files
+# count only when they belong to a package the demo's install step pins, PyPI files only when
+# they belong to a distribution that installing hdee[tasks] brings (pinned by constraints.txt).
+
+DPKG_INFO_DIR = Path("/var/lib/dpkg/info")
+# scripts/install-demo-sources.sh installs all but base-files, which every Debian system has
+# (/usr/share/common-licenses); a test keeps the two lists equal.
+DEMO_PACKAGES = (
+    "base-files",
+    "bible-kjv",
+    "jargon-text",
+    "fortunes",
+    "fortunes-min",
+    "dict-gcide",
+    "dict-foldoc",
+    "dict-devil",
+    "dict-vera",
+    "manpages",
+    "libc6-dev",
+    "locales",
+    "perl-modules-5.36",
+)
+DEMO_DISTRIBUTION = ("hdee", ("tasks",))  # the PyPI side: this distribution and extra's closure
+
+
+@cache
+def _debian_files(info_dir: Path, packages: tuple[str, ...]) -> frozenset[str] | None:
+    """Every file the given packages installed (dpkg's file lists); None where there is no
+    dpkg database (not Debian): then every file under the source directories counts."""
+    if not info_dir.is_dir():
+        return None
+    owned: set[str] = set()
+    for package in packages:
+        for listing in sorted(info_dir.glob(f"{package}.list")) + sorted(
+            info_dir.glob(f"{package}:*.list")
+        ):
+            owned.update(listing.read_text(encoding="utf-8", errors="replace").splitlines())
+    return frozenset(owned)
+
+
+def _debian_only(paths: Iterable[str | Path]) -> list[str]:
+    """`paths` that one of DEMO_PACKAGES installed (all of them on a system without dpkg)."""
+    owned = _debian_files(DPKG_INFO_DIR, DEMO_PACKAGES)
+    return [str(p) for p in paths if owned is None or str(p) in owned]
+
+
+def _closure(
+    distributions: dict[str, importlib.metadata.Distribution], name: str, extras: Iterable[str]
+) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions that `name[extras]` requires, transitively (itself too)."""
+    found: dict[str, importlib.metadata.Distribution] = {}
+    pending = [(canonicalize_name(name), frozenset(extras))]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while pending:
+        key, wanted = pending.pop()
+        dist = distributions.get(key)
+        if (key, wanted) in seen or dist is None:
+            continue
+        seen.add((key, wanted))
+        found[key] = dist
+        for text in dist.requires or []:
+            requirement = Requirement(text)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in ("", *wanted)):
+                pending.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    return found
+
+
+@cache
+def _python_entries(roots: tuple[Path, ...]) -> tuple[frozenset[str], dict[str, str]] | None:
+    """The top-level names under `roots` (packages, modules, .dist-info directories) that
+    belong to DEMO_DISTRIBUTION's closure, and {distribution: version}; None where hdee is not
+    installed as a distribution there (run from a source tree): then everything counts."""
+    distributions = {
+        canonicalize_name(d.metadata["Name"]): d
+        for d in importlib.metadata.distributions(path=[str(r) for r in roots])
+        if d.metadata["Name"]
+    }
+    name, extras = DEMO_DISTRIBUTION
+    if canonicalize_name(name) not in distributions:
+        return None
+    closure = _closure(distributions, name, extras)
+    entries = {
+        file.parts[0]
+        for dist in closure.values()
+        for file in dist.files or []
+        if file.parts and file.parts[0] not in ("..", "__pycache__")
+    }
+    versions = {key: dist.version for key, dist in sorted(closure.items())}
+    return frozenset(entries), versions
+
+
+def _python_only(root: Path, paths: Iterable[str | Path]) -> list[str]:
+    """`paths` under `root` (a site-packages directory) that DEMO_DISTRIBUTION's closure
+    installed (all of them where hdee is not an installed distribution)."""
+    pinned = _python_entries(SITE_PACKAGES_DIRS)
+    if pinned is None:
+        return [str(p) for p in paths]
+    return [str(p) for p in paths if Path(p).relative_to(root).parts[0] in pinned[0]]
+
+
+def source_versions() -> dict[str, dict[str, str]]:
+    """The versions of what the corpus may read: {"debian": {package: version},
+    "python": {distribution: version}} (empty where not known), for corpus.json."""
+    debian: dict[str, str] = {}
+    if shutil.which("dpkg-query"):
+        listing = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Package}\\t${Version}\\t${db:Status-Abbrev}\\n"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in listing.splitlines():
+            package, _, rest = line.partition("\t")
+            version, _, state = rest.partition("\t")
+            if package in DEMO_PACKAGES and state.startswith("ii"):
+                debian[package] = version
+    pinned = _python_entries(SITE_PACKAGES_DIRS)
+    return {"debian": dict(sorted(debian.items())), "python": pinned[1] if pinned else {}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,12 +537,12 @@ def _man_pages(limit: int) -> list[Unit]:
     paths: list[str] = []
     for section in range(1, 9):
         paths += _files(MAN_DIR / f"man{section}", (".gz",))
-    return _file_units(MAN_DIR, paths, lambda p: _roff_to_text(_read(p)))
+    return _file_units(MAN_DIR, _debian_only(paths), lambda p: _roff_to_text(_read(p)))
 
 
 def _info_manuals(limit: int) -> list[Unit]:
     units: list[Unit] = []
-    for path in map(Path, _files(INFO_DIR, (".gz",))):
+    for path in map(Path, _debian_only(_files(INFO_DIR, (".gz",)))):
         if ".info" not in path.name:
             continue
         nodes = []
@@ -422,12 +558,12 @@ def _info_manuals(limit: int) -> list[Unit]:
 
 
 def _licences(limit: int) -> list[Unit]:
-    units = _file_units(COMMON_LICENSES_DIR, _files(COMMON_LICENSES_DIR))
+    units = _file_units(COMMON_LICENSES_DIR, _debian_only(_files(COMMON_LICENSES_DIR)))
     for root in SITE_PACKAGES_DIRS:
         paths = [
             p
-            for dist_info in sorted(root.glob("*.dist-info"))
-            for p in _files(dist_info)
+            for dist_info in _python_only(root, sorted(root.glob("*.dist-info")))
+            for p in _files(Path(dist_info))
             if os.path.basename(p).upper().startswith(("LICEN", "COPYING", "NOTICE"))
         ]
         units += _file_units(root, paths)
@@ -438,7 +574,7 @@ def _licences(limit: int) -> list[Unit]:
 
 def _changelogs(limit: int) -> list[Unit]:
     paths = sorted(DOC_DIR.glob("*/changelog.Debian.gz")) if DOC_DIR.is_dir() else []
-    return _file_units(DOC_DIR, paths)
+    return _file_units(DOC_DIR, _debian_only(paths))
 
 
 _DEBIAN_CHANGELOG = re.compile(r"\S+ \([^)]*\) [^;\n]*; urgency=")
@@ -453,15 +589,15 @@ def _upstream_changelogs(limit: int) -> list[Unit]:
         text = _read(path)
         return "" if _DEBIAN_CHANGELOG.match(text) else text
 
-    return _file_units(DOC_DIR, [p for p in paths if not p.is_symlink()], load)
+    return _file_units(DOC_DIR, _debian_only(p for p in paths if not p.is_symlink()), load)
 
 
 def _locales(limit: int) -> list[Unit]:
-    return _file_units(LOCALES_DIR, _files(LOCALES_DIR))
+    return _file_units(LOCALES_DIR, _debian_only(_files(LOCALES_DIR)))
 
 
 def _c_headers(limit: int) -> list[Unit]:
-    units = _file_units(INCLUDE_DIR, _files(INCLUDE_DIR, (".h",)))
+    units = _file_units(INCLUDE_DIR, _debian_only(_files(INCLUDE_DIR, (".h",))))
     return units + _file_units(PY_INCLUDE_DIR, _files(PY_INCLUDE_DIR, (".h",)))
 
 
@@ -505,7 +641,7 @@ def _package_readmes(limit: int) -> list[Unit]:
     units: list[Unit] = []
     for root in SITE_PACKAGES_DIRS:
         paths = sorted(root.glob("*.dist-info/METADATA")) if root.is_dir() else []
-        units += _file_units(root, paths, _readme_of)
+        units += _file_units(root, _python_only(root, paths), _readme_of)
     return units
 
 
@@ -518,7 +654,7 @@ def _debian_readmes(limit: int) -> list[Unit]:
         for p in DOC_DIR.glob(pattern)
         if p.is_file() and not p.is_symlink() and p.suffix in ("", ".gz", ".txt", ".md", ".Debian")
     )
-    return _file_units(DOC_DIR, paths)
+    return _file_units(DOC_DIR, _debian_only(paths))
 
 
 def _pod_of(path: Path) -> str:
@@ -541,7 +677,7 @@ def _perl_docs(limit: int) -> list[Unit]:
     return [
         unit
         for root in PERL_DIRS
-        for unit in _file_units(root, _files(root, (".pm", ".pod")), _pod_of)
+        for unit in _file_units(root, _debian_only(_files(root, (".pm", ".pod"))), _pod_of)
     ]
 
 
@@ -551,7 +687,9 @@ def _perl_docs(limit: int) -> list[Unit]:
 def _site_code(limit: int) -> list[Unit]:
     skip = (*_TEST_DIRS, *_SITE_SKIP)
     return [
-        u for root in SITE_PACKAGES_DIRS for u in _file_units(root, _files(root, (".py",), skip))
+        unit
+        for root in SITE_PACKAGES_DIRS
+        for unit in _file_units(root, _python_only(root, _files(root, (".py",), skip)))
     ]
 
 
@@ -559,13 +697,14 @@ def _site_docs(limit: int) -> list[Unit]:
     units: list[Unit] = []
     for root in SITE_PACKAGES_DIRS:
         paths = _files(root, (".md", ".rst", ".txt"), skip_dirs=(*_TEST_DIRS, *_SITE_SKIP))
-        units += _file_units(root, [p for p in paths if "-info" not in p[len(str(root)) :]])
+        paths = [p for p in paths if "-info" not in p[len(str(root)) :]]
+        units += _file_units(root, _python_only(root, paths))
     return units
 
 
 def _copyrights(limit: int) -> list[Unit]:
     paths = sorted(DOC_DIR.glob("*/copyright")) if DOC_DIR.is_dir() else []
-    return _file_units(DOC_DIR, [p for p in paths if not p.is_symlink()])
+    return _file_units(DOC_DIR, _debian_only(p for p in paths if not p.is_symlink()))
 
 
 @dataclass(frozen=True)
@@ -836,6 +975,7 @@ def gather_demo_corpus(
             domains=tuple(domains),
             missing=tuple(missing),
             unused=tuple(s.name for s in gathered if s.name not in (*trained, *held_out)),
+            versions=source_versions(),
         )
         if len(trained) < 3 or not held_out or general.documents < 10:
             raise DemoCorpusError(

@@ -32,6 +32,7 @@ sizes, top terms, agreement with labels) written last. Nothing is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
 import os
@@ -661,6 +662,8 @@ def assign_and_tokenize(
         for split in SPLIT_NAMES
     }
     documents = dict.fromkeys(writers, 0)
+    # Each cluster split's text fingerprint, as `hdee prepare` records for any corpus.
+    text_hashes = {key: hashlib.sha256() for key in writers}
     clusters, splits, labels = array("i"), array("b"), array("i")
     label_index: dict[str, int] = {}
 
@@ -672,6 +675,7 @@ def assign_and_tokenize(
                 if discover.labels != "none":
                     label = document_label(doc, discover.labels)
                     labels.append(label_index.setdefault(label, len(label_index)))
+                text_hashes[(names[cluster], split)].update(doc.text.encode("utf-8") + b"\0")
                 yield (names[cluster], split), doc.text
 
     choose = CappedChoice(len(names), transform.settings["fit"]["documents"], discover.balance)
@@ -696,7 +700,8 @@ def assign_and_tokenize(
                 writers[key].write(ids)
                 documents[key] += n
         _check_clusters(config, writers, documents)
-        manifests = _commit(layout, names, writers, documents, manifest_base)
+        hashes = {key: digest.hexdigest() for key, digest in text_hashes.items()}
+        manifests = _commit(layout, names, writers, documents, hashes, manifest_base)
     finally:
         for writer in writers.values():
             writer.abort()  # no-op for committed ones
@@ -744,6 +749,7 @@ def _commit(
     names: list[str],
     writers: dict[tuple[str, str], TokenWriter],
     documents: dict[tuple[str, str], int],
+    text_hashes: dict[tuple[str, str], str],
     base: dict[str, Any],
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Replace the clusters' token files: the old record and manifests go first, so until the
@@ -758,7 +764,13 @@ def _commit(
     manifests: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in names}
     for (name, split), writer in writers.items():
         manifests[name][split] = writer.commit(
-            {**base, "corpus": name, "split": split, "num_documents": documents[(name, split)]}
+            {
+                **base,
+                "corpus": name,
+                "split": split,
+                "num_documents": documents[(name, split)],
+                "text_sha256": text_hashes[(name, split)],
+            }
         )
     return manifests
 

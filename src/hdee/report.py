@@ -7,12 +7,15 @@ nothing here runs a model, so a report can be re-made at any time.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any
 
 from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
+from hdee.data.splits import SPLIT_NAMES
+from hdee.data.tokens import read_manifest
 from hdee.ensemble import METHODS, first_posterior_method
 from hdee.forgetting import forgetting_markdown, forgetting_matrix
 from hdee.formatting import si
@@ -902,6 +905,61 @@ def _with_discovery_section(
     return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
 
 
+def data_fingerprint(split_hashes: list[str]) -> str:
+    """One hex sha256 for several text hashes (a corpus's splits, or every corpus's)."""
+    return hashlib.sha256("\n".join(split_hashes).encode()).hexdigest()
+
+
+def data_lines(general: str, plan: Plan, layout: RunLayout) -> list[str]:
+    """The "Data" section: each corpus's documents and tokens per split and the sha256 of its
+    text (`text_sha256` in the token manifests that `hdee prepare` writes), so that a reader can
+    tell a different corpus from a different result; [] when nothing is prepared."""
+    roles = {general: "general", **dict.fromkeys(plan.trained_domains, "trained")}
+    roles |= dict.fromkeys(plan.held_out_domains, "held-out")
+    rows, hashes = [], []
+    for corpus, role in roles.items():
+        try:
+            manifests = [read_manifest(layout.tokens(corpus, split)) for split in SPLIT_NAMES]
+        except (OSError, ValueError):
+            return []
+        split_hashes = [str(m.get("text_sha256", "")) for m in manifests]
+        text = data_fingerprint(split_hashes) if all(split_hashes) else ""
+        hashes.append(text)
+        documents = " / ".join(f"{int(m['num_documents']):,}" for m in manifests)
+        tokens = si(sum(int(m["num_tokens"]) for m in manifests))
+        rows.append(f"| {corpus} | {role} | {documents} | {tokens} | `{text[:16] or '–'}` |")
+    complete = all(hashes)
+    return [
+        "## Data",
+        "",
+        "Each corpus's text as `hdee prepare` read it: the sha256 of every document's UTF-8 "
+        "bytes, each followed by a NUL byte, in the order of the train, validation and test "
+        "splits (independent of the tokenizer; the full hashes are `text_sha256` in "
+        "`data/<corpus>/<split>.json`). Equal fingerprints mean the same text in the same "
+        "splits: two runs that differ in result but not here differ in something else. "
+        + (
+            f"Fingerprint of all corpora: `{data_fingerprint(hashes)[:16]}`."
+            if complete
+            else "Corpora marked – were prepared by an hdee that did not record the hash: "
+            "`hdee prepare` records it when the corpus changes next."
+        ),
+        "",
+        "| corpus | role | documents (train / validation / test) | tokens | text sha256 |",
+        "| --- | --- | ---: | ---: | --- |",
+        *rows,
+        "",
+    ]
+
+
+def _with_data_section(markdown: str, general: str, plan: Plan, layout: RunLayout) -> str:
+    lines = data_lines(general, plan, layout)
+    if not lines:
+        return markdown
+    section = "\n".join(lines) + "\n"
+    head, footer_mark, footer = markdown.rpartition("---\nMade by")
+    return head + section + footer_mark + footer if footer_mark else markdown + "\n" + section
+
+
 def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) -> list[str]:
     """The "Repeats" section from every repeat's results.json (none for one repeat)."""
     if config.run.repeats < 2:
@@ -981,5 +1039,6 @@ def write_report(config: ExperimentConfig, layout: RunLayout) -> Path:
         layout,
     )
     markdown = _with_discovery_section(markdown, layout, difficulty)
+    markdown = _with_data_section(markdown, config.data.general.name, plan, layout)
     write_text(layout.report_markdown, markdown)
     return layout.report_markdown

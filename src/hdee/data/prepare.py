@@ -12,6 +12,7 @@ all of them were written and checked; on an error nothing half-written stays beh
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -329,10 +330,20 @@ def _build_corpus(
         split: TokenWriter(layout.tokens(corpus.name, split), dtype) for split in SPLIT_NAMES
     }
     documents = dict.fromkeys(SPLIT_NAMES, 0)
+    text_hashes = {split: hashlib.sha256() for split in SPLIT_NAMES}
+
+    def hashed(items: Iterator[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+        # The text's own fingerprint, independent of the tokenizer: the report prints it so a
+        # reader can tell "different text" from "different result" (docs/architecture.md).
+        for split, text in items:
+            text_hashes[split].update(text.encode("utf-8") + b"\0")
+            yield split, text
+
     try:
         with counting(f"{corpus.name}: tokenizing", show_progress) as count:
             items = ((split, doc.text) for split, doc in routed_documents(corpus, ratios, seed))
-            for split, ids, n in encoder.encode_stream(batch_by_key(items, on_item=count)):
+            batches = batch_by_key(hashed(items), on_item=count)
+            for split, ids, n in encoder.encode_stream(batches):
                 writers[split].write(ids)
                 documents[split] += n
         sizes = {
@@ -351,6 +362,7 @@ def _build_corpus(
                     "corpus": corpus.name,
                     "split": split,
                     "num_documents": documents[split],
+                    "text_sha256": text_hashes[split].hexdigest(),
                 }
             )
             for split in SPLIT_NAMES
