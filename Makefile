@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test lint format bench gpu-check mutate constraints clean help
+.PHONY: demo test lint format bench gpu-check mutate fixture constraints clean help
 
 help:
 	@echo "make demo   - create $(VENV), install hdee, run the built-in HDEE demo on a CPU"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench  - run the benchmarks in benchmarks/ (minutes)"
 	@echo "make gpu-check - on a GPU machine: CUDA tests, M-model MFU, evaluation tokens/s (8 min)"
 	@echo "make mutate - mutation testing of the pure maths with their fast unit tests (minutes)"
+	@echo "make fixture - write this release's run fixture, tests/fixtures/runs/<version>/ (1 min)"
 	@echo "make constraints - rewrite constraints.txt from $(VENV) (after a deliberate upgrade)"
 
 $(BIN)/python:
@@ -88,6 +89,11 @@ MUTATE_JOBS ?= 2
 mutate: $(VENV)/.installed-dev
 	$(BIN)/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
 	$(BIN)/mutmut results
+
+# A release's run fixture (docs/releasing.md): the tiny run this version writes, kept so that
+# every later version is tested to read, evaluate, export and resume it. Never rewritten.
+fixture: $(VENV)/.installed-dev
+	$(BIN)/python scripts/make-fixture-run.py
 
 # Pins what $(VENV) holds now; run `make test` on it first (see scripts/freeze-constraints.py).
 constraints: $(VENV)/.installed-dev

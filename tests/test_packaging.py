@@ -51,3 +51,21 @@ def test_the_makefile_installs_with_the_constraints():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert "CONSTRAINTS ?= constraints.txt" in makefile
     assert makefile.count("$(PIP_CONSTRAINTS) -e") == 2  # hdee, and hdee with dev extras
+
+
+def test_the_version_is_spelt_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """pyproject's version is hdee.__version__ (what `hdee --version` prints, what a release
+    tags as v<version> and names its fixture run after: docs/releasing.md)."""
+    from packaging.version import Version
+
+    from hdee import __version__
+    from hdee.cli import main
+
+    build = pyproject()["tool"]["setuptools"]["dynamic"]["version"]
+    assert "version" in pyproject()["project"]["dynamic"] and build == {"attr": "hdee.__version__"}
+    assert str(Version(__version__)) == __version__  # a PEP 440 version, normalised
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"hdee {__version__}"
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert f"## [{__version__}]" in changelog  # the release has its entry

@@ -232,6 +232,7 @@ def test_help_of_every_subcommand(capsys):
         "evaluate",
         "report",
         "generate",
+        "migrate",
         "demo",
     )
     for command in commands:

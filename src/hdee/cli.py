@@ -39,6 +39,7 @@ examples:
   hdee generate runs/tiny --configuration MHe-IHo --prompt "In the beginning"
   hdee export runs/tiny --configuration MHe-IHo exports/MHe-IHo
   hdee tasks runs/tiny --tasks builtin
+  hdee migrate runs/tiny --dry-run       records an older hdee wrote, in this version's shape
 
 environment:
   HDEE_PROGRESS=auto|1|plain|0   progress: a live bar on a terminal and plain lines otherwise
@@ -405,6 +406,45 @@ def cmd_tasks(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from hdee.console import print_table, stdout_console
+    from hdee.migrate import migrate_run
+
+    layout = _existing_run(args.run)
+    found = migrate_run(layout, dry_run=args.dry_run)
+    outdated = [item for item in found if item.outdated]
+    done = "would upgrade" if args.dry_run else "upgraded"
+    rows = [
+        [
+            str(item.path.relative_to(layout.run_root)),
+            item.format,
+            f"{item.version} -> {item.current}" if item.outdated else str(item.version),
+            done if item.outdated else "current",
+        ]
+        for item in found
+    ]
+    console = stdout_console()
+    print_table(["record", "format", "version", "status"], rows, console=console)
+    if outdated:
+        print(f"{len(outdated)} of {len(found)} records {done} to hdee {__version__}'s versions")
+    else:
+        print(f"all {len(found)} records are hdee {__version__}'s versions: nothing to do")
+
+
+def _parser_migrate(sub: Any) -> None:
+    p = _subcommand(
+        sub,
+        "migrate",
+        "Rewrite every record of a run directory that an older hdee wrote in this version's "
+        "shape (atomically; nothing happens to a current run).",
+        cmd_migrate,
+    )
+    p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--dry-run", action="store_true", help="list what would be upgraded; write nothing"
+    )
+
+
 def cmd_discover(args: argparse.Namespace) -> None:
     from hdee.console import stdout_console
     from hdee.discover import print_discovery
@@ -756,6 +796,7 @@ SUBCOMMANDS = (
     _parser_generate,
     _parser_export,
     _parser_tasks,
+    _parser_migrate,
     _parser_demo,
 )
 
