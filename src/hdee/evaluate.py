@@ -40,6 +40,7 @@ from hdee.ensemble import (
 from hdee.ensemble_spec import SpecError, select_members
 from hdee.integrity import checked_weights_sha256
 from hdee.layout import RunLayout
+from hdee.model import attention_implementation
 from hdee.records import (
     ComputeResults,
     ConfigurationCompute,
@@ -55,7 +56,6 @@ from hdee.records import (
     Score,
 )
 from hdee.routing import routed_flops_per_token, spec_mixture
-from hdee.model import attention_implementation
 from hdee.scoring import evaluation_dtype, load_expert, resolve_device, window_log_probs
 from hdee.shapes import forward_flops_per_token
 from hdee.statistics import window_documents
