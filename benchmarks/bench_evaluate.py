@@ -1,258 +1,174 @@
-"""Evaluation speed and peak memory: hdee's evaluator vs a reference-style evaluator.
+"""Evaluation-stage speed: hdee's label log-prob scorer against the ways it scored before.
 
-Both score the same experts (3 random-init Llamas, 32K vocabulary, FFN widths S / M / L) on the
-same windows with the four methods (simple average, uniform prior, cached prior on validation
-windows, single experts), using the same, correct mixing formulas, so their perplexities must
-agree. They differ in how they get the label log-probabilities:
+`hdee evaluate` spends its time in `hdee.scoring.window_log_probs`: every expert of every
+configuration on every domain's test and validation windows (the demo: 21 experts, 15 domains,
+128 + 64 windows of 128 tokens). This benchmark scores the same windows with the same experts,
+demo-sized (the `tiny` preset's S / M / L, vocabulary 4096, 128 tokens, batch 16, as
+`hdee.demo_corpus.demo_config` writes them), four ways, interleaved round by round in one
+process so that every way sees the same load on a shared machine:
 
-- hdee (`hdee.evaluate.evaluate_run`, starting from an empty cache): each expert runs once per
-  (domain, split), one expert in memory at a time, and the LM head + log-sum-exp run on chunks
-  of positions; every method is mixed from the cached `[windows, seq_len]` label log-probs.
-- reference-style (the public reference's structure): all experts loaded, every method re-runs
-  every expert, each keeping the full-vocabulary `log_softmax` tensor `[B, T, V]` of a batch.
+- full log-softmax: the reference style, `log_softmax(model(x).logits.float())` of the whole
+  batch `[B, T, V]` in fp32, then the label gather;
+- hdee before: the scorer before this change, the LM head + `logsumexp` on 512 positions at a
+  time (copied here as it was);
+- hdee now: `hdee.scoring.window_log_probs` in fp32, the default (`evaluation.precision: fp32`);
+- hdee now, bf16: the same under bf16 autocast (`evaluation.precision: bf16`), eager attention
+  as `hdee evaluate` sets it; fp32 log-softmax. Its perplexities are not held to 1e-4.
 
-Each evaluator runs in a fresh subprocess, so its peak resident memory (`ru_maxrss`) is its
-own; the memory above the process's RSS right after `import torch, transformers` is printed too.
+It prints tokens/s of each (median over rounds), the median over rounds of each one's speed
+ratio to "hdee before" and to the full log-softmax, and the largest relative perplexity
+difference of each from the full log-softmax over the experts.
 
-    python benchmarks/bench_evaluate.py            # ~5 minutes on 2 CPU cores
+    nice python benchmarks/bench_evaluate.py               # ~2 minutes on 2 shared CPU cores
+    python benchmarks/bench_evaluate.py --windows 128 --rounds 7
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
-import tempfile
+import statistics
 import time
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from torch import Tensor
+from transformers import LlamaForCausalLM
 
+from hdee.config import ModelConfig
+from hdee.data.loaders import eval_batches
+from hdee.ensemble import perplexity
+from hdee.model import attention_implementation, llama_config
+from hdee.scoring import autocast, window_log_probs
+from hdee.shapes import model_shapes
 from machine import print_machine
 
-VOCAB = 32_000
-HIDDEN = 128
-SEQ_LEN = 256
-TEST_WINDOWS = 24
-VALIDATION_WINDOWS = 8
-BATCH_SIZE = 8
-DOMAINS = ["domain_a", "domain_b"]
-LANES = {"easy": ("expert_s", 512), "moderate": ("expert_m", 768), "difficult": ("expert_l", 1024)}
+# The full demo's shapes (hdee.demo_corpus.demo_config, quick=False).
+VOCAB = 4096
+SEQ_LEN = 128
+BATCH_SIZE = 16
+PRESET = "tiny"
+
+Scorer = Callable[[LlamaForCausalLM, np.ndarray, int], Tensor]
 
 
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def demo_experts() -> list[tuple[str, LlamaForCausalLM]]:
+    """One random-init expert per size of the preset, LM head sharpened so that the
+    distributions are not flat (random weights give nearly uniform ones)."""
+    experts = []
+    for index, (size, shape) in enumerate(model_shapes(ModelConfig(preset=PRESET)).items()):
+        torch.manual_seed(index)
+        model = LlamaForCausalLM(llama_config(shape, VOCAB, SEQ_LEN)).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8)
+        experts.append((size, model))
+    return experts
 
 
-def build_run(root: Path) -> None:
-    from hdee.atomic import write_json
-    from hdee.data.tokens import write_tokens
-    from hdee.layout import RunLayout
-
-    layout = RunLayout.of(root)
-    for lane_index, (job_id, ffn) in enumerate(LANES.values()):
-        torch.manual_seed(lane_index)
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=ffn,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=SEQ_LEN,
-        )
-        model = LlamaForCausalLM(config)
-        with torch.no_grad():  # sharper than random init, so the experts disagree visibly
-            model.lm_head.weight.mul_(2)
-        model.save_pretrained(layout.job(job_id).final, safe_serialization=True)
-    rng = np.random.default_rng(0)
-    windows = {"test": TEST_WINDOWS, "validation": VALIDATION_WINDOWS}
-    for domain in DOMAINS:
-        for split, count in windows.items():
-            tokens = rng.integers(0, VOCAB, size=count * SEQ_LEN + 1).astype(np.uint16)
-            write_tokens(layout.tokens(domain, split), tokens, {"vocab_size": VOCAB})
-    plan = {
-        "lanes": list(LANES),
-        "trained_domains": DOMAINS[:1],
-        "held_out_domains": DOMAINS[1:],
-        "configurations": {
-            "bench": {"ensembles": [{lane: job for lane, (job, _) in LANES.items()}]}
-        },
-    }
-    write_json(layout.plan, plan)
-
-
-def experiment_config(root: Path) -> Any:
-    from hdee.config import parse_config
-
-    corpus = {"source": {"type": "local", "paths": ["unused.txt"]}}
-    return parse_config(
-        {
-            "run_dir": str(root),
-            "data": {
-                "seq_len": SEQ_LEN,
-                "general": {"name": "general", **corpus},
-                "domains": [{"name": d, **corpus} for d in DOMAINS],
-            },
-            "plan": {"held_out": DOMAINS[1:]},
-            "evaluation": {
-                "batch_size": BATCH_SIZE,
-                "cached_prior_sequences": VALIDATION_WINDOWS,
-                "max_test_sequences": TEST_WINDOWS,
-            },
-        }
-    )
-
-
-def run_ours(root: Path) -> dict[str, float]:
-    from hdee.evaluate import evaluate_run
-
-    results = evaluate_run(root, experiment_config(root), progress=False)
-    domains = results["configurations"]["bench"]["iterations"]["1"]["domains"]
-    perplexities = {}
-    for domain, scores in domains.items():
-        for method, score in scores["methods"].items():
-            if method != "best_single":
-                perplexities[f"{domain}/{method}"] = score["perplexity"]
-        for lane, score in scores["single_experts"].items():
-            perplexities[f"{domain}/single:{lane}"] = score["perplexity"]
-    return perplexities
-
-
-def run_reference(root: Path) -> dict[str, float]:
-    """The public reference's structure: every method re-runs every expert and keeps the
-    full-vocabulary log-softmax of each expert for the batch; the mixing math is hdee's."""
-    from hdee.data.loaders import eval_batches
-    from hdee.data.tokens import load_tokens
-    from hdee.ensemble import (
-        estimate_cached_prior,
-        mixture_log_probs,
-        perplexity,
-        simple_average,
-    )
-    from hdee.layout import RunLayout
-
-    layout = RunLayout.of(root)
-    models = [
-        LlamaForCausalLM.from_pretrained(layout.job(job).final, use_safetensors=True).eval()
-        for job, _ in LANES.values()
-    ]
-
-    def full_log_probs(split: str, domain: str, windows: int) -> list[torch.Tensor]:
-        """Per batch: every expert's label log-probs [E, B, T], through [E, B, T, V]."""
-        tokens = load_tokens(layout.tokens(domain, split))
-        out = []
+def full_log_softmax(model: LlamaForCausalLM, tokens: np.ndarray, windows: int) -> Tensor:
+    """Reference style: the whole batch's fp32 log-softmax `[B, T, V]`, then the labels."""
+    rows = []
+    with torch.inference_mode():
         for batch in eval_batches(tokens, SEQ_LEN, BATCH_SIZE, windows):
-            with torch.no_grad():
-                full = torch.stack(
-                    [torch.log_softmax(m(input_ids=batch[:, :-1]).logits, -1) for m in models]
-                )
-            labels = batch[:, 1:].expand(len(models), -1, -1)[..., None]
-            out.append(full.gather(-1, labels).squeeze(-1))
-        return out
-
-    perplexities = {}
-    for domain in DOMAINS:
-        test = lambda d=domain: full_log_probs("test", d, TEST_WINDOWS)  # noqa: E731
-        simple = torch.cat([simple_average(lp) for lp in test()])
-        perplexities[f"{domain}/simple_average"] = perplexity(simple)
-        uniform = torch.cat([mixture_log_probs(lp, None, "prefix") for lp in test()])
-        perplexities[f"{domain}/uniform_prior"] = perplexity(uniform)
-        validation = torch.cat(full_log_probs("validation", domain, VALIDATION_WINDOWS), dim=1)
-        prior = estimate_cached_prior(validation.double().sum(2).T, 0.3)
-        cached = torch.cat([mixture_log_probs(lp, prior.log(), "prefix") for lp in test()])
-        perplexities[f"{domain}/cached_prior"] = perplexity(cached)
-        singles = torch.cat(test(), dim=1)
-        for j, lane in enumerate(LANES):
-            perplexities[f"{domain}/single:{lane}"] = perplexity(singles[j])
-    return perplexities
+            logits = model(input_ids=batch[:, :-1], use_cache=False).logits
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            rows.append(log_probs.gather(-1, batch[:, 1:, None]).squeeze(-1))
+    return torch.cat(rows)
 
 
-def worker(kind: str, root: Path) -> None:
-    baseline = rss_mb()
-    start = time.perf_counter()
-    perplexities = run_ours(root) if kind == "ours" else run_reference(root)
-    seconds = time.perf_counter() - start
-    report = {
-        "seconds": seconds,
-        "tokens": len(DOMAINS) * TEST_WINDOWS * SEQ_LEN,
-        "peak_rss_mb": rss_mb(),
-        "baseline_rss_mb": baseline,
-        "perplexities": perplexities,
-    }
-    print(json.dumps(report))
+def hdee_before(model: LlamaForCausalLM, tokens: np.ndarray, windows: int) -> Tensor:
+    """hdee's scorer before this change: LM head + logsumexp, 512 positions at a time."""
+    head = model.get_output_embeddings()
+    rows = []
+    with torch.inference_mode():
+        for batch in eval_batches(tokens, SEQ_LEN, BATCH_SIZE, windows):
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
+            flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+            flat_labels = labels.reshape(-1)
+            out = torch.empty(flat_labels.shape[0], dtype=torch.float32)
+            for start in range(0, flat_labels.shape[0], 512):
+                stop = start + 512
+                logits = head(flat_hidden[start:stop]).float()
+                label_logit = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
+                out[start:stop] = label_logit - torch.logsumexp(logits, dim=1)
+            rows.append(out.reshape(labels.shape))
+    return torch.cat(rows)
 
 
-def spawn(kind: str, root: Path) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--worker", kind, "--run", str(root)],
-        check=True,
-        capture_output=True,
-        text=True,
+def hdee_now(model: LlamaForCausalLM, tokens: np.ndarray, windows: int) -> Tensor:
+    return window_log_probs(model, tokens, SEQ_LEN, BATCH_SIZE, windows, dtype=None)
+
+
+def hdee_now_bf16(model: LlamaForCausalLM, tokens: np.ndarray, windows: int) -> Tensor:
+    """`evaluation.precision: bf16` as `hdee evaluate` runs it: eager attention on a CPU."""
+    device = torch.device("cpu")
+    before = model.config._attn_implementation
+    model.set_attn_implementation(attention_implementation(device, torch.bfloat16, SEQ_LEN))
+    try:
+        with autocast(device, torch.bfloat16):
+            return window_log_probs(model, tokens, SEQ_LEN, BATCH_SIZE, windows, torch.bfloat16)
+    finally:
+        model.set_attn_implementation(before)
+
+
+SCORERS: dict[str, Scorer] = {
+    "full log-softmax (reference style)": full_log_softmax,
+    "hdee before (512 positions, logsumexp)": hdee_before,
+    "hdee now, precision fp32 (default)": hdee_now,
+    "hdee now, precision bf16": hdee_now_bf16,
+}
+BEFORE, REFERENCE = "hdee before (512 positions, logsumexp)", "full log-softmax (reference style)"
+
+
+def measure(rounds: int, windows: int) -> None:
+    experts = demo_experts()
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=windows * SEQ_LEN + 1)
+    tokens = tokens.astype(np.uint16)
+    scored_tokens = len(experts) * windows * SEQ_LEN
+    seconds: dict[str, list[float]] = {name: [] for name in SCORERS}
+    ppl: dict[str, list[float]] = {}
+    for name, scorer in SCORERS.items():  # warm-up, and the perplexities
+        ppl[name] = [perplexity(scorer(model, tokens, windows)) for _, model in experts]
+    for _ in range(rounds):
+        for name, scorer in SCORERS.items():
+            start = time.perf_counter()
+            for _, model in experts:
+                scorer(model, tokens, windows)
+            seconds[name].append(time.perf_counter() - start)
+    print(
+        f"\n{'scorer':42s} {'tokens/s':>9s} {'vs before':>10s} {'vs full':>8s} "
+        f"{'max rel ppl diff vs full':>25s}"
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for name in SCORERS:
+        tokens_per_s = scored_tokens / statistics.median(seconds[name])
+        vs_before = statistics.median(
+            b / s for b, s in zip(seconds[BEFORE], seconds[name], strict=True)
+        )
+        vs_full = statistics.median(
+            r / s for r, s in zip(seconds[REFERENCE], seconds[name], strict=True)
+        )
+        diff = max(abs(a - r) / r for a, r in zip(ppl[name], ppl[REFERENCE], strict=True))
+        print(f"{name:42s} {tokens_per_s:9,.0f} {vs_before:9.2f}x {vs_full:7.2f}x {diff:25.2e}")
+    print("\nperplexity per expert (full log-softmax):", [f"{p:.3f}" for p in ppl[REFERENCE]])
+    print("(tokens/s: median over rounds; ratios: median over rounds of the per-round ratio)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=["ours", "reference"])
-    parser.add_argument("--run", type=Path)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument("--windows", type=int, default=32, help="windows per expert (32)")
     args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, args.run)
-        return
-
     print_machine()
-    with tempfile.TemporaryDirectory(prefix="hdee-bench-evaluate-") as tmp:
-        root = Path(tmp) / "run"
-        build_run(root)
-        print(
-            f"3 experts (hidden {HIDDEN}, 4 layers, FFN 512/768/1024, vocab {VOCAB}), "
-            f"{len(DOMAINS)} domains x {TEST_WINDOWS} test windows of {SEQ_LEN} tokens "
-            f"(+{VALIDATION_WINDOWS} validation windows for the cached prior), batch {BATCH_SIZE}, "
-            f"{torch.get_num_threads()} CPU threads"
-        )
-        reference = spawn("reference", root)
-        ours = spawn("ours", root)
-
-    for name in reference["perplexities"]:
-        a, b = ours["perplexities"][name], reference["perplexities"][name]
-        assert abs(a - b) <= 1e-4 * b, f"{name}: hdee {a} vs reference {b}"
-    print("perplexities (hdee = reference, to 1e-4 relative):")
-    for name, value in ours["perplexities"].items():
-        print(f"  {name:32s} {value:12.3f}   reference {reference['perplexities'][name]:12.3f}")
-
+    shapes = model_shapes(ModelConfig(preset=PRESET))
+    sizes = ", ".join(f"{size} FFN {shape.intermediate_size}" for size, shape in shapes.items())
+    first = next(iter(shapes.values()))
     print(
-        f"\n{'evaluator':12s} {'seconds':>8s} {'tokens/s':>9s} {'peak RSS MB':>12s} "
-        f"{'above import MB':>16s}"
+        f"experts: preset {PRESET} (hidden {first.hidden_size}, {first.num_layers} layers; "
+        f"{sizes}), vocab {VOCAB}; {args.windows} windows of {SEQ_LEN} tokens per expert, "
+        f"batch {BATCH_SIZE}; {args.rounds} interleaved rounds"
     )
-    for name, r in (("reference", reference), ("hdee", ours)):
-        print(
-            f"{name:12s} {r['seconds']:8.2f} {r['tokens'] / r['seconds']:9.0f} "
-            f"{r['peak_rss_mb']:12.0f} {r['peak_rss_mb'] - r['baseline_rss_mb']:16.0f}"
-        )
-    # Windows each evaluator pushes through every expert: the structural part of the speed-up.
-    ours_windows = len(DOMAINS) * (TEST_WINDOWS + VALIDATION_WINDOWS)
-    reference_windows = len(DOMAINS) * (4 * TEST_WINDOWS + VALIDATION_WINDOWS)
-    print(
-        f"\nwindows run per expert: reference {reference_windows}, hdee {ours_windows} "
-        f"({reference_windows / ours_windows:.2f}x fewer)"
-    )
-    speedup = reference["seconds"] / ours["seconds"]
-    memory = ours["peak_rss_mb"] / reference["peak_rss_mb"]
-    above = (ours["peak_rss_mb"] - ours["baseline_rss_mb"]) / (
-        reference["peak_rss_mb"] - reference["baseline_rss_mb"]
-    )
-    print(f"speed-up {speedup:.2f}x (goal >= 3x)")
-    print(
-        f"peak memory ratio {memory:.3f} of the reference's, {above:.3f} above the import "
-        f"baseline (goal <= 0.25)"
-    )
+    measure(args.rounds, args.windows)
 
 
 if __name__ == "__main__":

@@ -530,6 +530,13 @@ class EvaluationConfig(EnsembleKeys):
     )
     max_test_sequences: int | None = Field(None, gt=0, description="Cap on test sequences/domain.")
     batch_size: int = Field(8, gt=0)
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Precision of the experts' forward passes when label log-probs are "
+        "computed: 'fp32' (the same numbers on every machine) or 'bf16' (autocast, faster on "
+        "GPUs and CPUs with bf16 units; the log-softmax stays fp32). Part of the cache key, so "
+        "the two are never mixed.",
+    )
     every_iteration: bool = Field(
         False,
         description="Also evaluate earlier iterations' ensembles (and so every lane's experts on "

@@ -40,6 +40,7 @@ from hdee.ensemble import (
 from hdee.ensemble_spec import SpecError, select_members
 from hdee.integrity import checked_weights_sha256
 from hdee.layout import RunLayout
+from hdee.model import attention_implementation
 from hdee.records import (
     ComputeResults,
     ConfigurationCompute,
@@ -55,13 +56,13 @@ from hdee.records import (
     Score,
 )
 from hdee.routing import routed_flops_per_token, spec_mixture
-from hdee.scoring import load_expert, resolve_device, window_log_probs
+from hdee.scoring import evaluation_dtype, load_expert, resolve_device, window_log_probs
 from hdee.shapes import forward_flops_per_token
 from hdee.statistics import window_documents
 from hdee.uncertainty import opt_out_results, paired_uncertainty
 
 CACHE_FORMAT = "hdee-label-logprobs"
-CACHE_VERSION = "2"  # 2: keyed by the expert's weights sha256
+CACHE_VERSION = "3"  # 2: keyed by the expert's weights sha256; 3: and by the precision
 CSV_COLUMNS = (
     "configuration",
     "iteration",
@@ -143,6 +144,7 @@ def _cache_metadata(
     count: int,
     fingerprint: str,
     weights_sha256: str,
+    precision: str,
 ) -> dict[str, str]:
     return {
         "format": CACHE_FORMAT,
@@ -154,6 +156,8 @@ def _cache_metadata(
         "seq_len": str(seq_len),
         "num_windows": str(count),
         "tokens_sha256": fingerprint,
+        # fp32 and bf16 log-probs differ (~1e-3): a file is only reused at its own precision.
+        "precision": precision,
     }
 
 
@@ -208,7 +212,10 @@ class LogProbCache:
         # Verified against the job's result.json first (IntegrityError naming the file): a
         # cached log-prob is only ever reused for the very weights it was computed from.
         weights = checked_weights_sha256(self.layout.job(job_id).final)
-        return _cache_metadata(job_id, domain, split, self.seq_len, count, fingerprint, weights)
+        precision = self.config.evaluation.precision
+        return _cache_metadata(
+            job_id, domain, split, self.seq_len, count, fingerprint, weights, precision
+        )
 
     def get(self, job_id: str, domain: str, split: str) -> torch.Tensor:
         key = (job_id, domain, split)
@@ -232,11 +239,16 @@ class LogProbCache:
         with progress_bar("label log-probs", total=total, unit="windows", enabled=progress) as bar:
             for job_id, pairs in missing.items():
                 model = load_expert(self.layout.job(job_id).final, self.device)
+                dtype = evaluation_dtype(self.config.evaluation.precision)
+                if dtype is not None:
+                    model.set_attn_implementation(
+                        attention_implementation(self.device, dtype, self.seq_len)
+                    )
                 for domain, split in pairs:
                     tokens, count, _ = self.windows(domain, split)
                     bar.update(description=f"{job_id} {domain}/{split}")
                     log_probs = window_log_probs(
-                        model, tokens, self.seq_len, batch_size, self.max_windows(split)
+                        model, tokens, self.seq_len, batch_size, self.max_windows(split), dtype
                     )
                     write_cached_log_probs(
                         self.layout.label_logprobs(job_id, domain, split),

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +101,13 @@ def validation_precision(
     return training_dtype if device.type == "cuda" else None
 
 
+def evaluation_dtype(precision: Literal["fp32", "bf16"]) -> torch.dtype | None:
+    """The autocast dtype of `evaluation.precision` (None: plain fp32), on any device: unlike
+    `inference_precision`, 'fp32' is fp32 on CUDA too, so a cached log-prob's recorded
+    precision is the one it was computed in."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
 def inference_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """The `inference_precision` context for scoring and generation."""
     return autocast(device, inference_precision(device))
@@ -118,14 +127,32 @@ def load_expert(model_dir: Path, device: torch.device) -> LlamaForCausalLM:
     return load_model(model_dir, device=device).eval()
 
 
+# Positions per LM-head chunk on a CPU: fp32 logits of about this many bytes (1 MB: 64
+# positions at a 4096 vocabulary), at least 16 positions, so a chunk's logits stay in cache
+# between the passes over them (matmul, max, sum of exponentials, normalise). Measured on a
+# 2-core EPYC, hidden 64, vocabulary 4096, one thread: the head took 27-30 ms per 2048 positions
+# at 32 to 128 positions per chunk against 60 ms at the 512 used before (docs/speed.md).
+SCORING_CHUNK_BYTES = 1 << 20
+MIN_SCORING_CHUNK = 16
+# On a GPU passes are cheap and launches are not: 1 GB of fp32 logits per chunk (as hdee.loss).
+GPU_SCORING_CHUNK_BYTES = 1 << 30
+
+
+def scoring_chunk_positions(vocab_size: int, device: torch.device) -> int:
+    """Token positions per LM-head chunk of `head_label_log_probs` when none is given."""
+    budget = GPU_SCORING_CHUNK_BYTES if device.type == "cuda" else SCORING_CHUNK_BYTES
+    return max(MIN_SCORING_CHUNK, budget // (4 * vocab_size))
+
+
 @torch.inference_mode()
-def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int = 512) -> Tensor:
+def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int | None = None) -> Tensor:
     """log p(label_t | inputs_<=t) of a causal LM, float32 `[B, T]`, for `batch` `[B, T + 1]`.
 
     Inputs are `batch[:, :-1]`, labels `batch[:, 1:]`. The base model runs once; the LM head,
-    log-sum-exp and label gather then run on `chunk_size` token positions at a time, so at most
-    `chunk_size x vocabulary` logits exist at once instead of `B x T x vocabulary` (which is
-    4 GB for 32 x 1024 tokens with Llama-3's 128K vocabulary).
+    log-softmax and label gather then run on `chunk_size` token positions at a time
+    (`scoring_chunk_positions` when None), so at most `chunk_size x vocabulary` logits exist
+    at once instead of `B x T x vocabulary` (which is 4 GB for 32 x 1024 tokens with
+    Llama-3's 128K vocabulary).
     """
     if batch.dim() != 2 or batch.shape[1] < 2:
         raise ValueError(f"batch must be [B, T + 1] with T >= 1, got shape {tuple(batch.shape)}")
@@ -137,22 +164,43 @@ def label_log_probs(model: torch.nn.Module, batch: Tensor, chunk_size: int = 512
 
 
 def head_label_log_probs(
-    model: torch.nn.Module, hidden: Tensor, labels: Tensor, chunk_size: int = 512
+    model: torch.nn.Module, hidden: Tensor, labels: Tensor, chunk_size: int | None = None
 ) -> Tensor:
     """log p(label) from the base model's last hidden states `[B, T, H]`, float32 `[B, T]`:
-    the LM head and log-sum-exp on `chunk_size` positions at a time (see `label_log_probs`;
-    the routed scorer of `hdee.routing` calls it on the part of a window it ran)."""
+    the LM head and the log-softmax on `chunk_size` positions at a time (see
+    `label_log_probs`; the routed scorer of `hdee.routing` calls it on the part of a window it
+    ran)."""
     head = model.get_output_embeddings()
+    if chunk_size is None:
+        chunk_size = scoring_chunk_positions(head.weight.shape[0], hidden.device)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
     out = torch.empty(flat_labels.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, flat_labels.shape[0], chunk_size):
         stop = start + chunk_size
         # float32 for the normaliser: a bf16 log-sum-exp over 32K+ logits loses ~2 digits.
-        logits = head(flat_hidden[start:stop]).float()
-        label_logit = logits.gather(1, flat_labels[start:stop, None]).squeeze(1)
-        out[start:stop] = label_logit - torch.logsumexp(logits, dim=1)
+        # torch's fused log-softmax makes two passes over a cache-sized chunk where logsumexp
+        # makes five (max, subtract, exp, sum, log) through fresh temporaries.
+        log_probs = torch.log_softmax(head(flat_hidden[start:stop]).float(), dim=1)
+        out[start:stop] = log_probs.gather(1, flat_labels[start:stop, None]).squeeze(1)
     return out.reshape(labels.shape)
+
+
+# The `dtype` of `window_log_probs` that means "the inference precision of the device".
+INFERENCE = "inference"
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` for a while (process-wide)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def window_log_probs(
@@ -161,11 +209,26 @@ def window_log_probs(
     seq_len: int,
     batch_size: int,
     max_windows: int | None,
+    dtype: torch.dtype | None | Literal["inference"] = INFERENCE,
 ) -> Tensor:
     """Label log-probs of a split's evaluation windows (`data.loaders.eval_batches`), float32
-    `[num_windows, seq_len]` on the CPU, at inference precision."""
-    rows = []
-    with inference_autocast(device_of(model)):
-        for batch in eval_batches(tokens, seq_len, batch_size, max_windows):
-            rows.append(label_log_probs(model, batch).cpu())
-    return torch.cat(rows)
+    `[num_windows, seq_len]` on the CPU: under `dtype` autocast (None: plain fp32;
+    "inference": `inference_precision`, as generation and difficulty score).
+
+    On a CPU the batches are scored side by side, one per torch thread, each batch on one
+    thread: the ops of a small model are too short for torch's threads to share them (two
+    threads scored a demo expert 1.05x as fast as one, two batches side by side 1.4x; 2-core
+    EPYC, docs/speed.md). Each batch's numbers are those of scoring it alone."""
+    device = device_of(model)
+    compute = inference_precision(device) if isinstance(dtype, str) else dtype
+
+    def score(batch: Tensor) -> Tensor:
+        with autocast(device, compute):  # autocast is per thread: entered in each worker
+            return label_log_probs(model, batch).cpu()
+
+    batches = eval_batches(tokens, seq_len, batch_size, max_windows)
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers == 1:
+        return torch.cat([score(batch) for batch in batches])
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        return torch.cat(list(pool.map(score, batches)))
