@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 TRANSFORM_FORMAT = "hdee-cluster-transform"
 TRANSFORM_VERSION = 1
+TOKEN_TABLE_FORMAT = "hdee-token-bytes"  # the bytes of every token id (cluster routing)
 # scikit-learn's default token_pattern; a token starting with a digit becomes NUMBER_TOKEN.
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"
 NUMBER_TOKEN = "#number"
@@ -202,3 +203,102 @@ def cluster_log_prior(
         mask = torch.full_like(logits, float("-inf")).scatter(-1, kept, 0.0)
         logits = logits + mask
     return torch.log_softmax(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cluster prior of an ensemble: text -> P(member | text), no expert runs
+
+
+def member_log_prior(
+    distances: torch.Tensor,
+    member_clusters: list[int],
+    temperature: float,
+    top_k: int | None = None,
+) -> torch.Tensor:
+    """[n, E] float64 log P(member | text) from squared distances [n, K] to the K clusters the
+    members were trained on: `cluster_log_prior` over those clusters, each cluster's mass split
+    equally among its members (`member_clusters[j]`: member j's cluster, an index into K)."""
+    clusters = distances.shape[-1]
+    if not member_clusters or min(member_clusters) < 0 or max(member_clusters) >= clusters:
+        raise ValueError(f"member_clusters must index {clusters} clusters, got {member_clusters}")
+    if set(member_clusters) != set(range(clusters)):
+        raise ValueError(f"every one of the {clusters} clusters needs a member: {member_clusters}")
+    per_cluster = cluster_log_prior(distances.double(), temperature, top_k)
+    index = torch.tensor(member_clusters, dtype=torch.long)
+    sharing = torch.bincount(index, minlength=clusters).double().log()
+    return per_cluster[:, index] - sharing[index]
+
+
+def read_token_table(path: str | Path) -> list[bytes]:
+    """The bytes of every token id (`hdee.cluster_routing.write_token_table`): what turns the
+    ids a model reads back into the text the transform reads."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if data.get("format") != TOKEN_TABLE_FORMAT or data.get("version") != 1:
+        raise ValueError(f"{path}: expected {TOKEN_TABLE_FORMAT!r} version 1")
+    return [bytes.fromhex(token) for token in data["tokens"]]
+
+
+def decode(token_ids: list[int], table: list[bytes]) -> str:
+    """The text of `token_ids` (bytes joined, then UTF-8; a byte sequence cut mid-character
+    becomes U+FFFD, which no term contains)."""
+    return b"".join(table[i] for i in token_ids).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ClusterRouter:
+    """Everything the cluster prior needs: the tf-idf transform restricted to the members'
+    clusters, the token table, which cluster each member was trained on, the temperature, top k
+    and r (the prior reads a sequence's first r tokens and weighs the members from position r)."""
+
+    transform: ClusterTransform
+    table: list[bytes]
+    member_clusters: list[int]
+    temperature: float
+    top_k: int | None
+    route_tokens: int
+
+    @classmethod
+    def of(
+        cls,
+        transform: ClusterTransform,
+        table: list[bytes],
+        clusters: list[str],
+        members: list[str],
+        temperature: float,
+        top_k: int | None,
+        route_tokens: int,
+    ) -> ClusterRouter:
+        """`clusters`: the clusters the prior spreads over (each with a member); `members`: each
+        member's cluster name."""
+        missing = [name for name in clusters if name not in transform.names]
+        if missing or transform.features != "tfidf":
+            raise ValueError(
+                f"the transform ({transform.features} features, clusters "
+                f"{', '.join(transform.names)}) cannot route to {', '.join(missing) or clusters}"
+            )
+        rows = torch.tensor([transform.names.index(name) for name in clusters])
+        kept = ClusterTransform(
+            **{
+                **transform.__dict__,
+                "names": list(clusters),
+                "centroids": transform.centroids[rows],
+                "offsets": transform.offsets[rows],
+            }
+        )
+        member_clusters = [clusters.index(name) for name in members]
+        return cls(kept, table, member_clusters, temperature, top_k, route_tokens)
+
+    def distances(self, prefixes: list[list[int]]) -> torch.Tensor:
+        """[len(prefixes), K] squared distances of the text of each prefix's token ids."""
+        return cluster_distances([decode(ids, self.table) for ids in prefixes], self.transform)
+
+    def log_prior(self, prefixes: list[list[int]]) -> torch.Tensor:
+        """[len(prefixes), E] float64 log P(member | the text of each prefix's token ids)."""
+        distances = self.distances(prefixes)
+        return member_log_prior(distances, self.member_clusters, self.temperature, self.top_k)
+
+    def member_names(self, members: list[str]) -> dict[str, str]:
+        """Member name -> the cluster it was trained on."""
+        return {
+            m: self.transform.names[c] for m, c in zip(members, self.member_clusters, strict=True)
+        }

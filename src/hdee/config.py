@@ -594,6 +594,11 @@ class EvaluationConfig(EnsembleKeys):
                 )
             if len(set(self.experts)) != len(self.experts):
                 raise ValueError(f"evaluation.experts: {self.experts} lists a k twice")
+        if self.opt_out and self.prior_choice.kind == "cluster":
+            raise ValueError(
+                "evaluation.opt_out: the study mixes the dense posterior with the ensemble "
+                "keys' prior; with prior cluster use routing by clusters alone (no opt_out)"
+            )
         if self.opt_out and self.prior_choice.kind == "weights":
             raise ValueError(
                 "evaluation.opt_out: explicit prior weights name one weight per member, and "
@@ -706,6 +711,7 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _route_tokens_within_a_window(self) -> ExperimentConfig:
         routed = self.evaluation.routing in ("prefix", "budget")
+        routed = routed or self.evaluation.prior_choice.kind == "cluster"
         if routed and self.evaluation.route_tokens >= self.data.seq_len:
             raise ValueError(
                 f"evaluation.route_tokens: {self.evaluation.route_tokens} leaves nothing to "

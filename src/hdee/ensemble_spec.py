@@ -8,10 +8,14 @@ Every inference command describes the ensemble it runs with the same keys, valid
     exclude      [NAME, ...]      opt-out: members withdrawn at inference, by member name (lane,
                                   lane@k), job id, or domain (every member whose training, or an
                                   ancestor's, read that domain: its weights carry the data)
-    prior        uniform | cached | cached:DOMAIN | W,W,...
+    prior        uniform | cached | cached:DOMAIN | cluster | W,W,...
                                   P(j): uniform; each evaluated domain's own cached prior (only
                                   `hdee evaluate` scores text of a known domain); the cached prior
-                                  estimated on DOMAIN's validation text; or one weight per member
+                                  estimated on DOMAIN's validation text; the cluster prior of the
+                                  text itself (a discovered run: the first route_tokens tokens'
+                                  tf-idf distances to the clusters, softmax at cluster_temperature,
+                                  optionally the cluster_top_k nearest only); or one weight per
+                                  member
     posterior    prefix | updating
     routing      none | prefix | prior | budget, with experts (k), route_tokens (r), flop_budget
 
@@ -44,7 +48,7 @@ PosteriorMode = Literal["prefix", "updating"]
 POSTERIOR_MODES: tuple[str, ...] = ("prefix", "updating")
 Routing = Literal["none", "prefix", "prior", "budget"]
 ROUTINGS: tuple[str, ...] = ("none", "prefix", "prior", "budget")
-PRIOR_GRAMMAR = "uniform, cached, cached:DOMAIN or W,W,... (one weight per member)"
+PRIOR_GRAMMAR = "uniform, cached, cached:DOMAIN, cluster or W,W,... (one weight per member)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,7 +59,7 @@ PRIOR_GRAMMAR = "uniform, cached, cached:DOMAIN or W,W,... (one weight per membe
 class Prior:
     """P(j) of an ensemble. `str(prior)` is its grammar string (what the files record)."""
 
-    kind: Literal["uniform", "cached", "weights"]
+    kind: Literal["uniform", "cached", "cluster", "weights"]
     domain: str | None = None  # cached: the domain whose validation text estimates it (None:
     # the domain being scored, which only `hdee evaluate` knows)
     weights: tuple[float, ...] | None = None  # weights: one per member, in member order
@@ -84,7 +88,7 @@ def parse_prior(value: str | Sequence[float] | Prior) -> Prior:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected {PRIOR_GRAMMAR}, got {value!r}")
     text = value.strip()
-    if text in ("uniform", "cached"):
+    if text in ("uniform", "cached", "cluster"):
         return Prior(text)  # type: ignore[arg-type]
     if text.startswith("cached:"):
         domain = text.split(":", 1)[1].strip()
@@ -140,7 +144,21 @@ class EnsembleKeys(BaseModel):
         "uniform",
         description="P(j) of the posterior: 'uniform'; 'cached': each evaluated domain's own "
         "cached prior (hdee evaluate only); 'cached:DOMAIN': the cached prior estimated on "
-        "DOMAIN's validation text; or 'W,W,...': one weight per member.",
+        "DOMAIN's validation text; 'cluster': from the text itself, by the clusters `hdee "
+        "discover` found (a sequence's first route_tokens tokens; docs/discovery.md); or "
+        "'W,W,...': one weight per member.",
+    )
+    cluster_temperature: float = Field(
+        0.1,
+        gt=0,
+        description="prior: cluster: the softmax temperature over squared distances to the "
+        "clusters (c-BTM's 0.1; larger spreads the prior).",
+    )
+    cluster_top_k: int | None = Field(
+        None,
+        ge=1,
+        description="prior: cluster: only the k nearest clusters keep mass; their members alone "
+        "run after route_tokens (default: every cluster).",
     )
     posterior: PosteriorMode = Field(
         "prefix",
@@ -155,7 +173,10 @@ class EnsembleKeys(BaseModel):
         "flop_budget.",
     )
     route_tokens: int = Field(
-        32, gt=0, description="Routing prefix r: tokens every member runs on (prefix, budget)."
+        32,
+        gt=0,
+        description="Routing prefix r: tokens every member runs on (prefix, budget; prior: "
+        "cluster reads them).",
     )
     flop_budget: float | None = Field(
         None, gt=0, description="Forward FLOPs per token after routing (routing: budget)."
@@ -183,6 +204,13 @@ class EnsembleKeys(BaseModel):
             raise ValueError("flop_budget: required with routing: budget (FLOPs/token)")
         if self.routing != "budget" and self.flop_budget is not None:
             raise ValueError(f"flop_budget is only used with routing: budget, not {self.routing!r}")
+        if self.cluster_top_k is not None and self.prior_choice.kind != "cluster":
+            raise ValueError(f"cluster_top_k is only used with prior: cluster, not {self.prior!r}")
+        if self.routing == "prior" and self.prior_choice.kind == "cluster":
+            raise ValueError(
+                "routing: 'prior' routes before the first token, and the cluster prior reads the "
+                "first route_tokens tokens: use cluster_top_k (routing none) or routing prefix"
+            )
         if self.routing == "prior" and self.prior_choice.kind == "uniform":
             raise ValueError(
                 "routing: 'prior' keeps the top k of the prior, and a uniform prior ranks no "
@@ -224,9 +252,13 @@ def spec_defaults(keys: EnsembleKeys) -> dict[str, Any]:
     """The shared keys a single-ensemble command (generate, export, tasks) starts from: the
     run's evaluation keys, except its routing (evaluation sweeps k; one ensemble is dense unless
     a command routes it) and a per-domain prior (free text has no domain: uniform)."""
-    defaults = keys.model_dump(include={"members", "exclude", "prior", "posterior"})
+    defaults = keys.model_dump(
+        include={"members", "exclude", "prior", "posterior", "cluster_temperature", "cluster_top_k"}
+    )
     if keys.prior_choice.per_domain:
         defaults["prior"] = "uniform"
+    if keys.prior_choice.kind == "cluster":  # the cluster prior reads the first r tokens
+        defaults["route_tokens"] = keys.route_tokens
     return defaults
 
 

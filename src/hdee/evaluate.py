@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hdee.atomic import atomic_path, read_json, write_text
+from hdee.cluster_routing import load_router, router_flops_per_token, window_prefixes
+from hdee.clusters import ClusterRouter, member_log_prior
 from hdee.config import EvaluationConfig, ExperimentConfig
 from hdee.console import progress as progress_bar
 from hdee.data.loaders import eval_windows
@@ -55,7 +57,7 @@ from hdee.records import (
     RoutedScore,
     Score,
 )
-from hdee.routing import routed_flops_per_token, spec_mixture
+from hdee.routing import cluster_mixture, routed_flops_per_token, spec_mixture
 from hdee.scoring import evaluation_dtype, load_expert, resolve_device, window_log_probs
 from hdee.shapes import forward_flops_per_token
 from hdee.statistics import window_documents
@@ -103,13 +105,16 @@ def resolved_record(
     iteration: int,
     members: dict[str, str],
     excluded: dict[str, str],
+    clusters: dict[str, str] | None = None,
 ) -> ResolvedEnsemble:
-    """The spec of one evaluated ensemble, as results.json records it."""
+    """The spec of one evaluated ensemble, as results.json records it (`clusters`: prior
+    cluster's member -> cluster)."""
     prior = settings.prior_choice
     weights = None
     if prior.kind == "weights" and prior.weights is not None:
         total = sum(prior.weights)
         weights = dict(zip(members, (w / total for w in prior.weights), strict=False))
+    routed = settings.routing in ("prefix", "budget") or prior.kind == "cluster"
     return ResolvedEnsemble(
         configuration=configuration,
         iteration=iteration,
@@ -117,12 +122,24 @@ def resolved_record(
         excluded=excluded,
         prior=settings.prior,
         prior_weights=weights,
+        **cluster_keys(settings, clusters),
         posterior=settings.posterior,
         routing=settings.routing,
         experts=settings.experts,
-        route_tokens=settings.route_tokens if settings.routing in ("prefix", "budget") else None,
+        route_tokens=settings.route_tokens if routed else None,
         flop_budget=settings.flop_budget,
     )
+
+
+def cluster_keys(settings: Any, clusters: dict[str, str] | None) -> dict[str, Any]:
+    """The cluster prior's fields of a ResolvedEnsemble (none for another prior)."""
+    if settings.prior_choice.kind != "cluster":
+        return {}
+    return {
+        "cluster_temperature": settings.cluster_temperature,
+        "cluster_top_k": settings.cluster_top_k,
+        "member_clusters": clusters,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,6 +337,15 @@ def evaluate_run(
     if not domains:
         raise ValueError(f"{layout.plan} lists no trained or held-out domains to evaluate")
     ensembles = selected_ensembles(plan, settings)
+    # prior cluster: every ensemble's router, checked before any expert runs.
+    clusters = {
+        (name, iteration): (
+            load_router(layout, plan, members, settings).member_names(list(members))
+            if settings.prior_choice.kind == "cluster"
+            else None
+        )
+        for name, iteration, members, _ in ensembles
+    }
     splits = ["test"] + (["validation"] if settings.needs_validation else [])
     device = resolve_device()
     cache = LogProbCache(layout, config, device)
@@ -364,7 +390,9 @@ def evaluate_run(
         configuration.iterations[iteration] = IterationResults(
             experts=members,
             domains=score_ensemble(cache, members, list(domains), settings, "validation" in splits),
-            ensemble=resolved_record(settings, name, iteration, members, excluded),
+            ensemble=resolved_record(
+                settings, name, iteration, members, excluded, clusters[name, iteration]
+            ),
         )
     results.compute = compute_results(config, layout, plan, cache, list(domains))
     documents = test_window_documents(layout, cache, list(domains))
@@ -470,9 +498,14 @@ def routed_scores(
     names: list[str],
     flops: list[float],
     settings: EvaluationConfig,
+    cluster: tuple[torch.Tensor, float] | None = None,
 ) -> list[RoutedScore]:
     """One RoutedScore per routing setting of `settings` (k = each of `experts` below the
-    number of members, or the budget) for one ensemble on one domain, `test_lp` `[E, N, T]`."""
+    number of members, or the budget) for one ensemble on one domain, `test_lp` `[E, N, T]`.
+    `cluster`: prior cluster's (log prior `[E, N]` with the spec's top k, router FLOPs per
+    token); with routing none and a cluster_top_k, the one row is routing by that top k."""
+    if cluster is not None and settings.routing == "none" and settings.cluster_top_k:
+        return [_cluster_score(test_lp, cluster, names, flops, settings, settings.cluster_top_k)]
     if settings.routing == "none":
         return []
     count, length = test_lp.shape[0], test_lp.shape[2]
@@ -483,27 +516,114 @@ def routed_scores(
         plans = [{"experts": k} for k in ks if k < count]  # k = E is the full ensemble
     scores = []
     for setting in plans:
-        mixture, kept, r = spec_mixture(
-            test_lp,
-            log_prior,
-            settings.posterior,
-            settings.routing,
-            settings.route_tokens,
-            flops=flops,
-            **setting,
-        )
+        arguments = (settings.posterior, settings.routing, settings.route_tokens)
+        if cluster is None:
+            mixture, kept, r = spec_mixture(test_lp, log_prior, *arguments, flops=flops, **setting)
+        else:
+            mixture, kept, r = cluster_mixture(
+                test_lp, cluster[0], *arguments, flops=flops, **setting
+            )
         share = kept.to(torch.float64).mean(dim=1).tolist()
+        router = cluster[1] if cluster is not None else 0.0
         scores.append(
             _compute_score(
                 mixture,
-                routed_flops_per_token(flops, kept, r, length),
+                routed_flops_per_token(flops, kept, r, length) + router,
                 experts=setting.get("experts"),
                 flop_budget=setting.get("flop_budget"),
                 route_tokens=r,
                 kept=dict(zip(names, share, strict=True)),
+                router_flops_per_token=router if cluster is not None else None,
             )
         )
     return scores
+
+
+# Routing by clusters (prior: cluster; hdee.cluster_routing): the members of the top k clusters
+# of a window's first r tokens continue after r.
+
+
+def cluster_distances_of(cache: LogProbCache, domain: str, router: ClusterRouter) -> torch.Tensor:
+    """[N, K] squared distances of each test window's first r tokens to the members' clusters."""
+    tokens, count, _ = cache.windows(domain, "test")
+    return router.distances(window_prefixes(tokens, cache.seq_len, count, router.route_tokens))
+
+
+def cluster_prior_of(
+    distances: torch.Tensor, router: ClusterRouter, top_k: int | None
+) -> torch.Tensor:
+    """[E, N] log P(member | window prefix) with this top k of clusters."""
+    log_prior = member_log_prior(distances, router.member_clusters, router.temperature, top_k)
+    return log_prior.T.contiguous()
+
+
+def _cluster_score(
+    test_lp: torch.Tensor,
+    cluster: tuple[torch.Tensor, float],
+    names: list[str],
+    flops: list[float],
+    settings: EvaluationConfig,
+    top_k: int,
+) -> RoutedScore:
+    """Routing by clusters: the dense posterior before r, from r the cluster prior's members."""
+    log_prior, router = cluster
+    mixture, kept, r = cluster_mixture(
+        test_lp, log_prior, settings.posterior, "none", settings.route_tokens
+    )
+    length = test_lp.shape[2]
+    share = kept.to(torch.float64).mean(dim=1).tolist()
+    return _compute_score(
+        mixture,
+        routed_flops_per_token(flops, kept, r, length) + router,
+        route_tokens=r,
+        kept=dict(zip(names, share, strict=True)),
+        router_flops_per_token=router,
+        cluster_top_k=top_k,
+    )
+
+
+def cluster_scores(
+    test_lp: torch.Tensor,
+    distances: torch.Tensor,
+    router: ClusterRouter,
+    names: list[str],
+    flops: list[float],
+    settings: EvaluationConfig,
+) -> list[RoutedScore]:
+    """Routing by clusters for each k of the sweep below the clusters the members cover
+    (`evaluation.experts`, default 1..K-1): the `cluster` rows beside prefix routing."""
+    count = distances.shape[1]
+    ks = [k for k in (settings.experts or range(1, count)) if k < count]
+    router_flops = router_flops_per_token(router, test_lp.shape[2])
+    return [
+        _cluster_score(
+            test_lp,
+            (cluster_prior_of(distances, router, k), router_flops),
+            names,
+            flops,
+            settings,
+            k,
+        )
+        for k in ks
+    ]
+
+
+def compute_router(
+    layout: RunLayout, plan: Plan, members: dict[str, str], settings: EvaluationConfig
+) -> ClusterRouter | None:
+    """The cluster router of these members: prior cluster's (its errors are the user's), else,
+    for the `cluster` rows, the one of a run that discovered tf-idf clusters every member was
+    trained on (None for any other run)."""
+    if settings.prior_choice.kind == "cluster":
+        return load_router(layout, plan, members, settings)
+    if not layout.discovery_record.is_file():
+        return None
+    try:
+        return load_router(
+            layout, plan, members, settings.model_copy(update={"cluster_top_k": None})
+        )
+    except SpecError:
+        return None
 
 
 def compute_results(
@@ -524,6 +644,7 @@ def compute_results(
         routing=settings.routing,
         route_tokens=settings.route_tokens if settings.routing in ("prefix", "budget") else 0,
         prior=settings.prior,
+        cluster_temperature=settings.cluster_temperature,
         configurations={},
     )
     for name in plan.configurations:
@@ -537,23 +658,13 @@ def compute_results(
         if settings.members == "all":
             latest_keys = settings.model_copy(update={"members": "latest"})
             latest = select_members(plan, name, latest_keys, iteration)[1]
+        router = compute_router(layout, plan, members, settings)
         per_domain: dict[str, DomainCompute] = {}
         for domain in domains:
-            test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
-            log_prior = spec_log_prior(cache, job_ids, domain, settings)
-            full = mixture_log_probs(test_lp.double(), log_prior, settings.posterior)
-            singles = [perplexity(test_lp[j]) for j in range(len(job_ids))]
-            best = min(range(len(job_ids)), key=lambda j: singles[j])
-            entry = DomainCompute(
-                full=_compute_score(full, sum(flops), experts=len(job_ids)),
-                best_single=_compute_score(
-                    test_lp[best], flops[best], experts=1, member=names[best], job_id=job_ids[best]
-                ),
-                routed=routed_scores(test_lp, log_prior, names, flops, settings),
-            )
+            entry = _domain_compute(cache, members, domain, settings, flops, router)
             if latest is not None:
                 entry.latest = _latest_score(
-                    cache, list(latest.values()), domain, settings, flops_of
+                    cache, list(latest.values()), domain, settings, flops_of, layout, plan
                 )
             per_domain[domain] = entry
         section.configurations[name] = ConfigurationCompute(
@@ -565,19 +676,86 @@ def compute_results(
     return section
 
 
+def _domain_compute(
+    cache: LogProbCache,
+    members: dict[str, str],
+    domain: str,
+    settings: EvaluationConfig,
+    flops: list[float],
+    router: ClusterRouter | None,
+) -> DomainCompute:
+    """One ensemble's systems on one domain: full, best single, routed and cluster rows."""
+    names, job_ids = list(members), list(members.values())
+    test_lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
+    distances = cluster_distances_of(cache, domain, router) if router is not None else None
+    cluster = None
+    if settings.prior_choice.kind == "cluster":
+        assert router is not None and distances is not None
+        router_flops = router_flops_per_token(router, test_lp.shape[2])
+        cluster = (cluster_prior_of(distances, router, router.top_k), router_flops)
+        dense = cluster_prior_of(distances, router, None)
+        full = cluster_mixture(test_lp, dense, settings.posterior, "none", router.route_tokens)[0]
+        full_score = _compute_score(
+            full,
+            sum(flops) + router_flops,
+            experts=len(job_ids),
+            router_flops_per_token=router_flops,
+        )
+        log_prior = None
+    else:
+        log_prior = spec_log_prior(cache, job_ids, domain, settings)
+        full = mixture_log_probs(test_lp.double(), log_prior, settings.posterior)
+        full_score = _compute_score(full, sum(flops), experts=len(job_ids))
+    singles = [perplexity(test_lp[j]) for j in range(len(job_ids))]
+    best = min(range(len(job_ids)), key=lambda j: singles[j])
+    return DomainCompute(
+        full=full_score,
+        best_single=_compute_score(
+            test_lp[best], flops[best], experts=1, member=names[best], job_id=job_ids[best]
+        ),
+        routed=routed_scores(test_lp, log_prior, names, flops, settings, cluster),
+        cluster=(
+            cluster_scores(test_lp, distances, router, names, flops, settings)
+            if router is not None and distances is not None
+            else []
+        ),
+    )
+
+
 def _latest_score(
     cache: LogProbCache,
     job_ids: list[str],
     domain: str,
     settings: EvaluationConfig,
     flops_of: dict[str, float],
+    layout: RunLayout,
+    plan: Plan,
 ) -> RoutedScore:
     """The dense latest-per-lane ensemble a forest grew from, on one domain."""
     lp = torch.stack([cache.get(job, domain, "test") for job in job_ids])
+    dense_flops = sum(flops_of[job] for job in job_ids)
+    if settings.prior_choice.kind == "cluster":
+        members = {job: job for job in job_ids}
+        router = load_router(layout, plan, members, settings)
+        distances = cluster_distances_of(cache, domain, router)
+        mixed = cluster_mixture(
+            lp,
+            cluster_prior_of(distances, router, None),
+            settings.posterior,
+            "none",
+            router.route_tokens,
+        )[0]
+        router_flops = router_flops_per_token(router, lp.shape[2])
+        return _compute_score(
+            mixed,
+            dense_flops + router_flops,
+            experts=len(job_ids),
+            router_flops_per_token=router_flops,
+        )
     log_prior = spec_log_prior(cache, job_ids, domain, settings)
     return _compute_score(
         mixture_log_probs(lp.double(), log_prior, settings.posterior),
-        sum(flops_of[job] for job in job_ids),
+        dense_flops,
         experts=len(job_ids),
     )
 

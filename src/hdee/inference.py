@@ -92,6 +92,13 @@ def _prior_weights(
     prior = spec.prior_choice
     if prior.kind == "uniform":
         return None
+    if prior.kind == "cluster":
+        # The router exists (hdee.clusters.ClusterRouter, evaluated by `hdee evaluate`), but
+        # the live model does not carry it yet: refuse rather than run another prior.
+        raise SpecError(
+            "prior cluster: only `hdee evaluate` routes by clusters so far; generate, export "
+            "and tasks take uniform, cached:DOMAIN or W,W,..."
+        )
     if prior.per_domain:
         raise SpecError(
             "prior 'cached' is each evaluated domain's own cached prior (hdee evaluate); here "

@@ -300,12 +300,15 @@ class ResolvedEnsemble(_Part):
     iteration: int
     members: dict[str, str]  # member name -> job id, in mixing order
     excluded: dict[str, str] = {}  # opt-out: withdrawn member name -> job id
-    prior: str  # the spec's grammar: uniform | cached | cached:DOMAIN | W,W,...
+    prior: str  # the spec's grammar: uniform | cached | cached:DOMAIN | cluster | W,W,...
     prior_weights: dict[str, float] | None = None  # P(j) when one prior weighs all text
+    cluster_temperature: float | None = None  # prior: cluster: softmax temperature
+    cluster_top_k: int | None = None  # prior: cluster: nearest clusters kept (None: all)
+    member_clusters: dict[str, str] | None = None  # prior: cluster: member -> its cluster
     posterior: Literal["prefix", "updating"]
     routing: Literal["none", "prefix", "prior", "budget"]
     experts: int | list[int] | None = None  # k kept (evaluate: the sweep of k)
-    route_tokens: int | None = None  # r (prefix, budget)
+    route_tokens: int | None = None  # r (prefix, budget; prior: cluster reads r tokens)
     flop_budget: float | None = None  # budget routing: forward FLOPs per token after routing
 
 
@@ -365,6 +368,9 @@ class RoutedScore(_Part):
     kept: dict[str, float] | None = None  # member -> share of windows that kept it
     member: str | None = None  # best single: the winning member
     job_id: str | None = None  # best single: its job
+    router_flops_per_token: float | None = None  # prior: cluster: the router's share of
+    # flops_per_token (tf-idf projection, distances, softmax; hdee.shapes.cluster_router_flops)
+    cluster_top_k: int | None = None  # cluster routing: nearest clusters kept
 
 
 class DomainCompute(_Part):
@@ -372,6 +378,7 @@ class DomainCompute(_Part):
     best_single: RoutedScore  # the best single member on this domain
     latest: RoutedScore | None = None  # members: all: the latest-per-lane ensemble, dense
     routed: list[RoutedScore] = []  # one per routing setting (k, or the budget)
+    cluster: list[RoutedScore] = []  # version 5: routing by clusters, one per top k
 
 
 class ConfigurationCompute(_Part):
@@ -386,6 +393,7 @@ class ComputeResults(_Part):
     routing: Literal["none", "prefix", "prior", "budget"]
     route_tokens: int  # r (0 for prior and none)
     prior: str  # the prior every system of this section starts from (the spec's grammar)
+    cluster_temperature: float | None = None  # version 5: the `cluster` rows' temperature
     configurations: dict[str, ConfigurationCompute]
 
 
@@ -445,9 +453,11 @@ class OptOut(_Part):
 
 class EvaluationResults(Record):
     format: Literal["hdee-evaluation"] = "hdee-evaluation"
-    version: Literal[3, 4] = 4
+    version: Literal[3, 4, 5] = 5
     MADE_BY: ClassVar[str] = "`hdee evaluate RUN`"
-    ALSO_READS: ClassVar[tuple[int, ...]] = (3,)  # 4 added the ensembles' specs
+    # 4 added the ensembles' specs; 5 the cluster prior (its keys in the specs, its rows and
+    # router FLOPs in `compute`)
+    ALSO_READS: ClassVar[tuple[int, ...]] = (3, 4)
 
     posterior: Literal["prefix", "updating"]
     methods: list[str]
@@ -487,8 +497,9 @@ class BestSingle(_Part):
 
 class TasksResults(Record):
     format: Literal["hdee-tasks"] = "hdee-tasks"
-    version: Literal[1, 2] = 2
-    ALSO_READS: ClassVar[tuple[int, ...]] = (1,)  # 2 added each ensemble's resolved spec
+    version: Literal[1, 2, 3] = 3
+    # 2 added each ensemble's resolved spec; 3 the cluster prior's keys in it
+    ALSO_READS: ClassVar[tuple[int, ...]] = (1, 2)
     MADE_BY: ClassVar[str] = "`hdee tasks RUN --tasks ...`"
 
     tasks: list[str]

@@ -40,6 +40,8 @@ __all__ = [
     "MAX_BUDGET_EXPERTS",
     "ROUTINGS",
     "budget_mask",
+    "cluster_mixture",
+    "cluster_route",
     "feasible_subsets",
     "route",
     "routed_flops_per_token",
@@ -100,17 +102,27 @@ def route(
 
 
 def routed_log_weights(
-    lp: Tensor, log_prior: Tensor | None, mode: PosteriorMode, route_tokens: int, kept: Tensor
+    lp: Tensor,
+    log_prior: Tensor | None,
+    mode: PosteriorMode,
+    route_tokens: int,
+    kept: Tensor,
+    log_prior_after: Tensor | None = None,
 ) -> Tensor:
     """log P(j | x_<t) `[E, N, T]` of a routed ensemble: the dense posterior before
     `route_tokens`, from there the dense posterior restricted to the kept experts (`kept`
     `[E, N]`) and renormalised over them (-inf elsewhere). Entries of `lp` for routed-away
-    experts at t >= r are never read (a routed run does not compute them)."""
+    experts at t >= r are never read (a routed run does not compute them). `log_prior_after`
+    (`[E, N]`, the cluster prior): the prior from r on (before r: `log_prior`)."""
     lp64 = _only_what_ran(lp, route_tokens, kept)
     # Renormalising the dense posterior over K is the posterior of K alone: the normaliser
     # cancels, and a routed-away expert's (zeroed) evidence after r is masked away below.
     dense = posterior_weights(lp64, log_prior, mode)
-    after = dense[:, :, route_tokens:].masked_fill(~kept[:, :, None], -math.inf)
+    if log_prior_after is not None:
+        dense_after = posterior_weights(lp64, log_prior_after, mode)[:, :, route_tokens:]
+    else:
+        dense_after = dense[:, :, route_tokens:]
+    after = dense_after.masked_fill(~kept[:, :, None], -math.inf)
     after = after - torch.logsumexp(after, dim=0, keepdim=True)
     return torch.cat([dense[:, :, :route_tokens], after], dim=2)
 
@@ -124,10 +136,15 @@ def _only_what_ran(lp: Tensor, route_tokens: int, kept: Tensor) -> Tensor:
 
 
 def routed_mixture(
-    lp: Tensor, log_prior: Tensor | None, mode: PosteriorMode, route_tokens: int, kept: Tensor
+    lp: Tensor,
+    log_prior: Tensor | None,
+    mode: PosteriorMode,
+    route_tokens: int,
+    kept: Tensor,
+    log_prior_after: Tensor | None = None,
 ) -> Tensor:
     """log sum_j P(j | x_<t) p_j(x_t | x_<t) `[N, T]` (float64) under `routed_log_weights`."""
-    weights = routed_log_weights(lp, log_prior, mode, route_tokens, kept)
+    weights = routed_log_weights(lp, log_prior, mode, route_tokens, kept, log_prior_after)
     return torch.logsumexp(_only_what_ran(lp, route_tokens, kept) + weights, dim=0)
 
 
@@ -160,3 +177,59 @@ def spec_mixture(
         return mixture_log_probs(lp.to(torch.float64), log_prior, mode), kept, 0
     kept, r = route(lp, log_prior, mode, routing, route_tokens, experts, flops, flop_budget)
     return routed_mixture(lp, log_prior, mode, r, kept), kept, r
+
+
+# ----------------------------------------------------------------------------------------------
+# The cluster prior (prior: cluster; hdee.clusters.ClusterRouter computes it from the text)
+#
+# A sequence's cluster prior P_c(j | x_<r) comes from the text of its first r tokens, so it
+# can weigh the experts only from position r on: before r every member runs with the uniform
+# prior (the prefix is scored like any text, and no prediction may see its own label); from r
+# the prior is the cluster prior, and the members it gives no mass (cluster_top_k) stop
+# running. Routing prefix or budget then choose among those, by P_c(j) * P(x_<r | j).
+
+
+def cluster_route(
+    lp: Tensor,
+    cluster_log_prior: Tensor,
+    mode: PosteriorMode,
+    routing: Routing,
+    route_tokens: int,
+    experts: int | None = None,
+    flops: Sequence[float] | None = None,
+    flop_budget: float | None = None,
+) -> tuple[Tensor, int]:
+    """(kept `[E, N]`, r) under the cluster prior `[E, N]` (log; -inf: outside the top k):
+    none keeps every member with mass; prefix and budget choose among them."""
+    r = min(route_tokens, lp.shape[2])
+    reachable = torch.isfinite(cluster_log_prior)
+    if routing == "none":
+        return reachable.clone(), r
+    if routing not in ("prefix", "budget"):
+        raise ValueError(f"the cluster prior routes with none, prefix or budget, not {routing!r}")
+    posterior = routing_log_posterior(lp, cluster_log_prior, mode, r)  # [N, E]
+    if routing == "prefix":
+        if experts is None:
+            raise ValueError("prefix routing needs experts (k)")
+        return top_k_mask(posterior, experts).T & reachable, r
+    if flops is None or flop_budget is None:
+        raise ValueError("budget routing needs each expert's FLOPs and a flop_budget")
+    return budget_mask(posterior, flops, flop_budget).T & reachable, r
+
+
+def cluster_mixture(
+    lp: Tensor,
+    cluster_log_prior: Tensor,
+    mode: PosteriorMode,
+    routing: Routing,
+    route_tokens: int,
+    experts: int | None = None,
+    flops: Sequence[float] | None = None,
+    flop_budget: float | None = None,
+) -> tuple[Tensor, Tensor, int]:
+    """(log-probs `[N, T]` float64, kept `[E, N]`, r) of a spec with the cluster prior, from
+    every member's label log-probs `lp` `[E, N, T]` (the live model's counterpart)."""
+    kept, r = cluster_route(
+        lp, cluster_log_prior, mode, routing, route_tokens, experts, flops, flop_budget
+    )
+    return routed_mixture(lp, None, mode, r, kept, cluster_log_prior), kept, r

@@ -175,3 +175,20 @@ def forward_flops_per_token(cfg: Architecture | LlamaConfig, seq_len: int) -> in
     ensembles (`hdee.routing`) count their cost per scored token with it.
     """
     return 2 * matmul_parameters(cfg) + 4 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+
+
+def cluster_router_flops(terms: int, dims: int, clusters: int) -> int:
+    """FLOPs of the cluster prior of one sequence (hdee.clusters.ClusterRouter), counted as a
+    forward pass is (a multiply and an add: 2 FLOPs):
+
+        tf-idf of `terms` distinct terms: 1 + ln(count), times idf, L2 norm   ~ 6 * terms
+        projection on the SVD components [dims, V], sparse                      2 * terms * dims
+        L2 norm of the projection                                               3 * dims
+        squared distances to `clusters` centroids                               3 * clusters * dims
+        softmax with a temperature (and top k)                                  5 * clusters
+
+    The text's tokenisation into terms is string work, not arithmetic, and like the experts'
+    tokenizer it is not counted."""
+    if min(terms, dims, clusters) < 0:
+        raise ValueError(f"terms, dims and clusters must be >= 0, got {terms}, {dims}, {clusters}")
+    return 6 * terms + 2 * terms * dims + 3 * dims + 3 * clusters * dims + 5 * clusters
