@@ -202,3 +202,16 @@ def test_label_log_probs_matches_full_log_softmax(chunk_size: int) -> None:
     expected = torch.log_softmax(logits.double(), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
     assert got.shape == (3, 16) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5, 16, 48, 1000])
+def test_chunked_scorer_equals_full_softmax_at_a_large_vocabulary(chunk_size: int | None) -> None:
+    """20000 tokens: the automatic chunk (16 positions) splits the 48 positions; 5 does not
+    divide them; 1000 is larger than the batch."""
+    model = random_llama(20_000, seed=3, sharpen=4.0)
+    batch = torch.randint(0, 20_000, (3, 17), generator=torch.Generator().manual_seed(1))
+    got = label_log_probs(model, batch, chunk_size=chunk_size)
+    with torch.no_grad():
+        logits = model(input_ids=batch[:, :-1]).logits
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, batch[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)

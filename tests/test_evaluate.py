@@ -327,3 +327,20 @@ def test_routing_keys_are_validated(
 
     with pytest.raises((ConfigError, ValueError), match=message):
         make_config(run_dir, **evaluation)
+
+
+def test_precision_is_part_of_the_cache_key(run_dir: Path) -> None:
+    layout = RunLayout.of(run_dir)
+    keys = {
+        precision: evaluate_module.LogProbCache(
+            layout, make_config(run_dir, precision=precision), torch.device("cpu")
+        ).metadata("m_mod", "alpha", "test")
+        for precision in ("fp32", "bf16")
+    }
+    assert keys["fp32"]["precision"] == "fp32" and keys["bf16"]["precision"] == "bf16"
+    assert keys["fp32"] != keys["bf16"]
+
+
+def test_a_bad_precision_is_a_config_error_naming_the_field(run_dir: Path) -> None:
+    with pytest.raises(Exception, match=r"evaluation\.precision"):
+        make_config(run_dir, precision="fp16")
