@@ -202,7 +202,9 @@ def test_routed_scorer_runs_only_kept_experts_after_the_prefix(mode: str) -> Non
     # The routed execution computes exactly the routed mixture of the dense label log-probs.
     expected_kept, r = route(lp, None, mode, "prefix", 4, experts=1)
     assert torch.equal(kept, expected_kept)
-    torch.testing.assert_close(scores.log_probs, routed_mixture(lp, None, mode, r, kept))
+    # fp32 scoring on both sides, in different chunks: equal to fp32 rounding.
+    expected = routed_mixture(lp, None, mode, r, kept)
+    torch.testing.assert_close(scores.log_probs, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_routed_scorer_with_every_expert_is_the_dense_ensemble() -> None:
