@@ -48,6 +48,22 @@ def test_bad_config_names_the_key(config_dict, mutate, expected):
     assert str(error.value).startswith("exp.yaml")
 
 
+@pytest.mark.parametrize("margin", [-0.01, 1.0, 2.5])
+def test_min_effect_outside_zero_to_one_is_refused_naming_the_key(config_dict, margin):
+    config_dict["evaluation"] = {"min_effect": margin}
+    with pytest.raises(ConfigError) as error:
+        parse_config(config_dict, "exp.yaml")
+    message = str(error.value)
+    assert message.startswith("exp.yaml") and "evaluation.min_effect" in message
+    assert "[0, 1)" in message and str(margin) in message
+
+
+def test_min_effect_defaults_to_half_a_percent_and_accepts_zero(config_dict):
+    assert parse_config(config_dict).evaluation.min_effect == 0.005
+    config_dict["evaluation"] = {"min_effect": 0}
+    assert parse_config(config_dict).evaluation.min_effect == 0.0
+
+
 def test_explicit_schedule_must_match_iterations(config_dict):
     config_dict["plan"]["schedule"] = {"easy": ["d0"], "moderate": ["d1"], "difficult": ["d2"]}
     with pytest.raises(ConfigError, match="plan.schedule.easy: 1 domains for 3 iterations"):

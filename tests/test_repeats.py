@@ -18,7 +18,8 @@ from conftest import tiny_run_config
 from hdee.config import ConfigError, parse_config
 from hdee.layout import RunLayout
 from hdee.records import EvaluationResults, PairedDifference, Plan, Uncertainty
-from hdee.repeats import consistent_winners, mean_std
+from hdee.repeats import consistent_outcomes, mean_std
+from hdee.significance import Outcome, configuration_outcomes
 
 
 def small_experiment(tmp_path: Path) -> dict[str, Any]:
@@ -159,26 +160,17 @@ def test_report_repeats_section_is_mean_and_std_of_each_repeat(repeated_run) -> 
             mean, std = re.fullmatch(r"([\d.]+) ± ([\d.]+)", cell).groups()
             assert float(mean) == pytest.approx(statistics.fmean(values), abs=0.006)
             assert float(std) == pytest.approx(statistics.stdev(values), abs=0.006)
-        # The winner column follows the rule: significantly best in both repeats, else a tie.
-        per_repeat = []
-        for r in results:
-            pairs = [
-                p
-                for p in r.uncertainty.configurations
-                if p.domain == domain and p.method == "uniform_prior"
-            ]
-            best = [
-                n
-                for n in names
-                if all(
-                    (p.candidate == n and p.high < 0) or (p.reference == n and p.low > 0)
-                    for p in pairs
-                    if n in (p.candidate, p.reference)
-                )
-            ]
-            per_repeat.append(best[0] if best else None)
-        expected = per_repeat[0] if per_repeat[0] == per_repeat[1] else None
-        assert cells[-1] == (expected or "tie")
+        # The result column follows the rule: the same reading in both repeats, else undecided.
+        per_repeat = [
+            configuration_outcomes(r.uncertainty, "uniform_prior", names, [domain], 0.005)[domain]
+            for r in results
+        ]
+        expected = (
+            per_repeat[0].describe()
+            if per_repeat[0] == per_repeat[1]
+            else "undecided (the repeats disagree)"
+        )
+        assert cells[-1] == expected
     # The stds are not all zero: the repeats really trained differently.
     assert any(not re.search(r"± 0\.00\b", row) for row in rows)
 
@@ -207,27 +199,43 @@ def uncertainty(pairs: list[Any]) -> Uncertainty:
     )
 
 
-def test_a_win_across_repeats_is_a_significant_win_in_every_repeat() -> None:
-    table = {"A": {"x": 10.0, "y": 10.0, "z": 10.0}, "B": {"x": 9.0, "y": 9.0, "z": 11.0}}
-    # x: B significantly better in both repeats; y: only in the first; z: A in one, B in other.
+def test_a_result_across_repeats_is_the_same_reading_in_every_repeat() -> None:
+    table = {"A": {"x": 10.0, "y": 10.0, "z": 10.0, "w": 10.0}, "B": {"x": 9.0, "y": 9.0}}
+    table["B"].update(z=11.0, w=10.0)
+    # x: B wins in both repeats; y: only in the first; z: A in one, B in the other;
+    # w: equivalent (inside the 0.5% margin) in both.
     first = uncertainty(
         [pair("x", "A", "B", -0.2, -0.1), pair("y", "A", "B", -0.2, -0.1)]
-        + [pair("z", "A", "B", 0.1, 0.2)]
+        + [pair("z", "A", "B", 0.1, 0.2), pair("w", "A", "B", -0.001, 0.002)]
     )
     second = uncertainty(
         [pair("x", "A", "B", -0.3, -0.05), pair("y", "A", "B", -0.2, 0.1)]
-        + [pair("z", "A", "B", -0.2, -0.1)]
+        + [pair("z", "A", "B", -0.2, -0.1), pair("w", "A", "B", -0.003, 0.0)]
     )
-    winners, significant = consistent_winners(
-        [table, table], [first, second], "uniform_prior", ["x", "y", "z"]
+    domains = ["x", "y", "z", "w"]
+    agreed, with_intervals = consistent_outcomes(
+        [table, table], [first, second], "uniform_prior", domains, 0.005
     )
-    assert significant and winners == {"x": "B", "y": None, "z": None}
+    assert with_intervals
+    assert agreed["x"] == Outcome(("B",), "win")
+    assert agreed["y"] is None and agreed["z"] is None
+    assert agreed["w"] == Outcome(("A", "B"), "equivalent")
+    # With no margin, w is undecided in both repeats (neither interval is exactly zero).
+    agreed, _ = consistent_outcomes([table, table], [first, second], "uniform_prior", domains, 0.0)
+    assert agreed["w"] == Outcome(("A", "B"), "undecided")
     # Without intervals in some repeat: the lowest perplexity in every repeat, said so.
-    other = {"A": {"x": 10.0, "y": 8.0, "z": 10.0}, "B": {"x": 9.0, "y": 9.0, "z": 10.0}}
-    winners, significant = consistent_winners(
-        [table, other], [first, None], "uniform_prior", ["x", "y", "z"]
+    other = {"A": {"x": 10.0, "y": 8.0, "z": 10.0, "w": 10.0}, "B": {"x": 9.0, "y": 9.0}}
+    other["B"].update(z=10.0, w=10.0)
+    agreed, with_intervals = consistent_outcomes(
+        [table, other], [first, None], "uniform_prior", domains, 0.005
     )
-    assert not significant and winners == {"x": "B", "y": None, "z": None}
+    assert not with_intervals
+    assert {d: o.winner if o else None for d, o in agreed.items()} == {
+        "x": "B",
+        "y": None,
+        "z": None,
+        "w": None,
+    }
 
 
 def test_mean_std_is_the_sample_standard_deviation() -> None:

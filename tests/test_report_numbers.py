@@ -61,23 +61,48 @@ def best_by_hand(row: dict[str, float], baseline: str) -> str:
     return baseline if row[baseline] <= row[winner] * 1.0001 else winner
 
 
-def significant_best_by_hand(results: dict[str, Any], domain: str, names: list[str]) -> str | None:
-    """The configuration whose interval against every other excludes zero in its favour."""
+MARGIN = 0.005  # evaluation.min_effect's default
+
+
+def candidate_verdict(p: dict[str, float]) -> str:
+    """The candidate's verdict: win / loss beyond the margin, equivalent within it."""
+    low, high = math.expm1(p["low"]), math.expm1(p["high"])
+    if high < -MARGIN:
+        return "win"
+    if low > MARGIN:
+        return "loss"
+    return "equivalent" if -MARGIN <= low and high <= MARGIN else "undecided"
+
+
+def verdict_by_hand(pairs: dict, name: str, other: str) -> str:
+    if (other, name) in pairs:
+        return candidate_verdict(pairs[(other, name)])
+    verdict = candidate_verdict(pairs[(name, other)])
+    return {"win": "loss", "loss": "win"}.get(verdict, verdict)
+
+
+def result_by_hand(results: dict[str, Any], domain: str, names: list[str]) -> tuple[str, str]:
+    """(the winner or '', the result cell) by the rule of docs/evaluation.md."""
     pairs = {
         (p["reference"], p["candidate"]): p
         for p in results["uncertainty"]["configurations"]
         if p["domain"] == domain and p["method"] == HEADLINE
     }
     for name in names:
-        others = [other for other in names if other != name]
-        if all(
-            pairs[(other, name)]["high"] < 0
-            if (other, name) in pairs
-            else pairs[(name, other)]["low"] > 0
-            for other in others
-        ):
-            return name
-    return None
+        if all(verdict_by_hand(pairs, name, o) == "win" for o in names if o != name):
+            return name, f"win: {name}"
+
+    def log_ppl(name: str) -> float:
+        first = names[0]
+        if name == first:
+            return 0.0
+        return pairs[(first, name)]["delta"]
+
+    leader = min(names, key=log_ppl)
+    group = [n for n in names if n == leader or verdict_by_hand(pairs, leader, n) != "win"]
+    kinds = {verdict_by_hand(pairs, leader, n) for n in group if n != leader}
+    verdict = "equivalent" if kinds == {"equivalent"} else "undecided"
+    return "", f"tied best ({verdict}): {', '.join(group)}"
 
 
 def check_report(markdown: str, results: dict[str, Any], plan: dict[str, Any]) -> None:
@@ -94,10 +119,10 @@ def check_report(markdown: str, results: dict[str, Any], plan: dict[str, Any]) -
         for domain, _, *cells in rows:
             values = {name: table[name][domain] for name in names}
             if with_intervals:
-                best = significant_best_by_hand(results, domain, names)
-                assert cells.pop() == (best or "tie")
-                ties += best is None
-                wins[kind] += best not in (None, baseline)
+                best, cell = result_by_hand(results, domain, names)
+                assert cells.pop() == cell
+                ties += not best
+                wins[kind] += best not in ("", baseline)
             else:
                 best = best_by_hand(values, baseline)
                 wins[kind] += best != baseline
@@ -108,10 +133,10 @@ def check_report(markdown: str, results: dict[str, Any], plan: dict[str, Any]) -
     total = wins["trained"] + wins["held_out"]
     if with_intervals:
         assert (
-            f"**A heterogeneous configuration is best in {total} of {trained + held_out} domains "
-            f"(significant), {ties} ties** ({wins['trained']} of {trained} trained domains; "
-            f"baseline {baseline} best in "
+            f"**A heterogeneous configuration wins {total} of {trained + held_out} domains, the "
+            f"baseline {baseline} wins {trained + held_out - total - ties}; "
         ) in markdown
+        assert f"({wins['trained']} of {trained} trained domains won by a heterogeneous" in markdown
     else:
         assert (
             f"**A heterogeneous configuration has the lowest perplexity in {total} of "
@@ -226,16 +251,42 @@ def test_only_intervals_that_exclude_zero_count_as_wins(tiny_cli_run, tmp_path: 
     markdown = report(run_dir)
     check_report(markdown, results, read_json(run_dir / "plan.json"))
     assert (
-        "best in 1 of 5 domains (significant), 3 ties** (1 of 3 trained domains; baseline MHo-IHo best in 1;"
-        in markdown
+        "**A heterogeneous configuration wins 1 of 5 domains, the baseline MHo-IHo wins 1; "
+        "0 tied best (equivalent), 3 tied best (undecided)** (1 of 3 trained domains won by a "
+        "heterogeneous configuration;" in markdown
     )
     assert (
-        "MHo-IHe best in 1 of 5 domains (significant), MHe-IHo best in 0 of 5 domains (significant); 3 ties"
-        in markdown
+        "MHo-IHo wins 1 of 5 domains, MHo-IHe wins 1 of 5 domains, MHe-IHo wins 0 of 5 domains; "
+        "tied best: MHo-IHo, MHo-IHe, MHe-IHo (undecided) in 2 domains; MHo-IHe, MHe-IHo "
+        "(undecided) in 1 domain" in markdown
     )
+    # d3: both heterogeneous configurations beat the baseline, not each other: one group.
+    assert "| tied best (undecided): MHo-IHe, MHe-IHo |" in markdown
     header, *rows = table_after(
         markdown, "## Confidence intervals (domain posterior, uniform prior)"
     )
     assert header[2:] == ["MHo-IHe vs MHo-IHo", "MHe-IHo vs MHo-IHo"]
-    # exp(-0.1) - 1 = -9.5%, interval exp(-0.12) - 1, exp(-0.08) - 1; significant: bold.
-    assert rows[0][2] == "**-9.5% [-11.3, -7.7]**" and rows[0][3] == "+0.0% [-4.9, +5.1]"
+    # exp(-0.1) - 1 = -9.5%, interval exp(-0.12) - 1, exp(-0.08) - 1: beyond the margin, a win.
+    assert rows[0][2] == "**-9.5% [-11.3, -7.7] win**"
+    assert rows[0][3] == "+0.0% [-4.9, +5.1] undecided"
+
+
+def test_a_certain_difference_inside_the_margin_is_equivalent_not_a_win(tiny_cli_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_cli_run["run_dir"], run_dir)
+    path = run_dir / "evaluation" / "results.json"
+    results = read_json(path)
+    # Every configuration 0.1% to 0.3% better than the one before it, with certainty: the
+    # old rule (the interval excludes zero) called that a win; the margin calls it equivalent.
+    for pair in results["uncertainty"]["configurations"]:
+        pair.update(delta=-0.002, low=-0.003, high=-0.001)
+    write_json(path, results)
+    markdown = report(run_dir)
+    check_report(markdown, results, read_json(run_dir / "plan.json"))
+    assert "wins 0 of 5 domains, the baseline MHo-IHo wins 0; 5 tied best (equivalent)" in markdown
+    assert "| tied best (equivalent): MHo-IHo, MHo-IHe, MHe-IHo |" in markdown
+    # With evaluation.min_effect 0 in the run's config the same intervals are wins.
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("min_effect: 0.005", "min_effect: 0.0"))
+    assert "min_effect: 0.0" in config.read_text()
+    assert "wins 0 of 5 domains, the baseline MHo-IHo wins 0;" not in report(run_dir)

@@ -549,6 +549,12 @@ class EvaluationConfig(EnsembleKeys):
         "(0: none; the report then cannot tell wins from noise).",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="Level of those intervals.")
+    min_effect: float = Field(
+        0.005,
+        description="Equivalence margin on relative perplexity (0.005: 0.5%): a comparison is a "
+        "win or a loss only when its whole interval lies beyond this margin on one side, "
+        "'equivalent' when it lies within it, else 'undecided' (docs/config.md says why 0.5%).",
+    )
     experts: list[int] | None = Field(
         None,
         description="The k values to route to (routing: prefix, prior); default: every k from 1 "
@@ -576,6 +582,17 @@ class EvaluationConfig(EnsembleKeys):
         if not names:
             raise ValueError("list at least one method")
         return list(dict.fromkeys(names))
+
+    @field_validator("min_effect")
+    @classmethod
+    def _margin_is_a_fraction(cls, value: float) -> float:
+        # 1 or more would make "better by the margin" a perplexity of zero or below.
+        if not 0 <= value < 1:
+            raise ValueError(
+                f"evaluation.min_effect: expected a fraction of perplexity in [0, 1) "
+                f"(0.005 is 0.5%), got {value}"
+            )
+        return value
 
     @field_validator("opt_out", mode="before")
     @classmethod

@@ -1,17 +1,19 @@
 """The report's reading of a run with `run.repeats: N`: each configuration's test perplexity
 as mean and standard deviation over repeats, and which wins hold in every repeat.
 
-The rule for a win across repeats: a configuration wins a domain when it is the
-*significantly best* configuration there (`hdee.significance`: its paired-bootstrap interval
-against every other configuration excludes zero in its favour) in **every** repeat. Anything
-else is a tie: a win in some repeats only, or different winners in different repeats. Without
-intervals (`evaluation.bootstrap_resamples: 0`) the rule falls back to "the lowest perplexity
-in every repeat", which the report labels as not a significance test.
+The rule across repeats: a domain's reading (`hdee.significance`: a configuration's *win*,
+its paired-bootstrap interval against every other configuration lying beyond the equivalence
+margin `evaluation.min_effect` in its favour, or a best group "tied best (equivalent)" /
+"tied best (undecided)") holds across repeats when **every** repeat reads the same. Anything
+else is undecided: a win in some repeats only, different winners or groups in different
+repeats. Without intervals (`evaluation.bootstrap_resamples: 0`) the rule falls back to "the
+lowest perplexity in every repeat", which the report labels as not a significance test.
 
 Why this rule and not an interval over the repeats' mean difference: with the few repeats a
 run affords (2 to 5), a t-interval over repeats has 1 to 4 degrees of freedom and is too wide
-to say anything, while "significant in every repeat" uses each repeat's thousands of test
-documents and asks the question repeats answer, whether the win survives another training seed.
+to say anything, while "the same reading in every repeat" uses each repeat's thousands of test
+documents and asks the question repeats answer, whether the result survives another training
+seed.
 
 Pure functions over the per-repeat tables and `records.Uncertainty`.
 """
@@ -22,9 +24,8 @@ import math
 from dataclasses import dataclass
 
 from hdee.records import EvaluationResults, Uncertainty
-from hdee.significance import configuration_winners
+from hdee.significance import Outcome, configuration_outcomes, margin_text
 
-SIGNIFICANT_RULE = "significantly best (paired-bootstrap interval against every other "
 LOWEST_RULE = "lowest perplexity"
 
 
@@ -66,28 +67,37 @@ def lowest(table: dict[str, dict[str, float]], domain: str) -> str | None:
     return scored[0][1]
 
 
-def consistent_winners(
+def consistent_outcomes(
     tables: list[dict[str, dict[str, float]]],
     uncertainties: list[Uncertainty | None],
     method: str,
     domains: list[str],
-) -> tuple[dict[str, str | None], bool]:
-    """Domain -> the configuration that wins it in every repeat (None: a tie), and whether the
-    rule was significance (every repeat has intervals) or only the lowest perplexity."""
+    min_effect: float,
+) -> tuple[dict[str, Outcome | None], bool]:
+    """Domain -> the reading every repeat agrees on (None: the repeats disagree), and whether
+    the rule was the intervals (every repeat has them) or only the lowest perplexity."""
     names = list(tables[0])
-    significant = all(u is not None for u in uncertainties)
-    per_repeat: list[dict[str, str | None]] = []
+    with_intervals = all(u is not None for u in uncertainties)
+    per_repeat: list[dict[str, Outcome]] = []
     for table, uncertainty in zip(tables, uncertainties, strict=True):
-        if significant:
+        if with_intervals:
             assert uncertainty is not None
-            per_repeat.append(configuration_winners(uncertainty, method, names, domains))
+            per_repeat.append(
+                configuration_outcomes(uncertainty, method, names, domains, min_effect)
+            )
         else:
-            per_repeat.append({d: lowest(table, d) for d in domains})
-    winners: dict[str, str | None] = {}
+            lowest_names = {d: lowest(table, d) for d in domains}
+            per_repeat.append(
+                {
+                    d: Outcome((w,), "win") if w else Outcome(tuple(names), "undecided")
+                    for d, w in lowest_names.items()
+                }
+            )
+    agreed: dict[str, Outcome | None] = {}
     for domain in domains:
-        found = {w.get(domain) for w in per_repeat}
-        winners[domain] = found.pop() if len(found) == 1 else None
-    return winners, significant
+        found = {o[domain] for o in per_repeat}
+        agreed[domain] = found.pop() if len(found) == 1 else None
+    return agreed, with_intervals
 
 
 def repeats_markdown(
@@ -98,6 +108,7 @@ def repeats_markdown(
     domains: list[str],
     baseline: str,
     missing: list[int],
+    min_effect: float,
 ) -> list[str]:
     """The report's "Repeats" section (empty for a run of one repeat)."""
     if len(repeats) + len(missing) < 2:
@@ -113,18 +124,22 @@ def repeats_markdown(
         ]
     stats = across_repeats(tables)
     uncertainties = [r.results.uncertainty for r in repeats]
-    winners, significant = consistent_winners(tables, uncertainties, method, domains)
+    agreed, with_intervals = consistent_outcomes(tables, uncertainties, method, domains, min_effect)
+    winners = {d: o.winner if o else None for d, o in agreed.items()}
     names = list(stats)
     kinds = {
         d: {r.results.domains[d].kind for r in repeats if d in r.results.domains} for d in domains
     }
     hetero = sum(w is not None and w != baseline for w in winners.values())
-    ties = sum(w is None for w in winners.values())
+    tied = sum(o is not None and o.winner is None for o in agreed.values())
+    disagree = sum(o is None for o in agreed.values())
     seeds = ", ".join(str(r.training_seed) for r in repeats)
     rule = (
-        f"{SIGNIFICANT_RULE}configuration excludes zero) in every repeat"
-        if significant
-        else f"{LOWEST_RULE} in every repeat; some repeat has no confidence intervals "
+        "the same reading in every repeat (a win: the paired-bootstrap interval against every "
+        f"other configuration lies beyond the {margin_text(min_effect)} margin "
+        "(evaluation.min_effect); else the best group, tied best as equivalent or undecided)"
+        if with_intervals
+        else f"the {LOWEST_RULE} in every repeat; some repeat has no confidence intervals "
         "(evaluation.bootstrap_resamples: 0), so this is not a significance test"
     )
     lines = [
@@ -133,18 +148,18 @@ def repeats_markdown(
         f"Test perplexity ({method_title}) of each configuration's final ensemble, mean ± "
         f"standard deviation (n - 1) over {len(repeats)} repeats with training seeds {seeds} "
         "(data order, and initialisation of the seeds) on the same prepared data. A domain's "
-        f"winner across repeats is the configuration that is {rule}; otherwise the domain is a "
-        "tie.",
+        f"result across repeats is {rule}; where the repeats read differently it is undecided.",
         "",
         f"**Across repeats a heterogeneous configuration wins {hetero} of {len(winners)} "
-        f"domains, the baseline {baseline} {sum(w == baseline for w in winners.values())}, "
-        f"{ties} tie{'s' if ties != 1 else ''}.**",
+        f"domains, the baseline {baseline} {sum(w == baseline for w in winners.values())}; "
+        f"{tied} tied best in every repeat, {disagree} undecided because the repeats "
+        "disagree.**",
         "",
     ]
     if missing:
         lines += [f"Repeat(s) {missing} have no results yet and are left out.", ""]
     lines += [
-        "| domain | kind | " + " | ".join(names) + " | winner in every repeat |",
+        "| domain | kind | " + " | ".join(names) + " | result in every repeat |",
         "| --- | --- | " + " | ".join("---:" for _ in names) + " | --- |",
     ]
     for domain in domains:
@@ -157,9 +172,9 @@ def repeats_markdown(
             text = f"{mean:.2f} ± {std:.2f}"
             cells.append(f"**{text}**" if winners.get(domain) == name else text)
         kind = " / ".join(sorted(k.replace("_", "-") for k in kinds[domain])) or "–"
-        lines.append(
-            f"| {domain} | {kind} | " + " | ".join(cells) + f" | {winners.get(domain) or 'tie'} |"
-        )
+        outcome = agreed.get(domain)
+        result = outcome.describe() if outcome else "undecided (the repeats disagree)"
+        lines.append(f"| {domain} | {kind} | " + " | ".join(cells) + f" | {result} |")
     lines += [
         "",
         "A domain's kind differs between repeats when the repeats' seeds ranked its difficulty "

@@ -31,9 +31,12 @@ from hdee.records import (
 )
 from hdee.repeats import RepeatResults, repeats_markdown
 from hdee.significance import (
+    Outcome,
     against_reference_table,
-    configuration_winners,
-    method_winners,
+    classify_relative,
+    configuration_outcomes,
+    margin_text,
+    method_outcomes,
     tally,
 )
 
@@ -101,13 +104,18 @@ def _perplexity_table(
     domains: list[str],
     classes: dict[str, str],
     baseline: str,
-    winners: dict[str, str | None] | None = None,
+    outcomes: dict[str, Outcome] | None = None,
 ) -> list[str]:
-    """With `winners` (domain -> significantly best configuration, None for a tie) only a
-    significant win is bold and a tie says so; without, the lowest number is bold."""
+    """With `outcomes` (domain -> the best group, hdee.significance) only a win is bold and
+    the result column says win, or tied best (equivalent / undecided) and who; without, the
+    lowest number is bold."""
     names = list(table)
-    best = winners if winners is not None else best_per_domain(table, baseline)
-    extra = winners is not None
+    extra = outcomes is not None
+    best: dict[str, str | None] = (
+        {d: o.winner for d, o in outcomes.items()}
+        if outcomes is not None
+        else dict(best_per_domain(table, baseline))
+    )
     lines = [
         "| domain | class | " + " | ".join(names) + (" | result |" if extra else " |"),
         "| --- | --- | " + " | ".join("---:" for _ in names) + (" | --- |" if extra else " |"),
@@ -118,8 +126,9 @@ def _perplexity_table(
             value = table[name].get(domain)
             text = _fmt(value)
             cells.append(f"**{text}**" if best.get(domain) == name else text)
-        if extra:
-            cells.append(best.get(domain) or "tie")
+        if outcomes is not None:
+            outcome = outcomes.get(domain)
+            cells.append(outcome.describe() if outcome else "–")
         lines.append(f"| {domain} | {classes.get(domain, '')} | " + " | ".join(cells) + " |")
     return lines
 
@@ -198,15 +207,22 @@ def render_markdown(
         },
         baseline,
     )
-    winners = (
-        configuration_winners(
-            results.uncertainty, headline, list(table), plan.trained_domains + plan.held_out_domains
+    min_effect = config.evaluation.min_effect
+    outcomes = (
+        configuration_outcomes(
+            results.uncertainty,
+            headline,
+            list(table),
+            plan.trained_domains + plan.held_out_domains,
+            min_effect,
         )
         if results.uncertainty
         else None
     )
-    if winners is not None:
-        headline_lines = significance_headline(plan, results, headline, winners, methods)
+    if outcomes is not None:
+        headline_lines = significance_headline(
+            plan, results, headline, outcomes, methods, min_effect
+        )
     else:
         headline_lines = [
             f"**A heterogeneous configuration has the lowest perplexity in {wins} of {total} "
@@ -229,22 +245,23 @@ def render_markdown(
             "(the whole prefix, HDEE)."
             if results.posterior == "prefix"
             else "(previous token only, as in BTM / DEMix code)."
-        ),
+        )
+        + cached_prior_rule(results, config),
         "",
         *headline_lines,
         "",
         *(repeats_lines or []),
         "## Trained domains",
         "",
-        *_perplexity_table(table, plan.trained_domains, classes, baseline, winners),
+        *_perplexity_table(table, plan.trained_domains, classes, baseline, outcomes),
         "",
         "## Held-out domains",
         "",
-        *_perplexity_table(table, plan.held_out_domains, classes, baseline, winners),
+        *_perplexity_table(table, plan.held_out_domains, classes, baseline, outcomes),
         "",
-        *uncertainty_section(plan, results, headline),
+        *uncertainty_section(plan, results, headline, min_effect),
         *_methods_lines(results, methods, list(table)),
-        *opt_out_lines(results, classes),
+        *opt_out_lines(results, classes, min_effect),
         *forgetting_markdown(plan, results),
     ]
     out += [
@@ -274,6 +291,36 @@ def render_markdown(
         "check that the method runs end to end, not as a reproduction.",
     ]
     return "\n".join(out) + "\n"
+
+
+CACHED_PRIOR_RULES = {
+    "window": "each validation window adds its whole-window posterior to a moving average "
+    "that starts from uniform (the BTM / DEMix paper)",
+    "last_token": "each validation window adds its one-token posterior at its last position "
+    "to a moving average that starts from the first window's (the DEMix code)",
+}
+
+
+def cached_prior_rule(results: EvaluationResults, config: ExperimentConfig) -> str:
+    """' The cached prior follows the rule `window`: ...' when a cached prior ran (the method,
+    or the ensemble keys' prior), else ''."""
+    ran = "cached_prior" in results.methods or config.evaluation.prior_choice.kind == "cached"
+    if not ran:
+        return ""
+    windows = sorted(
+        {d.validation_windows for d in results.domains.values() if d.validation_windows}
+    )
+    count = (
+        (f"{windows[0]}" if len(windows) == 1 else f"{windows[0]} to {windows[-1]}")
+        if windows
+        else "the"
+    )
+    return (
+        f" The cached prior follows the rule `{results.cached_prior_update}` "
+        "(evaluation.cached_prior_update): "
+        f"{CACHED_PRIOR_RULES.get(results.cached_prior_update, 'see docs/evaluation.md')}, "
+        f"decay {results.cached_prior_decay:g}, over {count} validation windows of each domain."
+    )
 
 
 def domain_classes(plan: Plan, difficulty: DifficultyRecord | None) -> dict[str, str]:
@@ -310,9 +357,11 @@ def _methods_lines(results: EvaluationResults, methods: list[str], names: list[s
     return [*out, ""]
 
 
-def opt_out_lines(results: EvaluationResults, classes: dict[str, str]) -> list[str]:
+def opt_out_lines(
+    results: EvaluationResults, classes: dict[str, str], min_effect: float
+) -> list[str]:
     """The opt-out study (evaluation.opt_out): every domain's perplexity with and without the
-    withdrawn members, and the paired interval of the change."""
+    withdrawn members, the paired interval of the change and its verdict against the margin."""
     if not results.opt_out:
         return []
     level = f"{results.uncertainty.level:.0%}" if results.uncertainty else "95%"
@@ -322,7 +371,9 @@ def opt_out_lines(results: EvaluationResults, classes: dict[str, str]) -> list[s
         "Each entry of `evaluation.opt_out` withdrawn from every configuration's final ensemble "
         "(with every member trained on it or descended from one that was), scored with the dense "
         f"posterior ({results.posterior}); change in perplexity with its {level} paired-bootstrap "
-        "interval. Bold: the interval excludes zero.",
+        "interval, and the verdict of the ensemble without them against the ensemble with "
+        f"them at the {margin_text(min_effect)} margin: loss (worse without), win (better "
+        "without), equivalent or undecided. Bold: a win or a loss.",
         "",
     ]
     for study in results.opt_out:
@@ -330,20 +381,21 @@ def opt_out_lines(results: EvaluationResults, classes: dict[str, str]) -> list[s
         out += [
             f"### {study.withdrawn} withdrawn from {study.configuration} (members: {withdrawn})",
             "",
-            "| domain | class | with | without | change |",
-            "| --- | --- | ---: | ---: | ---: |",
+            "| domain | class | with | without | change | without vs with |",
+            "| --- | --- | ---: | ---: | ---: | --- |",
         ]
         for domain, entry in study.domains.items():
             change = (
                 f"{math.expm1(entry.delta):+.1%} [{math.expm1(entry.low):+.1%}, "
                 f"{math.expm1(entry.high):+.1%}]"
             )
-            if entry.low > 0 or entry.high < 0:
-                change = f"**{change}**"
+            verdict = classify_relative(math.expm1(entry.low), math.expm1(entry.high), min_effect)
+            if verdict in ("win", "loss"):
+                change, verdict = f"**{change}**", f"**{verdict}**"
             name = f"**{domain}**" if domain == study.withdrawn else domain
             out.append(
                 f"| {name} | {classes.get(domain, '')} | {entry.with_members:.2f} | "
-                f"{entry.without_members:.2f} | {change} |"
+                f"{entry.without_members:.2f} | {change} | {verdict} |"
             )
         out.append("")
     return out
@@ -357,48 +409,60 @@ def significance_headline(
     plan: Plan,
     results: EvaluationResults,
     method: str,
-    winners: dict[str, str | None],
+    outcomes: dict[str, Outcome],
     methods: list[str],
+    min_effect: float,
 ) -> list[str]:
-    """The headline: significant wins and ties, for configurations and for methods."""
+    """The headline: wins, and the domains tied best (equivalent / undecided), for
+    configurations and for methods."""
     assert results.uncertainty is not None
     baseline = plan.baseline
     names = list(results.configurations)
-    total = len(winners)
+    winners = {d: o.winner for d, o in outcomes.items()}
+    total = len(outcomes)
     hetero = sum(w is not None and w != baseline for w in winners.values())
-    ties = sum(w is None for w in winners.values())
+    equivalent = sum(o.verdict == "equivalent" for o in outcomes.values())
+    undecided = sum(o.verdict == "undecided" for o in outcomes.values())
     trained = [d for d in plan.trained_domains if d in winners]
     hetero_trained = sum(winners[d] not in (None, baseline) for d in trained)
     units = {r.unit for r in results.uncertainty.domains.values()}
+    margin = margin_text(min_effect)
     lines = [
-        f"**A heterogeneous configuration is best in {hetero} of {total} domains "
-        f"(significant), {ties} ties** ({hetero_trained} of {len(trained)} trained domains; "
-        f"baseline {baseline} best in {sum(w == baseline for w in winners.values())}; method: "
-        f"{method_title(method)}).",
+        f"**A heterogeneous configuration wins {hetero} of {total} domains, the baseline "
+        f"{baseline} wins {sum(w == baseline for w in winners.values())}; {equivalent} "
+        f"tied best (equivalent), {undecided} tied best (undecided)** ({hetero_trained} of "
+        f"{len(trained)} trained domains won by a heterogeneous configuration; method: "
+        f"{method_title(method)}; margin {margin}).",
         "",
-        f"Configurations ({method_title(method)}): {tally(winners, names)}.",
+        f"Configurations ({method_title(method)}): {tally(outcomes, names)}.",
         "",
     ]
     domains = plan.trained_domains + plan.held_out_domains
     for name in names:
-        by_method = method_winners(results.uncertainty, name, methods, domains)
+        by_method = method_outcomes(results.uncertainty, name, methods, domains, min_effect)
         lines.append(f"Methods within {name}: " + tally(by_method, methods) + ".")
         lines.append("")
     lines.append(
-        f"A win counts only when the {results.uncertainty.level:.0%} paired-bootstrap interval "
+        f"Each comparison is the {results.uncertainty.level:.0%} paired-bootstrap interval "
         f"({results.uncertainty.resamples} resamples of the test "
-        f"{' / '.join(sorted(units))}, seed {results.uncertainty.seed}) of the difference in "
-        "log perplexity against every other system excludes zero; otherwise the domain is a "
-        "tie. Significant wins are bold."
+        f"{' / '.join(sorted(units))}, seed {results.uncertainty.seed}) of the relative "
+        f"perplexity difference, read against the equivalence margin {margin} "
+        "(evaluation.min_effect): a win or a loss only when the whole interval lies beyond the "
+        "margin on one side, equivalent when it lies within it, otherwise undecided. On each "
+        "domain the best group is the leader and every system it does not beat: a group of one "
+        "is a win (bold); a larger one is tied best, equivalent when every member is "
+        "equivalent to the leader, else undecided."
     )
     return lines
 
 
-def uncertainty_section(plan: Plan, results: EvaluationResults, method: str) -> list[str]:
+def uncertainty_section(
+    plan: Plan, results: EvaluationResults, method: str, min_effect: float
+) -> list[str]:
     if results.uncertainty is None:
         return []
     domains = plan.trained_domains + plan.held_out_domains
-    rows = against_reference_table(results.uncertainty, method, plan.baseline, domains)
+    rows = against_reference_table(results.uncertainty, method, plan.baseline, domains, min_effect)
     if not rows:
         return []
     units = {r.unit for r in results.uncertainty.domains.values()}
@@ -413,9 +477,10 @@ def uncertainty_section(plan: Plan, results: EvaluationResults, method: str) -> 
         f"## Confidence intervals ({method_title(method)})",
         "",
         f"Perplexity of each configuration relative to the baseline {plan.baseline}, with its "
-        f"{results.uncertainty.level:.0%} paired-bootstrap interval; bold where the interval "
-        f"excludes zero. {note} Every pair of configurations and of methods: "
-        "`evaluation/results.json` (`uncertainty`).",
+        f"{results.uncertainty.level:.0%} paired-bootstrap interval and its verdict against "
+        f"the {margin_text(min_effect)} margin: win (better), loss (worse), equivalent or "
+        f"undecided; a win or a loss in bold. {note} Every pair of configurations and of "
+        "methods: `evaluation/results.json` (`uncertainty`).",
         "",
         *rows,
         "",
@@ -976,7 +1041,14 @@ def repeats_section(config: ExperimentConfig, layout: RunLayout, method: str) ->
     tables = [final_perplexities(r.results, method) for r in found]
     domains = list(found[0].results.domains) if found else []
     return repeats_markdown(
-        found, tables, method_title(method), method, domains, config.plan.baseline, missing
+        found,
+        tables,
+        method_title(method),
+        method,
+        domains,
+        config.plan.baseline,
+        missing,
+        config.evaluation.min_effect,
     )
 
 
