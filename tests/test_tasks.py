@@ -127,7 +127,7 @@ def test_adapter_scores_like_the_harness_with_one_context_forward(
 
 def test_tasks_results_report_and_best_single(tasks_run: Path) -> None:
     results = TasksResults.read(RunLayout.of(tasks_run).tasks_results)
-    assert results.format == "hdee-tasks" and results.version == 2
+    assert results.format == "hdee-tasks" and results.version == 3
     assert results.tasks == list(BUILTIN_TASKS) and results.limit == LIMIT
     ensembles = {n for n, s in results.systems.items() if s.kind == "ensemble"}
     singles = {n: s for n, s in results.systems.items() if s.kind == "single_expert"}
