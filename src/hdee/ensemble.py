@@ -237,6 +237,7 @@ class Method:
     mix: Callable[[MixInputs], Mixed]
     needs_validation: bool = False  # reads validation windows (the evaluator scores them)
     uses_posterior: bool = False  # depends on evaluation.posterior (results.csv says which)
+    uses_cached_prior: bool = False  # its prior follows evaluation.cached_prior_update
 
 
 def _simple_average(inputs: MixInputs) -> Mixed:
@@ -287,10 +288,17 @@ register_method(
         _cached_prior,
         needs_validation=True,
         uses_posterior=True,
+        uses_cached_prior=True,
     )
 )
 register_method(Method("simple_average", "simple average of probabilities", _simple_average))
 register_method(Method("best_single", "best single expert", _best_single))
+
+
+def any_cached_prior_method(scored: Iterable[str]) -> bool:
+    """Whether a method among `scored` uses the cached prior (the report names its rule)."""
+    present = set(scored)
+    return any(m.uses_cached_prior and m.name in present for m in METHODS.values())
 
 
 def first_posterior_method(scored: Iterable[str]) -> str | None:

@@ -16,7 +16,7 @@ from hdee.atomic import atomic_path, write_text
 from hdee.config import ExperimentConfig
 from hdee.data.splits import SPLIT_NAMES
 from hdee.data.tokens import read_manifest
-from hdee.ensemble import METHODS, first_posterior_method
+from hdee.ensemble import METHODS, any_cached_prior_method, first_posterior_method
 from hdee.forgetting import forgetting_markdown, forgetting_matrix
 from hdee.formatting import si
 from hdee.layout import RunLayout
@@ -186,19 +186,16 @@ def _difficulty_lines(record: DifficultyRecord) -> list[str]:
     return lines
 
 
-def render_markdown(
+def _headline(
     plan: Plan,
     results: EvaluationResults,
-    difficulty: DifficultyRecord | None,
     config: ExperimentConfig,
-    plots: dict[str, str],
-    repeats_lines: list[str] | None = None,
-) -> str:
-    classes = domain_classes(plan, difficulty)
-    baseline = plan.baseline
-    methods = [m for m in headline_methods() if any(final_perplexities(results, m).values())]
-    headline = methods[0]
-    table = final_perplexities(results, headline)
+    methods: list[str],
+    table: dict[str, dict[str, float]],
+) -> tuple[Any, list[str]]:
+    """The per-domain outcomes of the configurations (None without intervals) and the
+    report's headline lines."""
+    headline, baseline = methods[0], plan.baseline
     wins, total = heterogeneous_wins(table, baseline)
     trained_wins, trained_total = heterogeneous_wins(
         {
@@ -232,6 +229,25 @@ def render_markdown(
             "baseline counts as the baseline's. No confidence intervals were computed "
             "(evaluation.bootstrap_resamples is 0): differences this small may be noise.",
         ]
+
+    return outcomes, headline_lines
+
+
+def render_markdown(
+    plan: Plan,
+    results: EvaluationResults,
+    difficulty: DifficultyRecord | None,
+    config: ExperimentConfig,
+    plots: dict[str, str],
+    repeats_lines: list[str] | None = None,
+) -> str:
+    classes = domain_classes(plan, difficulty)
+    baseline = plan.baseline
+    methods = [m for m in headline_methods() if any(final_perplexities(results, m).values())]
+    headline = methods[0]
+    table = final_perplexities(results, headline)
+    outcomes, headline_lines = _headline(plan, results, config, methods, table)
+    min_effect = config.evaluation.min_effect
 
     out = [
         "# HDEE report",
@@ -304,7 +320,8 @@ CACHED_PRIOR_RULES = {
 def cached_prior_rule(results: EvaluationResults, config: ExperimentConfig) -> str:
     """' The cached prior follows the rule `window`: ...' when a cached prior ran (the method,
     or the ensemble keys' prior), else ''."""
-    ran = "cached_prior" in results.methods or config.evaluation.prior_choice.kind == "cached"
+    ran = any_cached_prior_method(results.methods)
+    ran = ran or config.evaluation.prior_choice.kind == "cached"
     if not ran:
         return ""
     windows = sorted(
