@@ -22,6 +22,9 @@ from hdee.layout import RunLayout
 from hdee.migrate import record_paths
 from hdee.records import EvaluationResults, JobResult, Plan, TasksResults
 
+EVALUATION_VERSION = EvaluationResults.model_fields["version"].default
+TASKS_VERSION = TasksResults.model_fields["version"].default
+
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 VERSIONS = sorted(path.name for path in FIXTURES.iterdir() if path.is_dir())
 
@@ -234,15 +237,19 @@ def test_migrate_upgrades_an_old_record_that_reads_the_same(
 
     assert hdee("migrate", run, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "evaluation/results.json" in out and "3 -> 4" in out and "would upgrade" in out
+    assert (
+        "evaluation/results.json" in out
+        and f"3 -> {EVALUATION_VERSION}" in out
+        and "would upgrade" in out
+    )
     assert json.loads(layout.results.read_text())["version"] == 3  # a dry run writes nothing
 
     assert hdee("migrate", run) == 0
     out = capsys.readouterr().out
     assert "1 of" in out and "upgraded" in out
     new = EvaluationResults.read(layout.results)
-    assert json.loads(layout.results.read_text())["version"] == 4
-    assert new == old.model_copy(update={"version": 4})
+    assert json.loads(layout.results.read_text())["version"] == EVALUATION_VERSION
+    assert new == old.model_copy(update={"version": EVALUATION_VERSION})
     after = tree_bytes(run)
     assert {
         p: b for p, b in after.items() if p not in ("evaluation/results.json", "run.lock")
@@ -298,8 +305,10 @@ def test_migrate_upgrades_tasks_results_version_1(
     others = {p: b for p, b in tree_bytes(run).items() if not p.startswith("tasks/")}
     assert hdee("migrate", run) == 0
     assert "1 of" in capsys.readouterr().out
-    assert json.loads(layout.tasks_results.read_text())["version"] == 2
-    assert TasksResults.read(layout.tasks_results) == old.model_copy(update={"version": 2})
+    assert json.loads(layout.tasks_results.read_text())["version"] == TASKS_VERSION
+    assert TasksResults.read(layout.tasks_results) == old.model_copy(
+        update={"version": TASKS_VERSION}
+    )
     after = tree_bytes(run)
     assert {p: b for p, b in after.items() if p not in others and p != "run.lock"} == {
         "tasks/results.json": layout.tasks_results.read_bytes()

@@ -68,7 +68,7 @@ def test_run_produces_every_stage_output(finished_run):
             for method in ("simple_average", "uniform_prior", "cached_prior", "best_single"):
                 assert 1.0 < entry["methods"][method]["perplexity"] < 400.0
     report = (layout.report_markdown).read_text()
-    assert "A heterogeneous configuration is best in" in report
+    assert "A heterogeneous configuration wins" in report
     assert "## Compute budgets" in report
     for png in ("perplexity.png", "posterior.png", "training_curves.png"):
         assert (layout.report / png).stat().st_size > 1000
