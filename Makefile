@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 DEMO_ARGS ?=
 PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: demo test lint format bench gpu-check mutate fixture constraints clean help
+.PHONY: demo test lint format bench gpu-check scale-study mutate fixture constraints clean help
 
 help:
 	@echo "make demo   - create $(VENV), install hdee, run the built-in HDEE demo on a CPU"
@@ -25,6 +25,7 @@ help:
 	@echo "make lint   - ruff check + format check"
 	@echo "make bench  - run the benchmarks in benchmarks/ (minutes)"
 	@echo "make gpu-check - on a GPU machine: CUDA tests, M-model MFU, evaluation tokens/s (8 min)"
+	@echo "make scale-study - the demo's experiment at 3 model widths, 2 repeats; docs/results.md (1 h)"
 	@echo "make mutate - mutation testing of the pure maths with their fast unit tests (minutes)"
 	@echo "make fixture - write this release's run fixture, tests/fixtures/runs/<version>/ (1 min)"
 	@echo "make constraints - rewrite constraints.txt from $(VENV) (after a deliberate upgrade)"
@@ -72,6 +73,13 @@ bench: $(VENV)/.installed-dev
 # Needs a CUDA torch in $(VENV): e.g. `make gpu-check TORCH_SPEC="torch --index-url ..."`.
 gpu-check: $(VENV)/.installed-dev
 	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh
+
+# The scale study (docs/results.md): configs/scale-study/ trained and evaluated (each run resumes
+# where it stopped), then the page regenerated from the runs with this code. About an hour on 2
+# cores; `scripts/results-page.py RUN...` only rewrites the page.
+scale-study: $(VENV)/.installed
+	sh scripts/install-demo-sources.sh
+	$(BIN)/python scripts/scale-study.py
 
 # Mutation testing (mutmut; pyproject's [tool.mutmut] lists the modules and their fast unit
 # tests): every mutant of the maths must fail a test. Not in CI: minutes on 2 cores. MUTANTS
