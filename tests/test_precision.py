@@ -135,3 +135,21 @@ def test_validation_scores_with_the_attention_evaluate_loads(
     assert model.config._attn_implementation == "eager"
     model(input_ids=torch.randint(0, 64, (1, 8)))
     assert calls["eager"] == 2  # one per layer: eager again outside validation
+
+
+def test_batches_scored_side_by_side_equal_scoring_them_one_after_another() -> None:
+    """On a CPU `window_log_probs` scores batches in a thread pool, one thread each: the order
+    and values must be those of the serial loop (each batch's numbers are its own)."""
+    from hdee.scoring import torch_threads
+    from train_helpers import random_llama
+
+    model = random_llama(64, seed=3)
+    tokens = torch.randint(
+        0, model.config.vocab_size, (7 * 16 + 1,), generator=torch.Generator().manual_seed(0)
+    ).numpy()
+    with torch_threads(1):
+        serial = window_log_probs(model, tokens, 16, 2, None, None)
+    with torch_threads(2):
+        side_by_side = window_log_probs(model, tokens, 16, 2, None, None)
+    assert serial.shape == (7, 16)
+    assert torch.equal(side_by_side, serial)
